@@ -1,0 +1,1 @@
+"""LARP tokenizer + NAR / raster generators for autoregressive video generation."""

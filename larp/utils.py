@@ -1,0 +1,41 @@
+"""Small helpers used across the package: device, dtype and autocast selection, seeding."""
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def get_device(name=None):
+    """`None`/"auto" -> cuda if available else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def get_dtype(name):
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}', expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device, dtype):
+    """Autocast to `dtype` where the device supports it; a no-op for fp32 or unsupported combos."""
+    device = torch.device(device)
+    dtype = get_dtype(dtype)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        return contextlib.nullcontext()  # fp16 autocast on CPU is slow/partial: stay in fp32
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
