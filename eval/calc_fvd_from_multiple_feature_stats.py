@@ -1,0 +1,64 @@
+"""Merge per-rank FVD feature stats from one folder and print the FVD.
+
+    python eval/calc_fvd_from_multiple_feature_stats.py --dir samples/run1
+    python eval/calc_fvd_from_multiple_feature_stats.py --dir D --real_glob 'real_*.npz' --fake_glob 'fake_*.npz'
+
+Sampling shards write `gt_fvd_stats_<rank>.pkl` and `generated_fvd_stats_<rank>.pkl`; the float64 sums add
+exactly, so the merged FVD equals the single-process one. Prints `fvd=<value>` last.
+"""
+import argparse
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from larp.fvd import FeatureStats, frechet_distance, fvd_label  # noqa: E402
+
+
+def merge_stats(folder, pattern):
+    """Sum of all stats files matching `pattern` in `folder` -> (FeatureStats, paths)."""
+    paths = sorted(glob.glob(os.path.join(folder, pattern)))
+    if not paths:
+        raise FileNotFoundError(f"no stats files matching '{pattern}' in '{folder}'")
+    merged = None
+    for path in paths:
+        stats = FeatureStats.load(path)
+        merged = stats if merged is None else merged + stats
+    return merged, paths
+
+
+def fvd_from_folder(folder, real_glob, fake_glob):
+    """-> (fvd, real FeatureStats, fake FeatureStats, label)."""
+    real, real_paths = merge_stats(folder, real_glob)
+    fake, fake_paths = merge_stats(folder, fake_glob)
+    print(f"real: {len(real_paths)} file(s), {real.num_items} items; fake: {len(fake_paths)} file(s), "
+          f"{fake.num_items} items")
+    if real.detector and fake.detector and real.detector != fake.detector:
+        print(f"warning: real and fake stats come from different detectors: {real.detector} vs {fake.detector}",
+              file=sys.stderr)
+    label = fvd_label(fake.detector or real.detector or "unknown (stats files do not record it)")
+    return frechet_distance(real, fake), real, fake, label
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", required=True, help="folder holding the shard stats files")
+    p.add_argument("--real_glob", default="gt_fvd_stats_*.pkl")
+    p.add_argument("--fake_glob", default="generated_fvd_stats_*.pkl")
+    return p.parse_args(argv)
+
+
+def main(args):
+    if not os.path.isdir(args.dir):
+        raise SystemExit(f"error: not a folder: '{args.dir}'")
+    try:
+        fvd, _, _, label = fvd_from_folder(args.dir, args.real_glob, args.fake_glob)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(label)
+    print(f"fvd={fvd:.4f}")
+    return fvd
+
+
+if __name__ == "__main__":
+    main(get_args())

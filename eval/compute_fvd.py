@@ -1,0 +1,143 @@
+"""FVD between two sets of videos, each given as a stats file, a CSV of videos or a folder of videos.
+
+    python eval/compute_fvd.py --real data/metadata/ucf101_val.csv --fake samples/ --i3d checkpoints/i3d_torchscript.pt
+    python eval/compute_fvd.py --real real_stats.pkl --fake fake_stats.npz
+
+Stats files (.pkl/.npz, see larp.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
+larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_clips` drawn with seed 42); a folder
+uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line
+and `fvd=<value>` last.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from larp.data.video_io import VideoReadError  # noqa: E402
+from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d  # noqa: E402
+
+VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
+STATS_EXTS = (".pkl", ".npz")
+
+
+class VideoFolder(Dataset):
+    """The first `num_frames` frames of each video in a folder -> {"video": (3, T, S, S) float in [0, 1]}."""
+
+    def __init__(self, folder, num_frames=16, size=128):
+        self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VIDEO_EXTS))
+        if not self.paths:
+            raise ValueError(f"no videos ({', '.join(VIDEO_EXTS)}) in folder '{folder}'")
+        self.num_frames, self.size = num_frames, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        from larp.data.dataset import transform_frames
+        from larp.data.video_io import read_frames
+        frames = read_frames(self.paths[index], range(self.num_frames))  # (T, H, W, 3) uint8
+        return {"video": transform_frames(frames, self.size), "index": index}
+
+
+def source_kind(spec):
+    """'stats' | 'csv' | 'folder'; one clear error for anything else."""
+    if os.path.isdir(spec):
+        return "folder"
+    if spec.endswith(STATS_EXTS):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"stats file not found: '{spec}'")
+        return "stats"
+    from larp.data.dataset import resolve_csv
+    try:
+        resolve_csv(spec)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"'{spec}' is not a folder of videos, a stats file (.pkl/.npz) or a CSV ({e})") from e
+    return "csv"
+
+
+def video_dataset(spec, kind, num_frames, size, num_clips=0, seed=42):
+    if kind == "folder":
+        ds = VideoFolder(spec, num_frames, size)
+    else:
+        from larp.data.dataset import VideoDataset, select_fvd_clips
+        ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False)
+        if num_clips:
+            ds = Subset(ds, select_fvd_clips(len(ds), num_clips, seed))
+    if num_clips and kind == "folder":
+        ds = Subset(ds, list(range(min(num_clips, len(ds)))))
+    return ds
+
+
+def stats_for(spec, kind, detector, args, name):
+    """FeatureStats of one side, loaded or computed; saved to `--save_<name>` when given."""
+    if kind == "stats":
+        return FeatureStats.load(spec)
+    ds = video_dataset(spec, kind, args.num_frames, args.size, args.num_clips, args.seed)
+    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
+    return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)")
+
+
+def compute_fvd(args):
+    """-> (fvd, real_stats, fake_stats, label)."""
+    kinds = {"real": source_kind(args.real), "fake": source_kind(args.fake)}
+    detector = None
+    if any(k != "stats" for k in kinds.values()):
+        check_i3d_spec(args.i3d)
+        from larp.utils import get_device
+        detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size)
+    stats = {}
+    for name in ("real", "fake"):
+        stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name)
+        out = getattr(args, f"save_{name}")
+        if out:
+            stats[name].save(out)
+            print(f"saved {name} stats to {out}")
+    names = {n: s.detector for n, s in stats.items()}
+    if names["real"] and names["fake"] and names["real"] != names["fake"]:
+        print(f"warning: real and fake stats come from different detectors: {names['real']} vs {names['fake']}",
+              file=sys.stderr)
+    if detector is not None:
+        label = fvd_label(detector)
+    else:
+        label = fvd_label(names["fake"] or names["real"] or "unknown (stats files do not record it)")
+    return frechet_distance(stats["real"], stats["fake"]), stats["real"], stats["fake"], label
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", required=True, help="stats .pkl/.npz, CSV (path or name under data/metadata) or folder")
+    p.add_argument("--fake", required=True, help="stats .pkl/.npz, CSV or folder of videos")
+    p.add_argument("--i3d", default=None, help="i3d_torchscript.pt | our state dict | random | random:SIZE "
+                                               "(default $LARP_I3D or checkpoints/i3d_torchscript.pt)")
+    p.add_argument("--num_frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=128, help="frames resized (short side) and center-cropped to this")
+    p.add_argument("--num_clips", type=int, default=0, help="use this many clips (CSV: drawn with --seed; 0 = all)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--save_real", default=None, help="write the real stats here (.pkl/.npz)")
+    p.add_argument("--save_fake", default=None, help="write the fake stats here (.pkl/.npz)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    for out in (args.save_real, args.save_fake):
+        if out and not out.endswith(STATS_EXTS):
+            raise SystemExit(f"error: stats output must end in .pkl or .npz: '{out}'")
+    try:
+        fvd, real, fake, label = compute_fvd(args)
+    except (I3DError, VideoReadError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"real items: {real.num_items}  fake items: {fake.num_items}")
+    print(label)
+    print(f"fvd={fvd:.4f}")
+    return fvd
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(get_args())

@@ -1,0 +1,229 @@
+"""Video CSVs (`id,path,action,label`) and the clip dataset used for training and FVD evaluation.
+
+Training mode: one item per video, a random `num_frames` window at the native frame rate.
+Evaluation mode: one item per clip of the FVD protocol (shared/reference/README.md): video paths sorted,
+each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
+videos is slow, so the per-video frame counts are cached to disk, keyed on the listed paths and their
+size/mtime.
+"""
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import random
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from larp.checkpoint import atomic_write_text
+from larp.data.video_io import VideoReadError, count_frames, read_clip
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")
+CSV_COLUMNS = ("id", "path", "action", "label")
+
+
+def resolve_csv(spec):
+    """CSV files named by `spec`: a path, or a name under data/metadata/ (with or without .csv); `a+b` joins."""
+    spec = os.fspath(spec)
+    if os.path.isfile(spec):
+        return [os.path.abspath(spec)]
+    paths = []
+    for part in spec.split("+"):
+        part = part.strip()
+        candidates = [part, os.path.join(METADATA_DIR, part), os.path.join(METADATA_DIR, part + ".csv")]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            raise FileNotFoundError(f"CSV '{part}' not found (looked for {part} and {candidates[2]})")
+        paths.append(os.path.abspath(found))
+    return paths
+
+
+def _absolute(path, csv_dir):
+    if os.path.isabs(path):
+        return path
+    from_root = os.path.join(PROJECT_ROOT, path)
+    if os.path.exists(from_root):
+        return from_root
+    from_csv = os.path.join(csv_dir, path)
+    return from_csv if os.path.exists(from_csv) else from_root
+
+
+def read_video_csv(spec):
+    """DataFrame with columns id,path,action,label of all CSVs in `spec`, paths made absolute.
+
+    Relative paths are taken relative to the project root where the file exists there, else to the CSV's folder.
+    """
+    frames = []
+    for csv_path in resolve_csv(spec):
+        df = pd.read_csv(csv_path, dtype={"id": str, "path": str, "action": str})
+        missing = [c for c in ("path", "label") if c not in df.columns]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected columns {','.join(CSV_COLUMNS)}")
+        if "id" not in df.columns:
+            df["id"] = [os.path.splitext(os.path.basename(p))[0] for p in df["path"]]
+        if "action" not in df.columns:
+            df["action"] = df["label"].astype(str)
+        empty = df["label"].isna() | df["path"].isna()
+        if empty.any():
+            raise ValueError(f"{csv_path}: empty path or label in data row {int(empty.to_numpy().argmax()) + 1}")
+        csv_dir = os.path.dirname(csv_path)
+        df["path"] = [_absolute(p, csv_dir) for p in df["path"]]
+        df["label"] = df["label"].astype(int)
+        frames.append(df[list(CSV_COLUMNS)])
+    return pd.concat(frames, ignore_index=True)
+
+
+def transform_frames(frames, size):
+    """uint8 (T,H,W,3) -> float32 (3,T,size,size) in [0,1]: short side resized to `size` (antialias), center crop."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        h, w = new_h, new_w
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[:, :, top:top + size, left:left + size].clamp_(0, 1)
+    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
+
+
+def select_fvd_clips(num_clips, num_samples_total, seed=42):
+    """Indices of the clips used for FVD: random.Random(seed).sample(range(num_clips), num_samples_total)."""
+    if num_samples_total > num_clips:
+        raise ValueError(f"cannot draw {num_samples_total} FVD clips: the evaluation set has only {num_clips} clips")
+    return random.Random(seed).sample(range(num_clips), num_samples_total)
+
+
+def _cache_key(paths):
+    h = hashlib.sha1()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{p}\t{stamp}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _count_or_none(path, skip_bad):
+    try:
+        return count_frames(path)
+    except VideoReadError:
+        if not skip_bad:
+            raise
+        return None
+
+
+def frame_counts(paths, cache_dir=None, cache_name="videos", skip_bad=False, workers=None):
+    """Frame count of every path (None for unreadable ones when `skip_bad`), cached in `cache_dir` when given."""
+    paths = list(paths)
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = os.path.join(cache_dir, f"{cache_name}.frames-{_cache_key(paths)}.cache")
+        cached = {}
+        with contextlib.suppress(OSError, ValueError):
+            with open(cache_file) as f:
+                cached = json.load(f)
+        if cached.get("paths") == paths:
+            counts = cached["counts"]
+            if skip_bad or all(c is not None for c in counts):
+                return counts
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        counts = list(tqdm(pool.map(lambda p: _count_or_none(p, skip_bad), paths), total=len(paths),
+                           desc="counting frames", disable=len(paths) < 200, file=sys.stderr))
+    if cache_file is not None:
+        try:
+            atomic_write_text(cache_file, json.dumps({"paths": paths, "counts": counts}))
+            for name in os.listdir(cache_dir):  # stale indexes of the same CSVs (videos changed since)
+                if name.startswith(f"{cache_name}.frames-") and name.endswith(".cache") and \
+                        name != os.path.basename(cache_file):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(cache_dir, name))
+        except OSError as e:
+            warnings.warn(f"could not write clip index cache {cache_file}: {e}")
+    return counts
+
+
+class VideoDataset(Dataset):
+    """Clips of the videos listed in `csv` (see module docstring); items are
+    {"video": float (3,T,S,S) in [0,1], "label": int, "index": int}.
+
+    A video shorter than `num_frames` is padded by repeating its last frame in training; in evaluation it gives
+    no clip (`len // T`, the FVD protocol).
+    `skip_bad=True` replaces an unreadable video by the next readable item, counts it in `num_bad` and warns once.
+    The eval-mode clip index is cached in `cache_dir` (default: the folder of the first CSV).
+    """
+
+    def __init__(self, csv, num_frames=16, size=128, train=True, hflip=False, skip_bad=False, cache_dir=None):
+        self.csv, self.num_frames, self.size = csv, num_frames, size
+        self.train, self.hflip, self.skip_bad = train, hflip, skip_bad
+        self.df = read_video_csv(csv)
+        if len(self.df) == 0:
+            raise ValueError(f"no videos listed in {csv}")
+        self.num_bad = 0
+        self._warned = False
+        if train:
+            self.items = [(p, None, int(l)) for p, l in zip(self.df["path"], self.df["label"])]
+            self.clips = None
+        else:
+            self.clips = self._enumerate_clips(cache_dir)
+            self.items = self.clips
+            if not self.clips:
+                raise ValueError(f"no {num_frames}-frame clips in {csv}: every video is shorter than {num_frames} frames")
+
+    def _enumerate_clips(self, cache_dir):
+        order = sorted(range(len(self.df)), key=lambda i: self.df["path"][i])
+        paths = [self.df["path"][i] for i in order]
+        labels = [int(self.df["label"][i]) for i in order]
+        csv_files = resolve_csv(self.csv)
+        cache_dir = cache_dir if cache_dir is not None else os.path.dirname(csv_files[0])
+        name = "+".join(os.path.splitext(os.path.basename(c))[0] for c in csv_files)
+        name += "-" + hashlib.sha1("\n".join(csv_files).encode()).hexdigest()[:8]  # same-named CSVs elsewhere
+        counts = frame_counts(paths, cache_dir, name, skip_bad=self.skip_bad)
+        bad = sum(c is None for c in counts)
+        if bad:
+            self.num_bad += bad
+            self._warn(f"{bad} unreadable video(s) in {self.csv} left out of the clip index")
+        clips = []
+        for path, label, n in zip(paths, labels, counts):
+            for k in range((n or 0) // self.num_frames):
+                clips.append((path, k * self.num_frames, label))
+        return clips
+
+    def _warn(self, message):
+        if not self._warned:
+            warnings.warn(message + " (further unreadable videos are counted in dataset.num_bad)")
+            self._warned = True
+
+    def __len__(self):
+        return len(self.items)
+
+    def _load(self, index):
+        path, start, label = self.items[index]
+        frames, _ = read_clip(path, self.num_frames, start=start)  # (T, H, W, 3)
+        video = transform_frames(frames, self.size)  # (3, T, S, S)
+        if self.train and self.hflip and torch.rand(()) < 0.5:
+            video = video.flip(-1)
+        return {"video": video, "label": label, "index": index}
+
+    def __getitem__(self, index):
+        if not self.skip_bad:
+            return self._load(index)
+        for k in range(len(self.items)):
+            j = (index + k) % len(self.items)
+            try:
+                return self._load(j)
+            except VideoReadError as e:
+                self.num_bad += 1
+                self._warn(f"skipping unreadable video: {e}")
+        raise VideoReadError(f"no readable video at all in {self.csv}")

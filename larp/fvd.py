@@ -1,0 +1,391 @@
+"""FVD: the I3D detector, mergeable feature statistics and the Frechet distance.
+
+Protocol (shared/reference/README.md, "Data and FVD protocol"): videos in [0, 1] are mapped to [-1, 1] and fed to
+the StyleGAN-V `i3d_torchscript.pt` as `i3d(x, rescale=False, resize=True, return_features=True)`, giving 400-d
+features. Statistics keep the float64 sum and sum of outer products, so shards from several processes merge
+exactly; mu = sum/n and sigma = sum_outer/n - mu mu^T (population covariance).
+"""
+import hashlib
+import os
+import pickle
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from larp.i3d import RANDOM_SEED, InceptionI3d, random_i3d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_I3D = os.path.join("checkpoints", "i3d_torchscript.pt")  # relative to the project root
+RANDOM_LABEL = "random I3D, not comparable to published FVD"
+# No verified SHA-256 of the standard StyleGAN-V file is recorded here (we had no copy to hash). Users who know it
+# set $LARP_I3D_SHA256 to get a warning on mismatch; the digest of the loaded file is always printed.
+EXPECTED_SHA256_ENV = "LARP_I3D_SHA256"
+
+
+class I3DError(RuntimeError):
+    """The I3D detector cannot be found or loaded; the message says what to do."""
+
+
+def default_i3d_spec():
+    return os.environ.get("LARP_I3D") or os.path.join(ROOT, DEFAULT_I3D)
+
+
+def _parse_random(spec):
+    """'random' -> 224, 'random:S' -> S, anything else -> None."""
+    if spec == "random":
+        return 224
+    if spec.startswith("random:"):
+        size = spec.split(":", 1)[1]
+        if not size.isdigit() or int(size) < 1:
+            raise I3DError(f"bad I3D spec '{spec}': expected 'random' or 'random:SIZE' with SIZE a positive integer")
+        return int(size)
+    return None
+
+
+def check_i3d_spec(spec=None):
+    """Resolve and validate a detector spec cheaply (no loading), so callers fail before any long work.
+
+    Returns the resolved spec: 'random', 'random:S' or an existing file path.
+    """
+    explicit = spec not in (None, "")
+    spec = str(spec) if explicit else default_i3d_spec()
+    if _parse_random(spec) is not None:
+        return spec
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path) and explicit and not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)):
+        path = os.path.join(ROOT, path)
+    if not os.path.isfile(path):
+        how = ("put the StyleGAN-V i3d_torchscript.pt (the file its FVD metric downloads) there, set "
+               "$LARP_I3D=/path/to/i3d_torchscript.pt or pass --i3d PATH; "
+               "--i3d random[:SIZE] runs offline but is not comparable to published FVD")
+        raise I3DError(f"I3D detector file not found: '{path}': {how}")
+    return path
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_torchscript(path):
+    """TorchScript archives are zips holding a `code/` folder; torch.save files hold `data.pkl` only."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+class I3DDetector:
+    """Callable: videos (B, 3, T, H, W) float in [0, 1] (or uint8) -> features (B, 400) float32 on the CPU.
+
+    Batches internally (`batch_size`) on `device`; `name` identifies the network in reports and stats files.
+    """
+
+    def __init__(self, model, kind, name, device="cpu", resize=224, is_random=False, batch_size=16, sha256=None):
+        self.model, self.kind, self.name = model, kind, name
+        self.device, self.resize, self.is_random = torch.device(device), resize, is_random
+        self.batch_size, self.sha256 = batch_size, sha256
+
+    def _features(self, x):
+        """x (b, 3, T, H, W) in [-1, 1] on the device -> (b, F)."""
+        if self.kind == "torchscript":
+            return self.model(x, rescale=False, resize=True, return_features=True)
+        if self.resize and tuple(x.shape[3:]) != (self.resize, self.resize):
+            x = F.interpolate(x, size=(x.shape[2], self.resize, self.resize), mode="trilinear", align_corners=False)
+        return self.model(x)
+
+    @torch.no_grad()
+    def __call__(self, videos):
+        videos = torch.as_tensor(videos)
+        if videos.ndim != 5 or videos.shape[1] != 3:
+            raise ValueError(f"detector expects videos (B, 3, T, H, W), got shape {tuple(videos.shape)}")
+        if videos.dtype == torch.uint8:
+            videos = videos.float() / 255.0
+        elif videos.numel():
+            lo, hi = videos.min().item(), videos.max().item()
+            if lo < -0.5 or hi > 1.5:
+                raise ValueError(f"detector expects videos in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        out = []
+        for chunk in videos.split(self.batch_size):
+            x = chunk.to(self.device, torch.float32).clamp(0, 1) * 2 - 1  # decoder overshoot is clipped
+            feats = self._features(x)                                       # (b, 400)
+            if feats.ndim != 2 or feats.shape[0] != x.shape[0]:
+                raise I3DError(f"{self.name}: expected features (b, F), got shape {tuple(feats.shape)}")
+            out.append(feats.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 400)
+
+
+def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True):
+    """spec: StyleGAN-V torchscript path | state-dict path for our InceptionI3d | 'random' | 'random:S'.
+
+    None uses $LARP_I3D or checkpoints/i3d_torchscript.pt. Prints one line naming the detector (with the file's
+    SHA-256 for files) so every log says which network produced the numbers.
+    """
+    spec = check_i3d_spec(spec)
+    device = torch.device(device)
+    size = _parse_random(spec)
+    if size is not None:
+        name = f"random I3D (seed {RANDOM_SEED}, input {size}x{size})"
+        det = I3DDetector(random_i3d().to(device), "ours", name, device, size, True, batch_size)
+    else:
+        digest = sha256_file(spec)
+        expected = os.environ.get(EXPECTED_SHA256_ENV)
+        if expected and expected.lower() != digest:
+            warnings.warn(f"{spec}: SHA-256 {digest} differs from ${EXPECTED_SHA256_ENV}={expected}; "
+                          "FVD may not be comparable to published numbers")
+        if _is_torchscript(spec):
+            try:
+                with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; it still loads
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model = torch.jit.load(spec, map_location=device).eval()
+            except Exception as e:  # corrupt archive, incompatible torch version, ...
+                raise I3DError(f"cannot load I3D torchscript '{spec}': {e}") from e
+            name = f"I3D torchscript {os.path.basename(spec)} sha256:{digest[:16]}"
+            det = I3DDetector(model, "torchscript", name, device, None, False, batch_size, digest)
+        else:
+            model = _load_our_i3d(spec).to(device)
+            name = f"I3D state dict {os.path.basename(spec)} sha256:{digest[:16]}"
+            det = I3DDetector(model, "ours", name, device, 224, False, batch_size, digest)
+    if verbose:
+        print(f"[fvd] detector: {det.name}" + (f" (file {spec}, sha256={det.sha256})" if det.sha256 else "")
+              + (f" -- {RANDOM_LABEL}" if det.is_random else ""), flush=True)
+    return det
+
+
+def _load_our_i3d(path):
+    from larp.checkpoint import CheckpointError, load_state_dict_strict, strip_prefixes
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise I3DError(f"cannot read I3D state dict '{path}': {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    sd = strip_prefixes(sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or "logits.conv3d.weight" not in sd:
+        raise I3DError(f"'{path}' is neither a TorchScript archive nor an InceptionI3d state dict")
+    num_classes = sd["logits.conv3d.weight"].shape[0]
+    try:
+        return load_state_dict_strict(InceptionI3d(num_classes=num_classes), sd, source=path).eval()
+    except CheckpointError as e:
+        raise I3DError(str(e)) from e
+
+
+def fvd_label(detector):
+    """Text to print next to an FVD number; says loudly when the detector is random."""
+    name = getattr(detector, "name", None) or str(detector)
+    random_ = getattr(detector, "is_random", None)
+    if random_ is None:
+        random_ = name.startswith("random")
+    return f"detector: {name}" + (f" -- {RANDOM_LABEL}" if random_ else "")
+
+
+class FeatureStats:
+    """Float64 running sum and sum of outer products of features; shards merge with `+`.
+
+    Stats loaded from an .npz holding only mu/sigma (no count) can be compared but not merged.
+    """
+
+    def __init__(self, num_features=None, detector=None):
+        self.num_features, self.detector = num_features, detector
+        self.num_items = 0
+        self.sum = None        # (F,) float64
+        self.sum_outer = None  # (F, F) float64
+        self._moments = None   # (mu, sigma) when loaded without a count
+
+    def add(self, feats):
+        """feats (N, F) tensor or array."""
+        if self._moments is not None:
+            raise ValueError("cannot add features to stats loaded from mu/sigma without an item count")
+        if isinstance(feats, torch.Tensor):
+            feats = feats.detach().cpu().numpy()
+        x = np.asarray(feats, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"features must be (N, F), got shape {x.shape}")
+        self._check_features(x.shape[1], "features")
+        if self.sum is None:
+            self.sum = np.zeros(x.shape[1])
+            self.sum_outer = np.zeros((x.shape[1], x.shape[1]))
+        self.sum += x.sum(axis=0)
+        self.sum_outer += x.T @ x
+        self.num_items += x.shape[0]
+        return self
+
+    def _check_features(self, num, what):
+        if self.num_features is not None and num != self.num_features:
+            raise ValueError(f"feature size mismatch: stats have {self.num_features} features, {what} have {num}")
+        self.num_features = num
+
+    def __add__(self, other):
+        if not isinstance(other, FeatureStats):
+            return NotImplemented
+        if self._moments is not None or other._moments is not None:
+            raise ValueError("cannot merge stats loaded from mu/sigma without an item count")
+        if self.detector and other.detector and self.detector != other.detector:
+            raise ValueError(f"cannot merge stats from different detectors: '{self.detector}' vs '{other.detector}'")
+        out = FeatureStats(self.num_features, self.detector or other.detector)
+        if other.num_features is not None:
+            out._check_features(other.num_features, "the other stats")
+        for s in (self, other):
+            if s.sum is not None:
+                out.sum = s.sum.copy() if out.sum is None else out.sum + s.sum
+                out.sum_outer = s.sum_outer.copy() if out.sum_outer is None else out.sum_outer + s.sum_outer
+            out.num_items += s.num_items
+        return out
+
+    def __radd__(self, other):  # lets sum([a, b, c]) work
+        return self if other == 0 else NotImplemented
+
+    def mean_cov(self):
+        """-> (mu (F,), sigma (F, F)) float64, population covariance."""
+        if self._moments is not None:
+            return self._moments
+        if not self.num_items:
+            raise ValueError("no features accumulated")
+        mu = self.sum / self.num_items
+        return mu, self.sum_outer / self.num_items - np.outer(mu, mu)
+
+    def to_dict(self):
+        return {"num_items": self.num_items, "num_features": self.num_features, "raw_mean": self.sum,
+                "raw_cov": self.sum_outer, "detector": self.detector}
+
+    def save(self, path):
+        """.pkl: plain dict (num_items, num_features, raw_mean = sum, raw_cov = sum of outer products, detector);
+        .npz: mu, sigma, n (+ detector). Atomic."""
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        if path.endswith(".pkl"):
+            if self._moments is not None:
+                d = {"mu": self._moments[0], "sigma": self._moments[1], "detector": self.detector}
+            else:
+                d = self.to_dict()
+            with open(tmp, "wb") as f:
+                pickle.dump(d, f)
+        elif path.endswith(".npz"):
+            mu, sigma = self.mean_cov()
+            extra = {"n": np.int64(self.num_items)} if self._moments is None else {}
+            if self.detector:
+                extra["detector"] = np.array(self.detector)
+            with open(tmp, "wb") as f:
+                np.savez(f, mu=mu, sigma=sigma, **extra)
+        else:
+            raise ValueError(f"stats file must end in .pkl or .npz: '{path}'")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Reads our .pkl/.npz and StyleGAN-V-style pickles (raw_mean/raw_cov sums, or all_features)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"stats file not found: '{path}'")
+        if path.endswith(".npz"):
+            with np.load(path) as z:
+                d = {k: z[k] for k in z.files}
+            return cls._from_moments(d, path)
+        if not path.endswith(".pkl"):
+            raise ValueError(f"stats file must end in .pkl or .npz: '{path}'")
+        with open(path, "rb") as f:
+            d = pickle.load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"'{path}': expected a pickled dict of statistics, got {type(d).__name__}")
+        if "mu" in d and "sigma" in d:
+            return cls._from_moments(d, path)
+        detector = d.get("detector")
+        stats = cls(detector=str(detector) if detector is not None else None)
+        if d.get("raw_mean") is not None and d.get("raw_cov") is not None:
+            stats.sum = np.asarray(d["raw_mean"], dtype=np.float64)
+            stats.sum_outer = np.asarray(d["raw_cov"], dtype=np.float64)
+            stats.num_items, stats.num_features = int(d["num_items"]), stats.sum.shape[0]
+        elif d.get("all_features") is not None:
+            stats.add(np.asarray(d["all_features"])[: d.get("num_items")])
+        elif d.get("num_items", 0) != 0:
+            raise ValueError(f"'{path}': no raw_mean/raw_cov, mu/sigma or all_features in the stats dict")
+        return stats
+
+    @classmethod
+    def _from_moments(cls, d, path):
+        if "mu" not in d or "sigma" not in d:
+            raise ValueError(f"'{path}': expected arrays 'mu' and 'sigma', found {sorted(d)}")
+        mu, sigma = np.asarray(d["mu"], np.float64), np.asarray(d["sigma"], np.float64)
+        detector = d.get("detector")
+        stats = cls(mu.shape[0], str(detector) if detector is not None else None)
+        if d.get("n") is not None:  # with a count the sums are recoverable, so the stats stay mergeable
+            n = int(d["n"])
+            stats.num_items, stats.sum, stats.sum_outer = n, n * mu, n * (sigma + np.outer(mu, mu))
+        else:
+            stats.num_items, stats._moments = None, (mu, sigma)
+        return stats
+
+
+def _moments(x, which):
+    if isinstance(x, FeatureStats):
+        if x.num_items is not None and x.num_items < 2:
+            raise ValueError(f"{which} stats have {x.num_items} item(s); FVD needs at least 2")
+        return x.mean_cov()
+    mu, sigma = x
+    return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+
+
+def _psd_eigenvalues(w):
+    """Eigenvalues of a PSD matrix with round-off removed: those below the usual numerical-rank tolerance
+    (size * eps * largest) are zero. Otherwise sqrt turns ~1e-16 noise on the null space of a rank-deficient
+    covariance into ~1e-8 per eigenvalue, and FVD(x, x) drifts away from 0."""
+    tol = w.shape[0] * np.finfo(np.float64).eps * max(np.abs(w).max(initial=0.0), 1e-300)
+    return np.where(w > tol, w, 0.0)
+
+
+def frechet_distance(a, b):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) for FeatureStats or (mu, sigma) pairs.
+
+    tr((S1 S2)^1/2) is computed as the sum of sqrt-eigenvalues of the symmetric PSD matrix sqrt(S1) S2 sqrt(S1),
+    which has the same eigenvalues as S1 S2; this avoids the complex/unstable sqrtm of a non-symmetric product
+    and stays accurate for rank-deficient covariances (fewer items than features).
+    """
+    mu1, s1 = _moments(a, "first")
+    mu2, s2 = _moments(b, "second")
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"feature size mismatch: {mu1.shape[0]} vs {mu2.shape[0]}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    sqrt_s1 = (v * np.sqrt(_psd_eigenvalues(w))) @ v.T   # (F, F)
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    tr_covmean = np.sqrt(_psd_eigenvalues(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _video_batch(batch):
+    """Dataset batches are dicts {'video': ...}, (video, label) tuples or bare tensors."""
+    if isinstance(batch, dict):
+        return batch["video"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+def compute_stats(detector, batches, total=None, desc="I3D features", stats=None, progress=True):
+    """Run the detector over an iterable of video batches (B, 3, T, H, W) in [0, 1] -> FeatureStats."""
+    stats = stats if stats is not None else FeatureStats(detector=getattr(detector, "name", None))
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    for batch in tqdm(batches, total=total, desc=desc, disable=not progress, dynamic_ncols=True):
+        stats.add(detector(_video_batch(batch)))
+    return stats
+
+
+def fvd_from_videos(detector, real_batches, fake_batches):
+    """Convenience: FVD between two iterables of video batches."""
+    return frechet_distance(compute_stats(detector, real_batches, desc="real features"),
+                            compute_stats(detector, fake_batches, desc="fake features"))

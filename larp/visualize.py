@@ -1,0 +1,126 @@
+"""Pictures of videos people can look at: a PNG grid (one row of frames per video) and an animated GIF grid.
+
+Videos are float (B,3,T,H,W) in [0,1] (model outputs; clamped) or uint8 (B,T,H,W,3) (decoded files), as
+torch tensors or numpy arrays; a single video without the batch dimension is accepted too. Small frames are
+upscaled with nearest-neighbour so 32x32 videos stay visible and sharp.
+"""
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 2
+MIN_FRAME_PX = 96
+
+
+def to_uint8_videos(videos):
+    """uint8 (B,T,H,W,3) from float (B,3,T,H,W) in [0,1] or uint8 (B,T,H,W,3) (batch dim optional)."""
+    if hasattr(videos, "detach"):
+        videos = videos.detach().cpu()
+        videos = videos.float().numpy() if videos.is_floating_point() else videos.numpy()
+    v = np.asarray(videos)
+    if v.dtype == np.uint8:
+        v = v[None] if v.ndim == 4 else v
+        if v.ndim != 5 or v.shape[-1] != 3:
+            raise ValueError(f"uint8 videos must be (B,T,H,W,3), got {v.shape}")
+        return v
+    v = v[None] if v.ndim == 4 else v
+    if v.ndim != 5 or v.shape[1] != 3:
+        raise ValueError(f"float videos must be (B,3,T,H,W) in [0,1], got {v.shape}")
+    v = np.clip(np.nan_to_num(v.astype(np.float32)), 0, 1)
+    return np.round(v.transpose(0, 2, 3, 4, 1) * 255).astype(np.uint8)  # (B, T, H, W, 3)
+
+
+def _scale_for(h, w, scale):
+    return scale if scale is not None else max(1, int(np.ceil(MIN_FRAME_PX / max(1, min(h, w)))))
+
+
+def _upscale(frame, scale):
+    return frame.repeat(scale, 0).repeat(scale, 1) if scale > 1 else frame
+
+
+def _label_width(labels, font):
+    if not labels:
+        return 0
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return max(int(draw.textlength(str(t), font=font)) for t in labels) + 2 * PAD + 4
+
+
+def _atomic_save(image_or_frames, path, **kwargs):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        image_or_frames.save(tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def video_grid_image(videos, row_labels=None, nrow=None, scale=None):
+    """PIL image: one row per video, its frames left to right, optional label text at the left of each row.
+
+    `nrow`: number of frames shown per row (evenly subsampled; None = all frames).
+    """
+    v = to_uint8_videos(videos)  # (B, T, H, W, 3)
+    b, t, h, w, _ = v.shape
+    if row_labels is not None and len(row_labels) != b:
+        raise ValueError(f"{len(row_labels)} row labels for {b} videos")
+    cols = np.arange(t) if nrow is None or nrow >= t else np.round(np.linspace(0, t - 1, nrow)).astype(int)
+    s = _scale_for(h, w, scale)
+    fh, fw = h * s, w * s
+    font = ImageFont.load_default()
+    lw = _label_width(row_labels, font)
+    canvas = np.full((b * (fh + PAD) + PAD, lw + len(cols) * (fw + PAD) + PAD, 3), 255, dtype=np.uint8)
+    for i in range(b):
+        y = PAD + i * (fh + PAD)
+        for j, f in enumerate(cols):
+            x = lw + PAD + j * (fw + PAD)
+            canvas[y:y + fh, x:x + fw] = _upscale(v[i, f], s)
+    image = Image.fromarray(canvas)
+    if row_labels is not None:
+        draw = ImageDraw.Draw(image)
+        for i, text in enumerate(row_labels):
+            draw.text((PAD + 2, PAD + i * (fh + PAD) + fh // 2), str(text), fill=(0, 0, 0), font=font, anchor="lm")
+    return image
+
+
+def save_video_grid_png(videos, path, row_labels=None, nrow=None, scale=None):
+    """Save the frame grid of `videos` (see video_grid_image) as a PNG, atomically."""
+    _atomic_save(video_grid_image(videos, row_labels, nrow, scale), path, format="PNG")
+    return path
+
+
+def save_video_grid_gif(videos, path, nrow=None, fps=8, scale=None, row_labels=None):
+    """Animated GIF: videos tiled in a grid (`nrow` videos per row; default ~square), animated over time.
+
+    `row_labels` here label each video (drawn in its top-left corner).
+    """
+    v = to_uint8_videos(videos)  # (B, T, H, W, 3)
+    b, t, h, w, _ = v.shape
+    per_row = nrow or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / per_row))
+    s = _scale_for(h, w, scale)
+    fh, fw = h * s, w * s
+    font = ImageFont.load_default()
+    frames = []
+    for f in range(t):
+        canvas = np.full((rows * (fh + PAD) + PAD, per_row * (fw + PAD) + PAD, 3), 255, dtype=np.uint8)
+        for i in range(b):
+            y, x = PAD + (i // per_row) * (fh + PAD), PAD + (i % per_row) * (fw + PAD)
+            canvas[y:y + fh, x:x + fw] = _upscale(v[i, f], s)
+        image = Image.fromarray(canvas)
+        if row_labels is not None:
+            draw = ImageDraw.Draw(image)
+            for i, text in enumerate(row_labels):
+                y, x = PAD + (i // per_row) * (fh + PAD), PAD + (i % per_row) * (fw + PAD)
+                draw.text((x + 2, y + 1), str(text), fill=(255, 255, 255), font=font, stroke_width=1,
+                          stroke_fill=(0, 0, 0))
+        frames.append(image)
+    _atomic_save(frames[0], path, format="GIF", save_all=True, append_images=frames[1:],
+                 duration=max(20, int(round(1000 / fps))), loop=0)
+    return path
