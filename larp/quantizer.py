@@ -1,0 +1,112 @@
+"""LARP bottleneck: project to a small code space and quantise against an L2-normalised codebook.
+
+Training samples the code from softmax(cosine / stochastic_temperature) instead of taking the argmax: the
+stochasticity keeps many codes in use and makes the latent space friendlier to the AR prior. Evaluation uses the
+argmax once `eval_deterministic` is set (`LARPTokenizer.set_vq_eval_deterministic(True)`).
+State-dict names follow the release: `in_linear`, `out_linear`, `regularizer.embedding.weight`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 8192
+    commitment_loss_weight: float = 0.25
+    codebook_loss_weight: float = 1.0
+    entropy_loss_weight: float = 0.0
+    entropy_loss_temperature: float = 0.01
+    l2_normalized: bool = True
+    stochastic: bool = True
+    stochastic_temperature: float = 0.03
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest (or sampled) code by cosine similarity; straight-through gradient to the encoder."""
+
+    def __init__(self, dim, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = dim
+        self.embedding = nn.Embedding(cfg.codebook_size, dim)
+        nn.init.normal_(self.embedding.weight, std=1.0 / dim ** 0.5)
+        self.eval_deterministic = False
+
+    def codebook(self):
+        """(V, d) code vectors as used for matching (normalised when l2_normalized)."""
+        w = self.embedding.weight.float()
+        return F.normalize(w, dim=-1) if self.cfg.l2_normalized else w
+
+    def lookup(self, idx):  # (B, N) long -> (B, N, d)
+        return F.embedding(idx, self.codebook())
+
+    def similarity(self, z):
+        """(B, N, d) -> (B, N, V) score whose argmax is the nearest code (cosine, or -squared distance)."""
+        cb = self.codebook()
+        if self.cfg.l2_normalized:
+            return z @ cb.t()
+        return -(z.pow(2).sum(-1, keepdim=True) - 2 * z @ cb.t() + cb.pow(2).sum(-1))
+
+    def forward(self, z):  # z: (B, N, d)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._quantize(z.float())  # code matching in fp32: bf16 scores would change tokens
+
+    def _quantize(self, z):
+        if self.cfg.l2_normalized:
+            z = F.normalize(z, dim=-1)
+        scores = self.similarity(z)  # (B, N, V)
+        sample = self.cfg.stochastic and (self.training or not self.eval_deterministic)
+        if sample:
+            probs = torch.softmax(scores / self.cfg.stochastic_temperature, dim=-1)
+            idx = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(scores.shape[:-1])
+        else:
+            idx = scores.argmax(dim=-1)  # (B, N)
+        z_q = self.lookup(idx)  # (B, N, d)
+        commitment = F.mse_loss(z, z_q.detach())
+        codebook = F.mse_loss(z_q, z.detach())
+        loss = self.cfg.commitment_loss_weight * commitment + self.cfg.codebook_loss_weight * codebook
+        out = {"commitment_loss": commitment, "codebook_loss": codebook}
+        if self.cfg.entropy_loss_weight > 0:
+            ent = entropy_loss(scores, self.cfg.entropy_loss_temperature)
+            loss = loss + self.cfg.entropy_loss_weight * ent
+            out["entropy_loss"] = ent
+        z_st = z + (z_q - z).detach()  # straight-through
+        usage = torch.unique(idx).numel() / self.cfg.codebook_size
+        out.update(regularized_z=z_st, bottleneck_rep=idx, loss=loss,
+                   codebook_usage=torch.tensor(usage, device=z.device))
+        return out
+
+
+def entropy_loss(scores, temperature):
+    """Per-token entropy minus entropy of the batch-average distribution (sharp per token, diverse overall)."""
+    logp = torch.log_softmax(scores.reshape(-1, scores.shape[-1]) / temperature, dim=-1)
+    p = logp.exp()
+    per_token = -(p * logp).sum(-1).mean()
+    avg = p.mean(0)
+    batch = -(avg * torch.log(avg + 1e-8)).sum()
+    return per_token - batch
+
+
+class Bottleneck(nn.Module):
+    """in_linear (D_enc -> d) -> quantiser -> out_linear (d -> D_dec)."""
+
+    def __init__(self, hidden_size, bottleneck_dim, regularizer, norm="none", out_size=None):
+        super().__init__()
+        if norm not in (None, "none"):
+            raise ValueError(f"bottleneck norm '{norm}' is not supported (only 'none')")
+        if regularizer.get("name") != "vq":
+            raise ValueError(f"bottleneck regularizer '{regularizer.get('name')}' is not supported (only 'vq')")
+        self.in_linear = nn.Linear(hidden_size, bottleneck_dim)
+        self.out_linear = nn.Linear(bottleneck_dim, out_size or hidden_size)
+        self.regularizer = VectorQuantizer(bottleneck_dim, VQConfig(**regularizer.get("args", {})))
+
+    def forward(self, x):  # (B, N, D)
+        out = self.regularizer(self.in_linear(x))
+        out["output"] = self.out_linear(out["regularized_z"].to(x.dtype))  # (B, N, D_dec)
+        return out
+
+    def decode_indices(self, idx):  # (B, N) -> (B, N, D)
+        return self.out_linear(self.regularizer.lookup(idx).to(self.out_linear.weight.dtype))

@@ -1,0 +1,245 @@
+"""LARP video tokenizer: a ViT encoder reads video patches plus N learned queries, the queries' outputs are
+quantised to N discrete tokens (a 1-D "holistic" sequence, not a patch grid), and a ViT decoder reconstructs the
+patches from them. A small GPT prior (`prior.py`) trained jointly makes the token sequence easy to model
+autoregressively.
+
+The constructor kwargs are exactly the released `config.json` (hub-mixin layout); the state-dict names match
+the released `hywang66/LARP-L-long-tokenizer` (see shared/reference/tokenizer_larp_L_long.state_dict.tsv).
+Videos in and out are float (B, 3, T, H, W) with values in [0, 1]; the decoder output is not clamped.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+
+from larp.blocks import Block, conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent
+from larp.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.prior import LatentPrior, PriorConfig
+from larp.quantizer import Bottleneck
+
+_DEFAULT_BOTTLENECK = {
+    "name": "bottleneck",
+    "args": {"bottleneck_dim": 16, "norm": "none",
+             "regularizer": {"name": "vq", "args": {"codebook_size": 8192, "l2_normalized": True,
+                                                    "stochastic": True, "stochastic_temperature": 0.03}}},
+}
+
+
+class VideoPatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (pt, p, p); tokens flattened t-major (t, h, w)."""
+
+    def __init__(self, in_channels, dim, temporal_patch_size, patch_size):
+        super().__init__()
+        k = (temporal_patch_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=k, stride=k)
+
+    def forward(self, x):  # (B, C, T, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, t*h*w, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        return self.linear(self.norm_final(x))
+
+
+class ParallelTransformer(nn.Module):
+    """`transformer_encoder_parallel`: run blocks over [context ; queries] and keep the query positions."""
+
+    def __init__(self, dim, depth, num_heads):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(dim, num_heads) for _ in range(depth)])
+
+    def forward(self, context, queries):  # (B, L, D), (B, N, D)
+        x = torch.cat([context, queries], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return x[:, context.shape[1]:]  # (B, N, D)
+
+
+def _table(module, name, value, learned):
+    """A fixed table is a buffer (stored in the checkpoint, as released); a learned one a parameter."""
+    if learned:
+        setattr(module, name, nn.Parameter(value.clone()))
+    else:
+        module.register_buffer(name, value.clone())
+
+
+class LARPTokenizer(nn.Module):
+    """Video (B, 3, T, H, W) in [0, 1] <-> N tokens in [0, codebook_size); kwargs = the released config.json."""
+
+    def __init__(self, bottleneck=None, prior_model=None, bottleneck_token_num=1024, input_size=128, frame_num=16,
+                 temporal_patch_size=4, patch_size=8, decoder_temporal_patch_size=4, decoder_patch_size=8,
+                 in_channels=3, transformer_name="transformer_encoder_parallel", encoder_name=None,
+                 decoder_name=None, latent_pe_scale_factor=10000, query_init_std=0.02, encoder_hidden_size=768,
+                 decoder_hidden_size=768, encoder_num_heads=12, decoder_num_heads=12, encoder_depth=12,
+                 decoder_depth=12, learned_encoder_patch_pe=False, learned_encoder_latent_query_embed=True,
+                 learned_decoder_latent_pe=False, learned_decoder_patch_query_embed=False,
+                 use_encoder_patch_token_type_embed=False, use_encoder_latent_query_token_type_embed=False,
+                 use_decoder_latent_token_type_embed=False, use_decoder_patch_query_token_type_embed=True,
+                 encoder_query_gaussian_init=True):
+        super().__init__()
+        bottleneck = copy.deepcopy(bottleneck or _DEFAULT_BOTTLENECK)
+        prior_model = copy.deepcopy(prior_model or {"name": "none"})
+        self.config = {k: copy.deepcopy(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        if transformer_name != "transformer_encoder_parallel":
+            raise ValueError(f"transformer_name '{transformer_name}' is not supported")
+        for which, name in (("encoder_name", encoder_name), ("decoder_name", decoder_name)):
+            if name not in (None, "none"):
+                raise ValueError(f"{which} '{name}' is not supported (only none)")
+        if bottleneck.get("name") != "bottleneck":
+            raise ValueError(f"bottleneck name '{bottleneck.get('name')}' is not supported")
+
+        self.bottleneck_token_num = N = bottleneck_token_num
+        self.input_size, self.frame_num, self.in_channels = input_size, frame_num, in_channels
+        self.decoder_temporal_patch_size, self.decoder_patch_size = decoder_temporal_patch_size, decoder_patch_size
+        self.query_init_std, self.encoder_query_gaussian_init = query_init_std, encoder_query_gaussian_init
+        De, Dd = encoder_hidden_size, decoder_hidden_size
+
+        # encoder side: patch grid of the input
+        gt, gh = num_patches(frame_num, temporal_patch_size), num_patches(input_size, patch_size)
+        self.x_embedder = VideoPatchEmbed(in_channels, De, temporal_patch_size, patch_size)
+        _table(self, "encoder_patch_pe", sincos_3d(De, gt, gh, gh)[None], learned_encoder_patch_pe)
+        _table(self, "encoder_latent_query_embed", sincos_latent(De, N, latent_pe_scale_factor),
+               learned_encoder_latent_query_embed)
+        if use_encoder_patch_token_type_embed:
+            self.encoder_patch_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
+        if use_encoder_latent_query_token_type_embed:
+            self.encoder_latent_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
+        self.encoder = ParallelTransformer(De, encoder_depth, encoder_num_heads)
+
+        self.bottleneck = Bottleneck(De, out_size=Dd, **bottleneck.get("args", {}))
+        self.codebook_size = self.bottleneck.regularizer.cfg.codebook_size
+
+        # decoder side: patch grid of the output (its patch sizes may differ from the encoder's)
+        self.dec_grid = (num_patches(frame_num, decoder_temporal_patch_size),
+                         num_patches(input_size, decoder_patch_size), num_patches(input_size, decoder_patch_size))
+        _table(self, "decoder_latent_pe", sincos_latent(Dd, N, latent_pe_scale_factor)[None], learned_decoder_latent_pe)
+        _table(self, "decoder_patch_query_embed", sincos_3d(Dd, *self.dec_grid)[None],
+               learned_decoder_patch_query_embed)
+        if use_decoder_latent_token_type_embed:
+            self.decoder_latent_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
+        if use_decoder_patch_query_token_type_embed:
+            self.decoder_patch_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder = ParallelTransformer(Dd, decoder_depth, decoder_num_heads)
+        self.final_layer = FinalLayer(Dd, decoder_temporal_patch_size * decoder_patch_size ** 2 * in_channels)
+
+        self.prior_cfg = None
+        if prior_model.get("name") not in (None, "none"):
+            self.prior_cfg = PriorConfig.from_config(prior_model)
+            self.prior_model = LatentPrior(self.prior_cfg, self.bottleneck.regularizer.dim, N)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier Linear/conv, zero-init token-type embeds, gaussian latent queries; the prior keeps its own."""
+        for name, m in self.named_modules():
+            if not name.startswith("prior_model"):
+                init_linear_xavier(m)
+        conv_xavier_(self.x_embedder.proj)
+        q = self.encoder_latent_query_embed
+        if isinstance(q, nn.Parameter) and self.encoder_query_gaussian_init:
+            nn.init.normal_(q, std=self.query_init_std)
+        for name in ("encoder_patch_token_type_embed", "encoder_latent_query_token_type_embed",
+                     "decoder_latent_token_type_embed", "decoder_patch_query_token_type_embed"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=self.query_init_std)
+
+    # ------------------------------------------------------------------ inference API
+    def set_vq_eval_deterministic(self, deterministic=True):
+        """Eval-mode quantisation by argmax (True) or by sampling as in training (False)."""
+        self.bottleneck.regularizer.eval_deterministic = bool(deterministic)
+        return self
+
+    @property
+    def latent_query(self):
+        q = self.encoder_latent_query_embed[None]  # (1, N, D)
+        if hasattr(self, "encoder_latent_query_token_type_embed"):
+            q = q + self.encoder_latent_query_token_type_embed
+        return q
+
+    def encode(self, x):
+        """x: (B, 3, T, H, W) in [0, 1] -> dict: encoded (B, N, D) for `decode`, bottleneck_rep (B, N) tokens,
+        regularized_z (B, N, d) code vectors, loss (VQ), commitment/codebook losses, codebook_usage."""
+        self._check_input(x)
+        p = self.x_embedder(x) + self.encoder_patch_pe  # (B, L, D)
+        if hasattr(self, "encoder_patch_token_type_embed"):
+            p = p + self.encoder_patch_token_type_embed
+        z = self.encoder(p, self.latent_query.expand(x.shape[0], -1, -1).to(p.dtype))  # (B, N, D)
+        out = self.bottleneck(z)
+        out["encoded"] = out.pop("output")
+        return out
+
+    def decode(self, z):
+        """z: (B, N, D) (the `encoded` output) -> (B, 3, T, H, W), not clamped."""
+        z = z + self.decoder_latent_pe
+        if hasattr(self, "decoder_latent_token_type_embed"):
+            z = z + self.decoder_latent_token_type_embed
+        q = self.decoder_patch_query_embed
+        if hasattr(self, "decoder_patch_query_token_type_embed"):
+            q = q + self.decoder_patch_query_token_type_embed
+        x = self.decoder(z, q.expand(z.shape[0], -1, -1).to(z.dtype))  # (B, L, D)
+        return self.unpatchify(self.final_layer(x))
+
+    def decode_from_bottleneck(self, tokens):
+        """tokens (B, N) long -> video (B, 3, T, H, W) (not clamped)."""
+        if tokens.shape[-1] != self.bottleneck_token_num:
+            raise ValueError(f"expected {self.bottleneck_token_num} tokens per video, got {tokens.shape[-1]}")
+        return self.decode(self.bottleneck.decode_indices(tokens.long()))
+
+    def unpatchify(self, x):
+        """(B, t*h*w, pt*p*p*C) -> (B, C, t*pt, h*p, w*p): `(t h w) (pt p1 p2 c) -> c (t pt) (h p1) (w p2)`."""
+        t, h, w = self.dec_grid
+        pt, p, c = self.decoder_temporal_patch_size, self.decoder_patch_size, self.in_channels
+        x = x.reshape(x.shape[0], t, h, w, pt, p, p, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, c, t, pt, h, p1, w, p2)
+        return x.reshape(x.shape[0], c, t * pt, h * p, w * p)
+
+    def _check_input(self, x):
+        want = (self.in_channels, self.frame_num, self.input_size, self.input_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"expected video (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x, global_step=0, max_steps=1):
+        """Training forward: reconstruction + VQ loss + prior cross-entropy (0 without a prior)."""
+        enc = self.encode(x)
+        rec = self.decode(enc["encoded"])
+        zero = torch.zeros((), device=x.device)
+        out = {"reconstruction": rec, "loss_vq": enc["loss"], "bottleneck_rep": enc["bottleneck_rep"],
+               "commitment_loss": enc["commitment_loss"], "codebook_loss": enc["codebook_loss"],
+               "codebook_usage": enc["codebook_usage"], "loss_prior": zero, "prior_acc": zero,
+               "ss_ratio": 0.0}
+        if self.prior_cfg is not None:
+            loss, acc, ratio = self.prior_model.loss(enc["regularized_z"], enc["bottleneck_rep"],
+                                                     self.bottleneck.regularizer.codebook(), global_step, max_steps)
+            out.update(loss_prior=loss, prior_acc=acc, ss_ratio=ratio)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, spec, map_location="cpu"):
+        """Load a hub-mixin dir, a `*.pth`+`*.json` dir, a training checkpoint or a hub id; strict; eval()."""
+        config, sd, _ = read_checkpoint(spec)
+        return cls.from_config_and_state_dict(config, sd, source=str(spec)).to(map_location)
+
+    @classmethod
+    def from_config_and_state_dict(cls, config, sd, source="checkpoint"):
+        """Build from constructor kwargs and load `sd` strictly (errors name the keys); returns an eval() model."""
+        config = dict(config)
+        name = config.pop("__name__", None)
+        if name not in (None, "larp_tokenizer", "larp"):
+            raise CheckpointError(f"{source}: holds a '{name}' model, not a LARP tokenizer")
+        try:
+            model = cls(**config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: its config does not build a LARP tokenizer ({e})") from e
+        load_state_dict_strict(model, sd, source=source)
+        return model.eval()
+
+    def save_pretrained(self, directory):
+        """config.json (constructor kwargs) + model.safetensors, the layout `from_pretrained` reads."""
+        save_hub_dir(directory, self.config, self.state_dict())
