@@ -1,0 +1,61 @@
+"""Sample videos from a trained generator and compute FVD against the same real clips.
+
+Class-conditional (UCF-101 protocol, 10,000 clips):
+  python sample.py --ar_model hywang66/LARP-L-long-AR --tokenizer hywang66/LARP-L-long-tokenizer \
+      --output_dir samples/larp_l --num_samples 10000 --sample_batch_size 64 --cfg_scale 1.25 \
+      --dataset_csv ucf101_train.csv --dtype bfloat16
+Parallel shards (any order, any machines, same --output_dir); the last one to finish computes the FVD:
+  python sample.py ... --num_samples 2500 --num_samples_total 10000 --starting_index 0|2500|5000|7500
+  torchrun --nproc_per_node 8 sample.py ...   (ranks split this process's range)
+Frame prediction (K600, 5 conditioning frames, FVD at 64x64): add --frame_prediction (and --cfg_scale 1).
+
+Outputs, resuming and the seeding rule are described in larp/sampling.py.
+"""
+import argparse
+
+from larp import sampling
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ar_model", required=True, help="generator: hub id, hub-style dir or training .pth")
+    p.add_argument("--tokenizer", required=True, help="LARP tokenizer: hub id, hub-style dir, .pth+.json dir")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_samples", type=int, default=10000, help="samples of this shard")
+    p.add_argument("--num_samples_total", type=int, default=None, help="samples of the whole run "
+                   "(default: --num_samples, with --starting_index 0)")
+    p.add_argument("--starting_index", type=int, default=0, help="first global sample index of this shard")
+    p.add_argument("--sample_batch_size", type=int, default=32)
+    p.add_argument("--cfg_scale", type=float, default=1.0)
+    p.add_argument("--cfg_interval", type=int, default=-1, help="CFG on the first N decoding steps (-1 = all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--dtype", default="fp32", choices=sorted(sampling.DTYPE_NAMES), help="autocast dtype")
+    p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
+    p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
+    p.add_argument("--frame_prediction", action="store_true")
+    p.add_argument("--num_cond_frames", type=int, default=5)
+    p.add_argument("--stats_only", action="store_true", help="do not write mp4 files")
+    p.add_argument("--replace", action="store_true", help="redo ranges whose stats already exist")
+    p.add_argument("--i3d", default=None, help="I3D detector: torchscript/state-dict path, `random` or "
+                   "`random:S` (default: $LARP_I3D or checkpoints/i3d_torchscript.pt)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed * 1_000_003 + i")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num_frames", type=int, default=None, help="default: the tokenizer's")
+    p.add_argument("--input_size", type=int, default=None, help="default: the tokenizer's")
+    p.add_argument("--fvd_size", type=int, default=None, help="default: input size (64 for frame prediction)")
+    p.add_argument("--num_workers", type=int, default=2)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def main(args):
+    return sampling.run(args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,197 @@
+"""Offline quickstart: synthetic videos -> tiny LARP tokenizer -> tiny NAR and raster generators -> samples,
+oracle accuracy, FVD (random I3D), tokenizer PSNR, sampling speed; writes quickstart/report.md.
+
+Every stage is a plain command of this repository (printed before it runs), so the quickstart doubles as a
+worked example. A stage whose output exists is reused, so a second run only rebuilds the report;
+`--fresh` deletes quickstart/ first.
+
+    bash scripts/quickstart.sh            # sets up .venv, then runs this file
+    python scripts/quickstart.py --fresh
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+NUM_CLASSES = 8
+NUM_SAMPLES = 128          # per generator; val has 96 videos x 2 eight-frame clips = 192 clips
+SAMPLE_ARGS = ["--cfg_scale", "2.0", "--temperature", "1.0", "--top_k", "0", "--top_p", "1.0",
+               "--sample_batch_size", "64", "--i3d", "random:32"]
+
+
+def run_stage(name, cmd, done_file, times, log_dir):
+    """Run `cmd` unless `done_file` exists; record wall time. Output goes to the terminal and a log file."""
+    if os.path.exists(done_file):
+        print(f"[quickstart] {name}: reusing {os.path.relpath(done_file, ROOT)}")
+        times.setdefault(name, {"seconds": None})
+        times[name]["reused"] = True
+        return
+    print(f"\n[quickstart] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    log_path = os.path.join(log_dir, f"{name}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        proc.wait()
+    if proc.returncode != 0:
+        sys.exit(f"[quickstart] stage '{name}' failed (exit {proc.returncode}); its log: {log_path}")
+    if not os.path.exists(done_file):
+        sys.exit(f"[quickstart] stage '{name}' finished but did not write {done_file}; its log: {log_path}")
+    times[name] = {"seconds": time.perf_counter() - t0, "reused": False}
+
+
+def last_value(path, key):
+    """The value of the last `key=<number>` line of a stage log."""
+    value = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key + "="):
+                value = float(line.strip().split("=", 1)[1])
+    if value is None:
+        sys.exit(f"[quickstart] no '{key}=' line in {path}")
+    return value
+
+
+def oracle(csv_path, log_dir, name):
+    log = os.path.join(log_dir, f"oracle_{name}.log")
+    out = subprocess.run([sys.executable, "-m", "larp.data.oracle", csv_path, "--num-classes", str(NUM_CLASSES)],
+                         cwd=ROOT, capture_output=True, text=True)
+    with open(log, "w") as f:
+        f.write(out.stdout + out.stderr)
+    if out.returncode != 0:
+        sys.exit(f"[quickstart] oracle on {csv_path} failed; see {log}")
+    return last_value(log, "oracle_accuracy")
+
+
+def class_preview(sample_dir, out_png, out_gif, per_class=4):
+    """One row per class: the first `per_class` samples of each class, side by side (PNG frames + GIF)."""
+    import numpy as np
+    from larp.data.synthetic import class_names
+    from larp.data.video_io import read_frames
+    from larp.visualize import save_video_grid_gif, save_video_grid_png
+    with open(os.path.join(sample_dir, "samples.csv")) as f:
+        rows = list(csv.DictReader(f))
+    names = class_names(NUM_CLASSES)
+    videos, labels = [], []
+    for c in range(NUM_CLASSES):
+        mine = [r for r in rows if int(r["label"]) == c][:per_class]
+        for r in mine:
+            videos.append(read_frames(os.path.join(sample_dir, r["path"]) if not os.path.isabs(r["path"])
+                                      else r["path"]))
+            labels.append(names[c])
+    videos = np.stack(videos)  # (B, T, H, W, 3)
+    save_video_grid_gif(videos, out_gif, nrow=per_class, fps=4, row_labels=labels[::per_class])
+    # PNG: first sample of each class, frames left to right
+    firsts = np.stack([videos[i] for i in range(0, len(videos), per_class)])
+    save_video_grid_png(firsts, out_png, row_labels=labels[::per_class])
+
+
+def main(args):
+    q = os.path.join(ROOT, "quickstart")
+    if args.fresh and os.path.isdir(q):
+        shutil.rmtree(q)
+    logs = os.path.join(q, "logs")
+    os.makedirs(logs, exist_ok=True)
+    times_path = os.path.join(q, "stage_times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    py = sys.executable
+    data, runs, samples = os.path.join(q, "data"), os.path.join(q, "runs"), os.path.join(q, "samples")
+    tok = os.path.join(runs, "tokenizer", "export")
+    t_start = time.perf_counter()
+
+    run_stage("data", [py, "-m", "larp.data.synthetic", "--out", data, "--classes", str(NUM_CLASSES)],
+              os.path.join(data, "val.csv"), times, logs)
+    train_common = ["--csv_file", os.path.join(data, "train.csv"), "--out_path", runs]
+    run_stage("train_tokenizer", [py, "train.py", "--cfg", "cfgs/quickstart_tokenizer.yaml", "--name", "tokenizer",
+                                  *train_common, "--opts", "data.val_csv", os.path.join(data, "val.csv")],
+              os.path.join(tok, "config.json"), times, logs)
+    for order in ("nar", "raster"):
+        run_stage(f"train_{order}", [py, "train.py", "--cfg", f"cfgs/quickstart_{order}.yaml", "--name", order,
+                                     "--cache_tokens", *train_common,
+                                     "--opts", "vae.checkpoint", tok, "data.val_csv", os.path.join(data, "val.csv")],
+                  os.path.join(runs, order, "export", "config.json"), times, logs)
+    for order in ("nar", "raster"):
+        run_stage(f"sample_{order}", [py, "sample.py", "--ar_model", os.path.join(runs, order, "export"),
+                                      "--tokenizer", tok, "--output_dir", os.path.join(samples, order),
+                                      "--num_samples", str(NUM_SAMPLES), "--dataset_csv",
+                                      os.path.join(data, "val.csv"), *SAMPLE_ARGS],
+                  os.path.join(samples, order, "fvd_report.csv"), times, logs)
+    run_stage("eval_tokenizer", [py, "eval/eval_larp_tokenizer.py", "--tokenizer", tok, "--dataset_csv",
+                                 os.path.join(data, "val.csv"), "--det", "--no_fvd",
+                                 "--out", os.path.join(q, "eval_tokenizer")],
+              os.path.join(q, "eval_tokenizer", "metrics.json"), times, logs)
+
+    t0 = time.perf_counter()
+    acc = {"real videos (val)": oracle(os.path.join(data, "val.csv"), logs, "real")}
+    for order in ("nar", "raster"):
+        acc[f"{order.upper()} samples"] = oracle(os.path.join(samples, order, "samples.csv"), logs, order)
+        class_preview(os.path.join(samples, order), os.path.join(q, f"preview_{order}.png"),
+                      os.path.join(q, f"preview_{order}.gif"))
+    times["oracle_and_previews"] = {"seconds": time.perf_counter() - t0, "reused": False}
+    with open(times_path, "w") as f:
+        json.dump(times, f, indent=2)
+    write_report(q, acc, times, time.perf_counter() - t_start)
+
+
+def write_report(q, acc, times, total_s):
+    import torch
+    from larp.ar import load_generator
+    fvd, speed = {}, {}
+    for order in ("nar", "raster"):
+        d = os.path.join(q, "samples", order)
+        with open(os.path.join(d, "fvd_report.csv")) as f:
+            row = list(csv.DictReader(f))[-1]
+        fvd[order] = (float(row["fvd"]), row["detector"], float(row["mean_nll"]))
+        with open(os.path.join(d, "timing.json")) as f:
+            timing = json.load(f)
+        steps = load_generator(os.path.join(q, "runs", order, "export")).num_decode_steps()
+        speed[order] = (steps, timing["generate_s"], timing["generate_videos_per_s"])
+    with open(os.path.join(q, "eval_tokenizer", "metrics.json")) as f:
+        tok = json.load(f)
+    lines = ["# Quickstart report", "",
+             f"Machine: {os.cpu_count()} CPU threads, torch {torch.__version__}, "
+             f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}. "
+             f"{NUM_SAMPLES} samples per generator, conditioned on the labels of {NUM_SAMPLES} val clips "
+             f"(FVD clip protocol, seed 42); sampling flags: `{' '.join(SAMPLE_ARGS)}`.", "",
+             "## Oracle class accuracy (analytic classifier, larp/data/oracle.py)", "",
+             "| videos | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in acc.items()]
+    lines += ["", "## FVD against the same real clips", "",
+              "Detector: randomly initialised I3D — **not comparable to published FVD**; only useful to compare "
+              "the two generators here.", "", "| generator | FVD | mean NLL / token |", "|---|---|---|"]
+    lines += [f"| {k.upper()} | {v[0]:.2f} | {v[2]:.3f} |" for k, v in fvd.items()]
+    lines += ["", "## Tokenizer reconstruction (val clips, deterministic VQ)", "",
+              "| PSNR (dB) | SSIM | MSE |", "|---|---|---|",
+              f"| {tok['psnr']:.2f} | {tok['ssim']:.4f} | {tok['mse']:.5f} |", "",
+              "## Sampling speed (generation only, same batch size and settings)", "",
+              "| generator | forward passes / video | seconds | videos/s |", "|---|---|---|---|"]
+    lines += [f"| {k.upper()} | {v[0]} | {v[1]:.2f} | {v[2]:.1f} |" for k, v in speed.items()]
+    lines += ["", f"NAR / raster speed ratio: **{speed['raster'][1] / speed['nar'][1]:.2f}x** "
+              f"(forward-pass ratio {speed['raster'][0] / speed['nar'][0]:.1f}x).", "",
+              "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    for k, v in times.items():
+        lines.append(f"| {k} | {'reused' if v.get('reused') else f'{v['seconds']:.1f}'} |")
+    lines += [f"| **this run, total** | {total_s:.1f} |", "",
+              "## Previews (one row per class)", "",
+              "NAR: ![NAR samples](preview_nar.gif)  raster: ![raster samples](preview_raster.gif)", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(q, "report.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+    print(f"[quickstart] report written to {os.path.join(q, 'report.md')}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fresh", action="store_true", help="delete quickstart/ and redo every stage")
+    main(p.parse_args())

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Train the class-conditional NAR generator (llama-abs-L) on UCF-101 with a frozen LARP tokenizer.
+# TOKENIZER: hub id, hub-mixin folder (e.g. save/larp_tokenizer/export) or training checkpoint; extra
+# arguments are more --opts pairs (e.g. train.max_steps 1000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOKENIZER=${TOKENIZER:-hywang66/LARP-L-long-tokenizer}
+NPROC=${NPROC:-4}
+torchrun --nnodes=1 --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_ar.yaml --manualSeed 66667 --tag default \
+  --csv_file ucf101_train.csv --out_path save/ --name larp_ar -b 64 -j 8 --frame_num 16 --input_size 128 \
+  --opts model.name llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint "$TOKENIZER" "$@"

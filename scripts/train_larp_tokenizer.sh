@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Train the LARP-L-long tokenizer on K600 + UCF-101 (16 x 128 x 128 clips -> 1024 tokens).
+# NPROC processes on this node; -b is the global batch. Resumes from save/larp_tokenizer/ckpt_latest.pth.
+# Extra arguments go to train.py (e.g. --replace, or --opts train.max_steps 1000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-4}
+torchrun --nnodes=1 --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 \
+  --tag default --csv_file k600_train+ucf101_train --out_path save/ --name larp_tokenizer -b 64 -j 8 \
+  --frame_num 16 --input_size 128 "$@"

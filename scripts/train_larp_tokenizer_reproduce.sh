@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The tokenizer run on one 8-GPU node (global batch 64 = 8 per GPU). Resumes automatically.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torchrun --nnodes=1 --nproc_per_node=8 train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 --tag reproduce \
+  --csv_file k600_train+ucf101_train --out_path save/ --name larp_tokenizer_reproduce -b 64 -j 8 \
+  --frame_num 16 --input_size 128 "$@"

@@ -1,0 +1,179 @@
+"""Config loading: --opts typing and nesting, unknown-key errors, flag mapping, and that every shipped config
+and launch script parses."""
+import glob
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from larp.config import ConfigError, build_config, parse_opts, parse_value
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+REFERENCE_CMD = ("--cfg cfgs/larp_ar.yaml --manualSeed 66667 --tag default --csv_file ucf101_train.csv "
+                 "--out_path save/ --name larp_ar -b 64 -j 8 --frame_num 16 --input_size 128 --opts model.name "
+                 "llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint hywang66/LARP-L-long-tokenizer")
+
+
+def cfg_from_cmdline(argv):
+    args = train.build_parser().parse_args(argv)
+    return args, build_config(str(ROOT / args.cfg) if not os.path.isabs(args.cfg) else args.cfg,
+                              flags=vars(args), opts=args.opts)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("0.0006", 0.0006), ("6e-4", 6e-4), ("-1.5E+2", -150.0), ("66667", 66667), ("true", True), ("false", False),
+    ("null", None), ("[4, 16, 16]", [4, 16, 16]), ("{a: 1}", {"a": 1}), ("llama-abs-L", "llama-abs-L"),
+    ("hywang66/LARP-L-long-tokenizer", "hywang66/LARP-L-long-tokenizer"), (".inf", float("inf")),
+])
+def test_parse_value_yaml_types(text, value):
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_reference_command_line():
+    args, cfg = cfg_from_cmdline(shlex.split(REFERENCE_CMD))
+    assert cfg["stage"] == "ar"
+    assert cfg["seed"] == 66667 and cfg["tag"] == "default" and cfg["batch_size"] == 64
+    assert cfg["data"]["csv"] == "ucf101_train.csv" and cfg["data"]["num_workers"] == 8
+    assert (cfg["data"]["frame_num"], cfg["data"]["input_size"]) == (16, 128)
+    assert cfg["model"]["name"] == "llama-abs-L"
+    assert cfg["optimizer"]["args"]["lr"] == 0.0006 and isinstance(cfg["optimizer"]["args"]["lr"], float)
+    assert cfg["vae"]["checkpoint"] == "hywang66/LARP-L-long-tokenizer"
+    assert (args.out_path, args.name, args.replace, args.wandb_upload) == ("save/", "larp_ar", False, False)
+
+
+def test_opts_nested_types_and_lists():
+    cfg = build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=[
+        "model.latent_shape", "[1, 4, 8]", "optimizer.args.betas", "[0.8, 0.9]", "train.max_steps", "7",
+        "model.args.dim", "96", "model.frame_prediction", "true", "optimizer.args.lr", "1", "eval.fvd_size", "64",
+        "optimizer.args.eps", "1e-6", "lr_schedule.milestones", "[10, 20]", "vae.checkpoint", "some/dir"])
+    assert cfg["model"]["latent_shape"] == [1, 4, 8]
+    assert cfg["optimizer"]["args"]["betas"] == [0.8, 0.9]
+    assert cfg["train"]["max_steps"] == 7 and cfg["model"]["args"]["dim"] == 96
+    assert cfg["model"]["frame_prediction"] is True
+    lr = cfg["optimizer"]["args"]["lr"]
+    assert lr == 1.0 and isinstance(lr, float)  # an int where the config had a float stays a float
+    assert cfg["optimizer"]["args"]["eps"] == 1e-6  # a new key accepted by AdamW
+    assert cfg["lr_schedule"]["milestones"] == [10, 20] and cfg["eval"]["fvd_size"] == 64
+
+
+@pytest.mark.parametrize("cfg_file,key", [
+    ("quickstart_nar.yaml", "model.nmae"),
+    ("quickstart_nar.yaml", "optimizer.args.lrr"),
+    ("quickstart_nar.yaml", "model.args.not_a_field"),
+    ("quickstart_nar.yaml", "trian.max_steps"),
+    ("quickstart_nar.yaml", "train.max_steps.x"),
+    ("quickstart_tokenizer.yaml", "vae.checkpoint"),
+    ("quickstart_tokenizer.yaml", "model.hidden_size"),
+    ("quickstart_tokenizer.yaml", "loss.gan_wieght"),
+])
+def test_unknown_key_is_an_error_naming_it(cfg_file, key):
+    with pytest.raises(ConfigError) as e:
+        build_config(str(ROOT / "cfgs" / cfg_file), opts=[key, "1"])
+    assert key in str(e.value)
+
+
+def test_section_and_odd_opts_errors():
+    with pytest.raises(ConfigError, match="'train' is a section"):
+        build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["train", "1"])
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_opts(["model.name"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("stage: ar\ntrain:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="train.max_stepz"):
+        build_config(str(p))
+    p.write_text("train: {max_steps: 3}\n")
+    with pytest.raises(ConfigError, match="stage"):
+        build_config(str(p))
+
+
+def test_tokenizer_geometry_follows_flags():
+    _, cfg = cfg_from_cmdline(["--cfg", "cfgs/quickstart_tokenizer.yaml", "--frame_num", "16", "--input_size", "64"])
+    assert (cfg["model"]["frame_num"], cfg["model"]["input_size"]) == (16, 64)
+    assert (cfg["data"]["frame_num"], cfg["data"]["input_size"]) == (16, 64)
+    cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"))
+    assert (cfg["data"]["frame_num"], cfg["data"]["input_size"]) == (8, 32)  # from the model section
+
+
+def test_larp_tokenizer_yaml_is_the_released_config(reference_dir):
+    released = json.loads((reference_dir / "tokenizer_larp_L_long.config.json").read_text())
+    cfg = build_config(str(ROOT / "cfgs/larp_tokenizer.yaml"))
+    assert cfg["model"] == released
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "cfgs" / "*.yaml"))), ids=os.path.basename)
+def test_every_config_parses(path):
+    cfg = build_config(path)
+    assert cfg["stage"] in ("tokenizer", "ar")
+
+
+FAKE_TORCHRUN = """#!{python}
+import json, os, sys
+with open(os.environ["FAKE_TORCHRUN_OUT"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+SCRIPTS = sorted(glob.glob(str(ROOT / "scripts" / "train_*.sh")))
+
+
+def test_all_training_scripts_present():
+    names = {os.path.basename(p) for p in SCRIPTS}
+    for stage in ("tokenizer", "ar", "ar_fp"):
+        assert f"train_larp_{stage}.sh" in names and f"train_larp_{stage}_reproduce.sh" in names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_every_script_command_parses(script, tmp_path):
+    """Run the script with a fake torchrun that records its arguments, then parse those like train.py."""
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "argv.jsonl"
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", FAKE_TORCHRUN_OUT=str(out))
+    subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, timeout=60)
+    calls = [json.loads(line) for line in out.read_text().splitlines()]
+    assert calls, f"{script} did not call torchrun"
+    for argv in calls:
+        i = argv.index("train.py")
+        assert any(a.startswith("--nproc_per_node") for a in argv[:i])
+        args, cfg = cfg_from_cmdline(argv[i + 1:])
+        assert cfg["batch_size"] == args.batch_size
+        if cfg["stage"] == "ar":
+            assert cfg["vae"]["checkpoint"]
+
+
+def test_reference_configs_build_the_released_layouts(reference_dir):
+    """cfgs/larp_ar.yaml (with the L-long tokenizer's 1024 tokens / 8192 codes) and cfgs/larp_tokenizer.yaml
+    build models whose state dicts have exactly the released names and shapes (meta device: no memory)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from larp import stages
+    from larp.tokenizer import LARPTokenizer
+    from tests.conftest import read_manifest
+
+    def shapes(model):
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def manifest(name):
+        return {k: s for k, (_, s) in read_manifest(reference_dir / name).items()}
+
+    with torch.device("meta"):
+        ar = stages.build_ar_model(build_config(str(ROOT / "cfgs/larp_ar.yaml")),
+                                   SimpleNamespace(bottleneck_token_num=1024, codebook_size=8192))
+        tok = LARPTokenizer(**build_config(str(ROOT / "cfgs/larp_tokenizer.yaml"))["model"])
+    assert shapes(ar) == manifest("nar_llama-abs-L.state_dict.tsv")
+    assert shapes(tok) == manifest("tokenizer_larp_L_long.state_dict.tsv")

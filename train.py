@@ -1,0 +1,69 @@
+"""Train the LARP tokenizer or an AR (NAR / raster, class-conditional or frame-prediction) generator.
+
+    python train.py --cfg cfgs/larp_ar.yaml --manualSeed 66667 --tag default --csv_file ucf101_train.csv \
+        --out_path save/ --name larp_ar -b 64 -j 8 --frame_num 16 --input_size 128 \
+        --opts model.name llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint hywang66/LARP-L-long-tokenizer
+
+The stage comes from the config (`stage: tokenizer|ar`). Launch with torchrun for several processes; -b is the
+global batch. A run resumes from <out_path>/<name>/ckpt_latest.pth unless --replace is given.
+"""
+import argparse
+import os
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="YAML config (cfgs/*.yaml)")
+    p.add_argument("--manualSeed", type=int, default=None, help="seed (config key seed)")
+    p.add_argument("--tag", default=None, help="free-form run tag (wandb tag)")
+    p.add_argument("--csv_file", default=None, help="training CSV: path or name under data/metadata/, a+b joins")
+    p.add_argument("--out_path", default="save/", help="runs go to <out_path>/<name>/")
+    p.add_argument("--name", default=None, help="run name (default: the config file name)")
+    p.add_argument("-b", "--batch_size", type=int, default=None, help="GLOBAL batch size, split over ranks")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loader workers per process")
+    p.add_argument("--frame_num", type=int, default=None, help="frames per clip")
+    p.add_argument("--input_size", type=int, default=None, help="clip height = width")
+    p.add_argument("--cache_tokens", action="store_true", default=None,
+                   help="AR: encode the training clips once into <run>/token_cache.pt and train on those tokens")
+    p.add_argument("--i3d", default=None, help="detector for the periodic small FVD, e.g. random:112 or a path")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--replace", action="store_true", help="start fresh instead of resuming from ckpt_latest.pth")
+    p.add_argument("--wandb-upload", dest="wandb_upload", action="store_true",
+                   help="log to wandb online (default: offline files under the run folder)")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="dotted config overrides with YAML-typed values, e.g. optimizer.args.lr 0.0006")
+    return p
+
+
+def main(args):
+    """Train; returns the summary dict on rank 0 (None elsewhere). User errors exit with one line."""
+    from larp import dist
+    from larp.checkpoint import CheckpointError
+    from larp.config import ConfigError, build_config
+    from larp.engine import NonFiniteLossError
+    from larp.stages import StageError
+    from larp.training import train
+
+    try:
+        cfg = build_config(args.cfg, flags=vars(args), opts=args.opts)
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: {e}")
+    name = args.name or os.path.splitext(os.path.basename(args.cfg))[0]
+    info = dist.init_distributed(args.device)
+    try:
+        if cfg["batch_size"] % info.world_size:
+            raise ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {info.world_size} processes")
+        mode = "online" if args.wandb_upload else None
+        return train(cfg, os.path.join(args.out_path, name), info, replace=args.replace, wandb_mode=mode)
+    except NonFiniteLossError as e:
+        print(f"train.py: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    except (ConfigError, StageError, CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: {e}")
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
