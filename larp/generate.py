@@ -1,0 +1,189 @@
+"""Sampling for larp.ar.Generator: static KV cache, prefill / decode steps, top-k/top-p, CFG.
+
+Both orders run the same loop over precomputed steps. Step 0 (prefill) feeds the condition; step s > 0
+feeds the tokens sampled at step s-1. The KV cache is preallocated once per call in decode order, so a
+step writes its slice and attends to the filled prefix [0, end) with no mask:
+  * nar:    step s samples plane s (T+H+W-2 steps); the cache prefix is exactly "condition + planes < s",
+            which is what the proximity mask allows.
+  * raster: step s samples token s (N steps), a causal prefix.
+Randomness is one uniform per (sample, token), drawn up front from torch.Generator(seeds[i]) and turned
+into a token by inverse-CDF sampling: sample i depends only on (seeds[i], cond[i], settings), not on its
+batch neighbours, which makes sharded sampling reproducible.
+"""
+import torch
+
+
+# ---- sampling utilities --------------------------------------------------------------------------
+def make_uniforms(batch, num_tokens, seeds=None, generator=None, device="cpu"):
+    """(B, N) uniforms in [0, 1): per-sample torch.Generator(seed) streams when `seeds` is given."""
+    if seeds is None:
+        u = torch.rand(batch, num_tokens, generator=generator)
+    else:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
+        u = torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return u.to(device)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set logits outside the top-k / nucleus top-p to -inf. logits (..., V) float."""
+    if top_k and top_k > 0:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def sample_inverse_cdf(probs, u):
+    """probs (..., V) (unnormalised ok), u (...) in [0, 1) -> (...) long: first index whose CDF exceeds u."""
+    cdf = probs.cumsum(-1)
+    x = (u * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def sample_logits(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """logits (B, M, V) float, u (B, M) -> tokens (B, M). top_k == 1 or temperature <= 0 is greedy."""
+    if top_k == 1 or temperature <= 0:
+        return logits.argmax(-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    return sample_inverse_cdf(torch.softmax(logits, dim=-1), u)
+
+
+def apply_cfg(logits, scale):
+    """Doubled batch [cond ; uncond] (2B, M, V) -> uncond + scale * (cond - uncond) (B, M, V)."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+# ---- static KV cache -----------------------------------------------------------------------------
+def new_kv_cache(model, batch, dtype, device):
+    """One preallocated (k, v) pair per block, each (batch, Hkv, S, head_dim), S = full sequence length."""
+    att = model.layers[0].attention
+    seq = model.abs_pe.shape[1]
+    shape = (batch, att.n_kv_head, seq, att.head_dim)
+    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in model.layers]
+
+
+# ---- decoding plan ---------------------------------------------------------------------------------
+def nar_plan(model):
+    """Per-step index tensors for NAR (built once per model and device).
+
+    Step s feeds sequence positions [start, end) (the condition, then plane s-1) and samples the raster
+    `targets` of plane s, fed next at abs_pe `rows`; `heads` are local to the fed chunk."""
+    device = model.pred_R.device
+    cache = model.__dict__.setdefault("_nar_plan", {})
+    if device not in cache:
+        with torch.inference_mode(False):
+            cache[device] = _build_nar_plan(model)
+    return cache[device]
+
+
+def _build_nar_plan(model):
+    from larp.ar import head_plan
+    C = model.cls_token_num
+    preds = (model.pred_R, model.pred_D, model.pred_B)
+    steps, start, end, done = [], 0, C, 0
+    for n in model.plane_sizes.tolist():
+        targets = model.decode_order[done:done + n]  # (M,) raster indices on this plane
+        steps.append({"start": start, "end": end, "targets": targets, "rows": targets + C,
+                      "heads": head_plan(preds, targets, start), "count": model.count[targets]})
+        start, end, done = end, end + n, done + n
+    return steps
+
+
+def raster_plan(model):
+    """Steps of raster decoding: step s feeds token s-1 (prefill: the condition) and samples token s."""
+    cache = model.__dict__.setdefault("_raster_plan", None)
+    if cache is not None:
+        return cache
+    C, N = model.cls_token_num, model.num_tokens
+    steps = [{"start": 0, "end": C, "targets": slice(0, 1), "rows": slice(C, C + 1)}]
+    steps += [{"start": C + s - 1, "end": C + s, "targets": slice(s, s + 1), "rows": slice(C + s, C + s + 1)}
+              for s in range(1, N)]
+    model.__dict__["_raster_plan"] = steps
+    return steps
+
+
+def step_logits(model, x, caches, step):
+    """One cached forward pass of the chunk x (nb, L, D) at cache slots [start, end) -> logits (nb, M, V).
+
+    The prefill of a multi-position condition is causal (as in the teacher-forced mask); every later chunk
+    attends to the whole filled prefix."""
+    start = step["start"]
+    hidden = model.run_layers(x, caches=caches, start=start, is_causal=start == 0 and x.shape[1] > 1)
+    if model.order == "nar":
+        return model.nar_logits(hidden, step["heads"], step["count"])
+    return model.raster_logits(hidden[:, -1:])
+
+
+def _cache_dtype(model, device):
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.abs_pe.dtype
+
+
+def generate(model, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+             seeds=None, return_nll=False, generator=None):
+    """Sample tokens (B, N) in raster order; with return_nll also the mean NLL per token (B,) of the
+    sampled tokens under the guided distribution at temperature 1 (before top-k/p).
+
+    cond: (B,) labels or (B, Nc) condition tokens. CFG (cfg_scale != 1, class-conditional only) doubles the
+    batch with the null class and uses uncond + scale * (cond - uncond), on the first `cfg_interval`
+    forward passes (-1: all); afterwards only the conditional half is run. `seeds`: one int per sample.
+    Runs in eval mode (no label/token dropout while sampling) and restores the model's mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _generate(model, cond, cfg_scale, cfg_interval, temperature, top_k, top_p, seeds,
+                             return_nll, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, cond, cfg_scale, cfg_interval, temperature, top_k, top_p, seeds, return_nll, generator):
+    device = model.abs_pe.device
+    cond = torch.as_tensor(cond, device=device).long()
+    B, N = cond.shape[0], model.num_tokens
+    use_cfg = float(cfg_scale) != 1.0
+    if use_cfg and model.frame_prediction:
+        raise ValueError("classifier-free guidance needs a class-conditional generator (cfg_scale must be 1.0)")
+    if use_cfg:
+        cond = torch.cat([cond, torch.full_like(cond, model.args.num_classes)])  # [cond ; null]
+
+    def cfg_at(s):
+        return use_cfg and (cfg_interval < 0 or s < cfg_interval)
+
+    steps = nar_plan(model) if model.order == "nar" else raster_plan(model)
+    u = make_uniforms(B, N, seeds, generator, device)  # (B, N)
+    caches = new_kv_cache(model, cond.shape[0], _cache_dtype(model, device), device)
+    out = torch.empty(B, N, dtype=torch.long, device=device)
+    nll = torch.zeros(B, device=device) if return_nll else None
+    x = model.embed_condition(cond)  # (B or 2B, C, D)
+    for s, step in enumerate(steps):
+        if cfg_at(s):
+            logits = apply_cfg(step_logits(model, x, caches, step), cfg_scale)  # (B, M, V)
+        else:
+            logits = step_logits(model, x[:B], caches, step)
+        tok = sample_logits(logits, u[:, step["targets"]], temperature, top_k, top_p)  # (B, M)
+        out[:, step["targets"]] = tok
+        if return_nll:
+            nll -= torch.log_softmax(logits, -1).gather(-1, tok[..., None]).sum((1, 2))
+        if s + 1 < len(steps):
+            x = model.embed_tokens(tok, step["rows"])  # (B, M, D)
+            if cfg_at(s + 1):
+                x = torch.cat([x, x])
+    return (out, nll / N) if return_nll else out
