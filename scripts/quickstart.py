@@ -26,28 +26,52 @@ SAMPLE_ARGS = ["--cfg_scale", "2.0", "--temperature", "1.0", "--top_k", "0", "--
                "--sample_batch_size", "64", "--i3d", "random:32"]
 
 
-def run_stage(name, cmd, done_file, times, log_dir):
-    """Run `cmd` unless `done_file` exists; record wall time. Output goes to the terminal and a log file."""
-    if os.path.exists(done_file):
-        print(f"[quickstart] {name}: reusing {os.path.relpath(done_file, ROOT)}")
-        times.setdefault(name, {"seconds": None})
-        times[name]["reused"] = True
+def run_stages(stages, times, log_dir):
+    """Run several (name, cmd, done_file) stages side by side (one CPU thread each), skipping finished ones.
+
+    Output goes to one log file per stage; a stage that fails stops the quickstart with its log's path.
+    """
+    todo = []
+    for name, cmd, done_file in stages:
+        if os.path.exists(done_file):
+            print(f"[quickstart] {name}: reusing {os.path.relpath(done_file, ROOT)}")
+            times.setdefault(name, {"seconds": None})["reused"] = True
+        else:
+            todo.append((name, cmd, done_file))
+    if not todo:
         return
-    print(f"\n[quickstart] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    log_path = os.path.join(log_dir, f"{name}.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+    env = dict(os.environ, OMP_NUM_THREADS="1" if len(todo) > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    procs = []
+    for name, cmd, done_file in todo:
+        print(f"\n[quickstart] {name}: {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)}",
+              flush=True)
+        log_path = os.path.join(log_dir, f"{name}.log")
+        procs.append((name, done_file, log_path, time.perf_counter(),
+                      subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)))
+    while any(p[4].poll() is None for p in procs):
+        show_progress(procs)
+        time.sleep(2)
+    print(flush=True)
+    for name, done_file, log_path, t0, proc in procs:
         proc.wait()
-    if proc.returncode != 0:
-        sys.exit(f"[quickstart] stage '{name}' failed (exit {proc.returncode}); its log: {log_path}")
-    if not os.path.exists(done_file):
-        sys.exit(f"[quickstart] stage '{name}' finished but did not write {done_file}; its log: {log_path}")
-    times[name] = {"seconds": time.perf_counter() - t0, "reused": False}
+        if proc.returncode != 0 or not os.path.exists(done_file):
+            sys.exit(f"[quickstart] stage '{name}' failed (exit {proc.returncode}); its log: {log_path}")
+        times[name] = {"seconds": time.perf_counter() - t0, "reused": False}
+        print(f"[quickstart] {name}: done in {times[name]['seconds']:.0f} s", flush=True)
+
+
+def show_progress(procs):
+    """One status line with the latest tqdm state (or last line) of every running stage's log."""
+    parts = []
+    for name, _, log_path, _, proc in procs:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(log_path) - 400))
+            tail = f.read().decode(errors="replace").replace("\n", "\r").split("\r")
+        last = next((t.strip() for t in reversed(tail) if t.strip()), "starting")
+        parts.append(f"{name}: {'done' if proc.poll() is not None else last[:70]}")
+    width = shutil.get_terminal_size((160, 20)).columns
+    sys.stdout.write("\r" + " | ".join(parts)[:width - 1].ljust(width - 1))
+    sys.stdout.flush()
 
 
 def last_value(path, key):
@@ -109,27 +133,24 @@ def main(args):
     tok = os.path.join(runs, "tokenizer", "export")
     t_start = time.perf_counter()
 
-    run_stage("data", [py, "-m", "larp.data.synthetic", "--out", data, "--classes", str(NUM_CLASSES)],
-              os.path.join(data, "val.csv"), times, logs)
+    run_stages([("data", [py, "-m", "larp.data.synthetic", "--out", data, "--classes", str(NUM_CLASSES)],
+                 os.path.join(data, "val.csv"))], times, logs)
+    val = ["data.val_csv", os.path.join(data, "val.csv")]
     train_common = ["--csv_file", os.path.join(data, "train.csv"), "--out_path", runs]
-    run_stage("train_tokenizer", [py, "train.py", "--cfg", "cfgs/quickstart_tokenizer.yaml", "--name", "tokenizer",
-                                  *train_common, "--opts", "data.val_csv", os.path.join(data, "val.csv")],
-              os.path.join(tok, "config.json"), times, logs)
-    for order in ("nar", "raster"):
-        run_stage(f"train_{order}", [py, "train.py", "--cfg", f"cfgs/quickstart_{order}.yaml", "--name", order,
-                                     "--cache_tokens", *train_common,
-                                     "--opts", "vae.checkpoint", tok, "data.val_csv", os.path.join(data, "val.csv")],
-                  os.path.join(runs, order, "export", "config.json"), times, logs)
-    for order in ("nar", "raster"):
-        run_stage(f"sample_{order}", [py, "sample.py", "--ar_model", os.path.join(runs, order, "export"),
-                                      "--tokenizer", tok, "--output_dir", os.path.join(samples, order),
-                                      "--num_samples", str(NUM_SAMPLES), "--dataset_csv",
-                                      os.path.join(data, "val.csv"), *SAMPLE_ARGS],
-                  os.path.join(samples, order, "fvd_report.csv"), times, logs)
-    run_stage("eval_tokenizer", [py, "eval/eval_larp_tokenizer.py", "--tokenizer", tok, "--dataset_csv",
-                                 os.path.join(data, "val.csv"), "--det", "--no_fvd",
-                                 "--out", os.path.join(q, "eval_tokenizer")],
-              os.path.join(q, "eval_tokenizer", "metrics.json"), times, logs)
+    run_stages([("train_tokenizer", [py, "train.py", "--cfg", "cfgs/quickstart_tokenizer.yaml", "--name", "tokenizer",
+                                     *train_common, "--opts", *val], os.path.join(tok, "config.json"))], times, logs)
+    run_stages([(f"train_{order}", [py, "train.py", "--cfg", f"cfgs/quickstart_{order}.yaml", "--name", order,
+                                    "--cache_tokens", *train_common, "--opts", "vae.checkpoint", tok, *val],
+                 os.path.join(runs, order, "export", "config.json")) for order in ("nar", "raster")], times, logs)
+    run_stages([(f"sample_{order}", [py, "sample.py", "--ar_model", os.path.join(runs, order, "export"),
+                                     "--tokenizer", tok, "--output_dir", os.path.join(samples, order),
+                                     "--num_samples", str(NUM_SAMPLES), "--dataset_csv", os.path.join(data, "val.csv"),
+                                     *SAMPLE_ARGS], os.path.join(samples, order, "fvd_report.csv"))
+                for order in ("nar", "raster")]
+               + [("eval_tokenizer", [py, "eval/eval_larp_tokenizer.py", "--tokenizer", tok, "--dataset_csv",
+                                      os.path.join(data, "val.csv"), "--det", "--no_fvd",
+                                      "--out", os.path.join(q, "eval_tokenizer")],
+                   os.path.join(q, "eval_tokenizer", "metrics.json"))], times, logs)
 
     t0 = time.perf_counter()
     acc = {"real videos (val)": oracle(os.path.join(data, "val.csv"), logs, "real")}
@@ -180,7 +201,8 @@ def write_report(q, acc, times, total_s):
               f"(forward-pass ratio {speed['raster'][0] / speed['nar'][0]:.1f}x).", "",
               "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     for k, v in times.items():
-        lines.append(f"| {k} | {'reused' if v.get('reused') else f'{v['seconds']:.1f}'} |")
+        seconds = "reused" if v.get("reused") else f"{v['seconds']:.1f}"
+        lines.append(f"| {k} | {seconds} |")
     lines += [f"| **this run, total** | {total_s:.1f} |", "",
               "## Previews (one row per class)", "",
               "NAR: ![NAR samples](preview_nar.gif)  raster: ![raster samples](preview_raster.gif)", ""]
