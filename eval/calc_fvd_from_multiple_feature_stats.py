@@ -3,7 +3,7 @@
     python eval/calc_fvd_from_multiple_feature_stats.py --dir samples/run1
     python eval/calc_fvd_from_multiple_feature_stats.py --dir D --real_glob 'real_*.npz' --fake_glob 'fake_*.npz'
 
-Sampling shards write `gt_fvd_stats_<rank>.pkl` and `generated_fvd_stats_<rank>.pkl`; the float64 sums add
+Sampling shards write `gt_fvd_stats_<a>_<b>.pkl` and `generated_fvd_stats_<a>_<b>.pkl` (sample range [a, b)); the float64 sums add
 exactly, so the merged FVD equals the single-process one. Prints `fvd=<value>` last.
 """
 import argparse

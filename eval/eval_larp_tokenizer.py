@@ -1,7 +1,7 @@
 """Reconstruction quality of a LARP tokenizer on the evaluation clips of a CSV.
 
     python eval/eval_larp_tokenizer.py --tokenizer hywang66/LARP-L-long-tokenizer --dataset_csv ucf101_val --det
-    python eval/eval_larp_tokenizer.py --tokenizer quickstart/tokenizer/export --dataset_csv data/synthetic/val.csv \
+    python eval/eval_larp_tokenizer.py --tokenizer quickstart/runs/tokenizer/export --dataset_csv quickstart/data/val.csv \
         --det --i3d random:32
 
 Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--max_clips N` draws N of them
