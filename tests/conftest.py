@@ -7,7 +7,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE = pathlib.Path(os.environ.get("LARP_REFERENCE", ROOT.parent / "shared" / "reference"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models are dispatch-bound, and on a busy 2-core machine two OpenMP threads stall at barriers (10-30x
+# slower in spot checks): the whole suite runs on one thread, and so do the subprocesses it starts.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

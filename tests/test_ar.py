@@ -11,15 +11,6 @@ from larp.checkpoint import CheckpointError, atomic_save
 GOLDEN = "golden/tiny"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny decode steps are dispatch-bound: one thread avoids OpenMP stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(order="nar", **kw):
     base = dict(dim=32, n_layer=2, n_head=4, vocab_size=40, num_classes=5, latent_shape=(2, 3, 4),
                 max_seq_len=24, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)

@@ -13,15 +13,6 @@ from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frec
 from larp.i3d import InceptionI3d, random_i3d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convs on 2 OpenMP threads slow down ~20x when the shared 2-core machine is busy; 1 thread stays fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scipy_frechet(mu1, s1, mu2, s2):
     """Textbook FID/FVD formula with scipy's general matrix square root (the independent reference)."""
     covmean = scipy.linalg.sqrtm(s1 @ s2).real

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import larp.generate as gen
-from test_ar import single_thread, tiny  # noqa: F401 (single_thread: autouse fixture)
+from test_ar import tiny
 
 
 def record_generate(model, monkeypatch, cond, **kw):

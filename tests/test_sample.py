@@ -23,15 +23,6 @@ GOLDEN = os.path.join(os.environ.get("LARP_REFERENCE", os.path.join(os.path.dirn
 TOTAL = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory):
     from larp.data.synthetic import make_synthetic_dataset

@@ -24,14 +24,6 @@ def synth(tmp_path_factory):
     return make_synthetic_dataset(str(out), classes=4, videos_per_class=6, frames=16, size=32, progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ar_argv(synth, reference_dir, out, name, steps, extra=(), cache=True):
     train_csv, val_csv = synth
     argv = ["--cfg", str(ROOT / "cfgs/quickstart_nar.yaml"), "--csv_file", train_csv, "--out_path", str(out),
@@ -87,7 +79,7 @@ def test_seeded_items_are_reproducible(synth):
     assert any(not torch.equal(ds[(3, s)]["video"], a) for s in range(5))  # other seeds: other windows/flips
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, one_thread):
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from larp.ar import ModelArgs, build_generator
     model = build_generator(ModelArgs(dim=32, n_layer=1, n_head=2, vocab_size=16, max_seq_len=8,
                                       latent_shape=(2, 2, 2), num_classes=2), order="raster")
@@ -123,7 +115,7 @@ def test_ema_update_matches_formula():
 
 
 @pytest.mark.parametrize("order", ["nar", "raster"])
-def test_ar_loss_drops_and_export_loads(synth, reference_dir, tmp_path, one_thread, order):
+def test_ar_loss_drops_and_export_loads(synth, reference_dir, tmp_path, order):
     from larp.ar import load_generator
     summary = run_main(ar_argv(synth, reference_dir, tmp_path, order, 40, extra=["model.order", order]))
     rows = train_rows(summary["run_dir"])
@@ -141,7 +133,7 @@ def test_ar_loss_drops_and_export_loads(synth, reference_dir, tmp_path, one_thre
     assert exported.order == order and exported.config["latent_shape"] == [2, 4, 4]
 
 
-def test_frame_prediction_ema_save_epoch_and_replace(synth, reference_dir, tmp_path, one_thread):
+def test_frame_prediction_ema_save_epoch_and_replace(synth, reference_dir, tmp_path):
     """Frame prediction trains on condition tokens of the first frames (the last one repeated); EMA weights are
     exported; ckpt_<epoch>.pth is kept every save_epoch epochs; --replace starts over."""
     from larp.ar import load_generator
@@ -171,7 +163,7 @@ def test_frame_prediction_ema_save_epoch_and_replace(synth, reference_dir, tmp_p
     assert sorted(train_rows(run_dir)) == [1, 2] and not os.path.exists(os.path.join(run_dir, "ckpt_1.pth"))
 
 
-def test_nonfinite_loss_stops_naming_the_step(synth, reference_dir, tmp_path, capsys, one_thread):
+def test_nonfinite_loss_stops_naming_the_step(synth, reference_dir, tmp_path, capsys):
     argv = ar_argv(synth, reference_dir, tmp_path, "nan", 6, extra=[
         "optimizer.args.lr", ".inf", "lr_schedule.warmup_steps", "0", "train.grad_clip", "0"])
     with pytest.raises(SystemExit) as e:
@@ -181,7 +173,7 @@ def test_nonfinite_loss_stops_naming_the_step(synth, reference_dir, tmp_path, ca
     assert "non-finite loss" in err and "at step 2" in err
 
 
-def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_path, monkeypatch, one_thread):
+def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_path, monkeypatch):
     """AR stage encoding videos on the fly (no cache), dropout and label drop on: a run that dies after its
     step-4 checkpoint and is restarted repeats the uninterrupted losses exactly."""
     steps, extra = 8, ["train.latest_interval", "4", "data.hflip", "true"]
@@ -203,7 +195,7 @@ def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_pat
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
-def test_torchrun_two_processes_match_one(synth, reference_dir, tmp_path, one_thread):
+def test_torchrun_two_processes_match_one(synth, reference_dir, tmp_path):
     extra = ["model.args.class_dropout_prob", "0.0", "model.args.resid_dropout_p", "0.0",
              "model.args.ffn_dropout_p", "0.0", "eval.num_videos", "0"]
     one = run_main(ar_argv(synth, reference_dir, tmp_path, "one", 10, extra))
@@ -232,7 +224,7 @@ def tok_argv(synth, out, name, steps):
             "disabled"]
 
 
-def test_tokenizer_stage_gan_and_export(synth, tmp_path, one_thread):
+def test_tokenizer_stage_gan_and_export(synth, tmp_path):
     """Generator/discriminator alternation from disc_start_step, prior / codebook metrics logged, the checkpoint
     holds the discriminator, and the export loads with from_pretrained."""
     from larp.tokenizer import LARPTokenizer
@@ -251,7 +243,7 @@ def test_tokenizer_stage_gan_and_export(synth, tmp_path, one_thread):
     assert "val_psnr" in full["eval"] and math.isfinite(full["eval"]["val_psnr"])
 
 
-def test_resume_after_sigkill_matches_uninterrupted(synth, tmp_path, one_thread):
+def test_resume_after_sigkill_matches_uninterrupted(synth, tmp_path):
     """Tokenizer stage (pixels drive the loss): random windows + flips drawn in a loader worker, stochastic VQ,
     scheduled sampling and GAN updates. Killed with SIGKILL after its step-5 checkpoint and restarted, it
     reaches the same losses as an uninterrupted run."""
