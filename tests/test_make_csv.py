@@ -1,7 +1,6 @@
 """make_csv on small fake UCF-101 / Kinetics trees, the `check` command, and set_datasets.sh end to end."""
 import os
 import subprocess
-import sys
 
 import pandas as pd
 import pytest

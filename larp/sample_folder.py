@@ -1,0 +1,201 @@
+"""The output folder of a sampling run: shard ranges, their files, the settings claim and the FVD report.
+
+Kept apart from `larp.sampling` (which generates) so the bookkeeping that makes shards safe to run in any order,
+on any machines, at the same time can be read on its own. The folder layout is described in `larp.sampling`.
+"""
+import csv
+import datetime
+import functools
+import hashlib
+import json
+import operator
+import os
+import re
+import tempfile
+
+import numpy as np
+from filelock import FileLock
+
+from larp.checkpoint import atomic_write_text
+
+REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
+                  "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction",
+                  "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
+SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
+STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
+
+
+class SampleError(SystemExit):
+    """A user error found before (or instead of) long work; the message is one line naming the cause."""
+
+
+def find_tiling(ranges, lo, hi):
+    """Ranges from `ranges` that tile [lo, hi) exactly without overlap (list sorted by start), or None."""
+    starts = {}
+    for a, b in sorted(set(ranges), key=lambda r: (r[0], -r[1])):
+        if lo <= a < b <= hi:
+            starts.setdefault(a, []).append((a, b))
+    dead = set()
+
+    def walk(pos):
+        if pos == hi:
+            return []
+        if pos in dead:
+            return None
+        for a, b in starts.get(pos, []):
+            rest = walk(b)
+            if rest is not None:
+                return [(a, b)] + rest
+        dead.add(pos)
+        return None
+    return walk(lo)
+
+
+def stats_paths(output_dir, a, b):
+    return {"gen": os.path.join(output_dir, f"generated_fvd_stats_{a}_{b}.pkl"),
+            "gt": os.path.join(output_dir, f"gt_fvd_stats_{a}_{b}.pkl"),
+            "nll": os.path.join(output_dir, f"nll_{a}_{b}.npy"),
+            "samples": os.path.join(output_dir, "parts", f"samples_{a}_{b}.csv"),
+            "meta": os.path.join(output_dir, "parts", f"range_{a}_{b}.json")}
+
+
+def finished_ranges(output_dir):
+    """Ranges [a, b) whose generated stats, real stats and NLL files all exist."""
+    out = []
+    for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else []):
+        m = STATS_RE.match(name)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            if all(os.path.exists(p) for p in stats_paths(output_dir, a, b).values()):
+                out.append((a, b))
+    return sorted(out)
+
+
+def remove_ranges(output_dir, a, b):
+    """--replace: delete (under the lock) the files of every finished range that overlaps [a, b)."""
+    with FileLock(os.path.join(output_dir, ".fvd.lock")):
+        for ra, rb in finished_ranges(output_dir):
+            for p in stats_paths(output_dir, ra, rb).values() if max(ra, a) < min(rb, b) else ():
+                if os.path.exists(p):
+                    os.remove(p)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path) on a temp file beside `path` (same suffix), then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, columns):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_id(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def claim_output_dir(output_dir, settings, start, end):
+    """Under the lock: record or compare run_config.json, then register the shard [start, end)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with FileLock(os.path.join(output_dir, ".fvd.lock")):
+        cfg_path = os.path.join(output_dir, "run_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                old = json.load(f)
+            diff = [f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now"
+                    for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+            if diff:
+                raise SampleError(f"error: --output_dir {output_dir} holds a run with different settings "
+                                  f"({'; '.join(diff)}); use another --output_dir")
+        else:
+            atomic_write_text(cfg_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        shards_path = os.path.join(output_dir, "shards.json")
+        shards = json.load(open(shards_path)) if os.path.exists(shards_path) else []
+        for a, b in shards:
+            if (a, b) != (start, end) and max(a, start) < min(b, end):
+                raise SampleError(f"error: shard [{start}, {end}) overlaps shard [{a}, {b}) already sampled into "
+                                  f"{output_dir}; choose non-overlapping --starting_index/--num_samples")
+        if [start, end] not in shards:
+            atomic_write_text(shards_path, json.dumps(sorted(shards + [[start, end]])) + "\n")
+
+
+def merge_parts(output_dir):
+    """samples.csv and timing.json from every finished range (sorted by index, deduplicated). Caller holds lock."""
+    rows, timing = {}, {}
+    for a, b in finished_ranges(output_dir):
+        paths = stats_paths(output_dir, a, b)
+        for r in read_csv(paths["samples"]):
+            rows[int(r["index"])] = r
+        with open(paths["meta"]) as f:
+            timing[f"{a}_{b}"] = json.load(f)["timing"]
+    write_csv(os.path.join(output_dir, "samples.csv"), [rows[i] for i in sorted(rows)], SAMPLE_COLUMNS)
+    return timing
+
+
+def finalize(output_dir, settings, replace=False, log=print):
+    """Under the lock: merge the parts; when finished ranges tile [0, total), compute the FVD once per run id.
+
+    Finished ranges left outside the tiling (a rerun with another rank layout) duplicate samples of the tiling:
+    their files are removed, so every stats file in the folder counts once (eval/ tools glob them).
+    Returns {"fvd": float or None, "computed": bool, "covered": int}. With `replace`, an existing row of this run
+    is recomputed and replaced (never duplicated).
+    """
+    from larp.fvd import FeatureStats, frechet_distance
+    total = settings["num_samples_total"]
+    with FileLock(os.path.join(output_dir, ".fvd.lock")):
+        ranges = finished_ranges(output_dir)
+        tiling = find_tiling(ranges, 0, total)
+        for a, b in set(ranges) - set(tiling or ranges):
+            for p in stats_paths(output_dir, a, b).values():
+                os.remove(p)
+        timing = merge_parts(output_dir)
+        if tiling is None:
+            covered = len(set().union(*[range(a, b) for a, b in ranges])) if ranges else 0
+            return {"fvd": None, "computed": False, "covered": covered}
+        rid = run_id(settings)
+        report = os.path.join(output_dir, "fvd_report.csv")
+        rows = read_csv(report)
+        mine = [r for r in rows if r.get("run_id") == rid]
+        if mine and not replace:
+            log(f"FVD of run {rid} already in {report}")
+            return {"fvd": float(mine[-1]["fvd"]), "computed": False, "covered": total}
+        paths = [stats_paths(output_dir, a, b) for a, b in tiling]
+        gen = functools.reduce(operator.add, [FeatureStats.load(p["gen"]) for p in paths])
+        gt = functools.reduce(operator.add, [FeatureStats.load(p["gt"]) for p in paths])
+        value = float(frechet_distance(gen, gt))
+        nll = np.concatenate([np.load(p["nll"]) for p in paths])
+        with open(paths[0]["meta"]) as f:
+            detector = json.load(f)["detector"]
+        row = {k: settings.get(k, "") for k in REPORT_COLUMNS}
+        row.update(time=datetime.datetime.now().isoformat(timespec="seconds"), run_id=rid,
+                   mean_nll=f"{float(nll.mean()):.6f}", fvd=f"{value:.6f}", detector=detector)
+        write_csv(report, [r for r in rows if r.get("run_id") != rid] + [row], REPORT_COLUMNS)
+        used = {f"{a}_{b}": timing[f"{a}_{b}"] for a, b in tiling}
+        gen_s = sum(t["generate_s"] for t in used.values())
+        summary = {"num_videos": total, "generate_s": gen_s, "generate_videos_per_s": total / max(gen_s, 1e-9),
+                   **{k: sum(t[k] for t in used.values()) for k in ("encode_s", "decode_s", "i3d_s", "total_s")},
+                   "ranges": used}
+        atomic_write_text(os.path.join(output_dir, "timing.json"), json.dumps(summary, indent=2) + "\n")
+        log(f"FVD over {total} samples ({len(tiling)} ranges): {value:.4f} [{detector}]; mean NLL "
+            f"{float(nll.mean()):.4f}; row appended to {report}")
+        return {"fvd": float(row["fvd"]), "computed": True, "covered": total}
