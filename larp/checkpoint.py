@@ -17,27 +17,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file or keys."""
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+def atomic_write(path, write):
+    """Call write(tmp_path) on a temp file beside `path` (same suffix), then rename it over `path`.
+
+    Readers never see a half-written file, and a failed write leaves the old file untouched.
+    """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".pth")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path, text):
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    return atomic_write(path, write)
 
 
 def strip_prefixes(sd):
@@ -84,10 +92,7 @@ def save_hub_dir(directory, config, state_dict):
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    save_file(sd, tmp)
-    os.replace(tmp, os.path.join(directory, "model.safetensors"))
+    atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(sd, tmp))
     atomic_write_text(os.path.join(directory, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from larp.checkpoint import atomic_write
 from larp.i3d import RANDOM_SEED, InceptionI3d, random_i3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,26 +265,27 @@ class FeatureStats:
         """.pkl: plain dict (num_items, num_features, raw_mean = sum, raw_cov = sum of outer products, detector);
         .npz: mu, sigma, n (+ detector). Atomic."""
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
         if path.endswith(".pkl"):
             if self._moments is not None:
                 d = {"mu": self._moments[0], "sigma": self._moments[1], "detector": self.detector}
             else:
                 d = self.to_dict()
-            with open(tmp, "wb") as f:
-                pickle.dump(d, f)
+
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    pickle.dump(d, f)
         elif path.endswith(".npz"):
             mu, sigma = self.mean_cov()
             extra = {"n": np.int64(self.num_items)} if self._moments is None else {}
             if self.detector:
                 extra["detector"] = np.array(self.detector)
-            with open(tmp, "wb") as f:
-                np.savez(f, mu=mu, sigma=sigma, **extra)
+
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, mu=mu, sigma=sigma, **extra)
         else:
             raise ValueError(f"stats file must end in .pkl or .npz: '{path}'")
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, write)
 
     @classmethod
     def load(cls, path):

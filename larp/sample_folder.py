@@ -11,12 +11,11 @@ import json
 import operator
 import os
 import re
-import tempfile
 
 import numpy as np
 from filelock import FileLock
 
-from larp.checkpoint import atomic_write_text
+from larp.checkpoint import atomic_write, atomic_write_text
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
                   "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction",
@@ -80,18 +79,6 @@ def remove_ranges(output_dir, a, b):
                     os.remove(p)
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temp file beside `path` (same suffix), then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_csv(path, rows, columns):

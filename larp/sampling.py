@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from larp.checkpoint import CheckpointError, atomic_write_text, read_checkpoint, resolve_hub_id
-from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, atomic_write, claim_output_dir, finalize,
+from larp.checkpoint import CheckpointError, atomic_write, atomic_write_text, read_checkpoint, resolve_hub_id
+from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, claim_output_dir, finalize,
                                 find_tiling, finished_ranges, remove_ranges, run_id, stats_paths, write_csv)
 from larp.utils import autocast, get_device
 

@@ -4,11 +4,11 @@ Videos are float (B,3,T,H,W) in [0,1] (model outputs; clamped) or uint8 (B,T,H,W
 torch tensors or numpy arrays; a single video without the batch dimension is accepted too. Small frames are
 upscaled with nearest-neighbour so 32x32 videos stay visible and sharp.
 """
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from larp.checkpoint import atomic_write
 
 PAD = 2
 MIN_FRAME_PX = 96
@@ -48,17 +48,7 @@ def _label_width(labels, font):
 
 
 def _atomic_save(image_or_frames, path, **kwargs):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        image_or_frames.save(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: image_or_frames.save(tmp, **kwargs))
 
 
 def video_grid_image(videos, row_labels=None, nrow=None, scale=None):

@@ -6,9 +6,10 @@ force the fallback. Any failure to read a file (missing, empty, corrupt, index p
 """
 import fractions
 import os
-import tempfile
 
 import numpy as np
+
+from larp.checkpoint import atomic_write
 
 try:
     import decord
@@ -153,12 +154,8 @@ def write_video(path, frames, fps=8, crf=10):
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"write_video needs even height and width for yuv420p, got {h}x{w} for {path}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".mp4")
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with av.open(tmp, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -168,7 +165,4 @@ def write_video(path, frames, fps=8, crf=10):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
