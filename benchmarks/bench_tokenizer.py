@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 from larp.tokenizer import LARPTokenizer  # noqa: E402
 from larp.utils import autocast, get_device, get_dtype  # noqa: E402
 
-REFERENCE = os.environ.get("LARP_REFERENCE", os.path.join(os.path.dirname(ROOT), "shared", "reference"))
+REFERENCE = os.path.join(ROOT, "tests", "fixtures", "reference")  # golden tiny model + released config
 CONFIGS = {
     "tiny": os.path.join(REFERENCE, "golden", "tiny", "tokenizer", "config.json"),
     "L": os.path.join(REFERENCE, "tokenizer_larp_L_long.config.json"),

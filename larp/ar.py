@@ -1,6 +1,6 @@
 """GPT-style video token generators: NAR ("next-neighbor") and raster (plain next-token) orders.
 
-One model family, two decoding orders (see shared/reference/README.md, "Generator semantics"):
+One model family, two decoding orders (see docs/reference.md, "Generator semantics"):
   * raster: causal transformer over [condition ; tokens 0..N-2], one head `norm/output`.
   * nar:    n_layer + 2 blocks over [condition ; all N tokens] with a proximity mask (a token on plane
             c = t+h+w sees the condition and every token on planes <= c); three heads read after blocks
@@ -9,7 +9,7 @@ One model family, two decoding orders (see shared/reference/README.md, "Generato
 The NAR sequence is kept in *decode order* (condition, then tokens sorted by plane) everywhere: the
 teacher-forced mask is then block-causal (FlexAttention skips half the blocks on CUDA) and the KV cache
 of plane-by-plane sampling is a prefix of the same layout, so each step attends to a plain cache slice.
-State-dict names and shapes match the released checkpoints (manifests in shared/reference).
+State-dict names and shapes match the released checkpoints (manifests in tests/fixtures/reference).
 """
 import dataclasses
 import math

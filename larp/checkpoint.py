@@ -1,6 +1,6 @@
 """Checkpoint plumbing shared by the tokenizer and the generators.
 
-Three on-disk layouts are accepted everywhere (see shared/reference/README.md):
+Three on-disk layouts are accepted everywhere (see docs/reference.md):
   1. hub-mixin directory: config.json (constructor kwargs) + model.safetensors
   2. NAR tokenizer directory: one *.pth (raw state dict) + one *.json (kwargs)
   3. training checkpoint *.pth: {"model": {"name", "args", "sd"}, "optimizer", ...}

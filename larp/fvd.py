@@ -1,6 +1,6 @@
 """FVD: the I3D detector, mergeable feature statistics and the Frechet distance.
 
-Protocol (shared/reference/README.md, "Data and FVD protocol"): videos in [0, 1] are mapped to [-1, 1] and fed to
+Protocol (docs/reference.md, "Data and FVD protocol"): videos in [0, 1] are mapped to [-1, 1] and fed to
 the StyleGAN-V `i3d_torchscript.pt` as `i3d(x, rescale=False, resize=True, return_features=True)`, giving 400-d
 features. Statistics keep the float64 sum and sum of outer products, so shards from several processes merge
 exactly; mu = sum/n and sigma = sum_outer/n - mu mu^T (population covariance).

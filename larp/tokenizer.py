@@ -4,7 +4,7 @@ patches from them. A small GPT prior (`prior.py`) trained jointly makes the toke
 autoregressively.
 
 The constructor kwargs are exactly the released `config.json` (hub-mixin layout); the state-dict names match
-the released `hywang66/LARP-L-long-tokenizer` (see shared/reference/tokenizer_larp_L_long.state_dict.tsv).
+the released `hywang66/LARP-L-long-tokenizer` (see tests/fixtures/reference/tokenizer_larp_L_long.state_dict.tsv).
 Videos in and out are float (B, 3, T, H, W) with values in [0, 1]; the decoder output is not clamped.
 """
 import copy

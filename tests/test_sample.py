@@ -18,8 +18,7 @@ from larp.data.video_io import read_frames
 from larp.fvd import FeatureStats, frechet_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.path.join(os.environ.get("LARP_REFERENCE", os.path.join(os.path.dirname(ROOT), "shared", "reference")),
-                      "golden", "tiny")
+GOLDEN = os.path.join(ROOT, "tests", "fixtures", "reference", "golden", "tiny")
 TOTAL = 10
 
 

@@ -8,8 +8,7 @@ import sample
 from larp import sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.path.join(os.environ.get("LARP_REFERENCE", os.path.join(os.path.dirname(ROOT), "shared", "reference")),
-                      "golden", "tiny")
+GOLDEN = os.path.join(ROOT, "tests", "fixtures", "reference", "golden", "tiny")
 
 
 @pytest.fixture(scope="module")

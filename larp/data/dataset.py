@@ -1,7 +1,7 @@
 """Video CSVs (`id,path,action,label`) and the clip dataset used for training and FVD evaluation.
 
 Training mode: one item per video, a random `num_frames` window at the native frame rate.
-Evaluation mode: one item per clip of the FVD protocol (shared/reference/README.md): video paths sorted,
+Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted,
 each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
 videos is slow, so the per-video frame counts are cached to disk, keyed on the listed paths and their
 size/mtime.
