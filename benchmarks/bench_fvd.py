@@ -10,14 +10,12 @@ import argparse
 import os
 import platform
 import subprocess
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from larp.fvd import load_i3d  # noqa: E402
-from larp.utils import get_device  # noqa: E402
+from larp.fvd import load_i3d
+from larp.utils import get_device
 
 
 def sync(device):

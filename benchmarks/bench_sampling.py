@@ -12,16 +12,13 @@ It can be negative for NAR: cached decoding attends only to the filled prefix, w
 pass evaluates the full masked attention matrix.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from larp.ar import AR_MODELS, Generator, ModelArgs  # noqa: E402
-from larp.utils import autocast, get_device, get_dtype  # noqa: E402
+from larp.ar import AR_MODELS, Generator, ModelArgs
+from larp.utils import autocast, get_device, get_dtype
 
 
 def build_pair(args):

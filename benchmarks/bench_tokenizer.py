@@ -9,15 +9,14 @@ prior + backward) per config.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
+from larp.tokenizer import LARPTokenizer
+from larp.utils import autocast, get_device, get_dtype
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from larp.tokenizer import LARPTokenizer  # noqa: E402
-from larp.utils import autocast, get_device, get_dtype  # noqa: E402
 
 REFERENCE = os.path.join(ROOT, "tests", "fixtures", "reference")  # golden tiny model + released config
 CONFIGS = {

@@ -10,17 +10,16 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
+from larp import engine, stages
+from larp.config import build_config
+from larp.utils import get_device
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from larp import engine, stages  # noqa: E402
-from larp.config import build_config  # noqa: E402
-from larp.utils import get_device  # noqa: E402
 
 # codebook size of the tokenizer each AR config is trained on (quickstart tokenizer / LARP-L-long)
 VOCAB = {"quickstart": 256, "larp": 8192}

@@ -11,8 +11,7 @@ import glob
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from larp.fvd import FeatureStats, frechet_distance, fvd_label  # noqa: E402
+from larp.fvd import FeatureStats, frechet_distance, fvd_label
 
 
 def merge_stats(folder, pattern):

@@ -15,9 +15,8 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from larp.data.video_io import VideoReadError  # noqa: E402
-from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d  # noqa: E402
+from larp.data.video_io import VideoReadError
+from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
 STATS_EXTS = (".pkl", ".npz")

@@ -13,16 +13,14 @@ and `fvd=` (reconstructions vs inputs), then writes DIR/metrics.json and a previ
 import argparse
 import json
 import os
-import sys
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from larp.checkpoint import CheckpointError, atomic_write_text, read_checkpoint  # noqa: E402
-from larp.metrics import psnr, ssim  # noqa: E402
-from larp.utils import autocast, get_device  # noqa: E402
+from larp.checkpoint import CheckpointError, atomic_write_text, read_checkpoint
+from larp.metrics import psnr, ssim
+from larp.utils import autocast, get_device
 
 
 def reconstruct(model, x, amp):

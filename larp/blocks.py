@@ -1,53 +1,19 @@
 """Shared transformer pieces of the tokenizer and its discriminator.
 
-`Block` has the state-dict names of timm's ViT `Block` (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) so
-released LARP weights load unchanged, without depending on a timm version. The sin-cos tables reproduce the
+`vit_block` is timm's ViT `Block`, whose state-dict names the released LARP weights use. The sin-cos tables reproduce the
 fixed position buffers stored in the released checkpoints (checked against the golden tiny tokenizer).
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.models.vision_transformer import Block as TimmBlock
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=False):
-        super().__init__()
-        assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (B, L, D)
-        B, L, D = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, L, Dh)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block: LayerNorm(eps 1e-6), bias-free qkv, GELU MLP with ratio 4."""
-
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+def vit_block(dim, num_heads, mlp_ratio=4.0):
+    """timm's pre-norm ViT `Block` as LARP uses it: LayerNorm eps 1e-6, bias-free qkv, GELU MLP (ratio 4).
+    Its state-dict names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) are the released checkpoints'."""
+    return TimmBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=False, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 def sincos_1d(dim, positions, base=10000.0):
@@ -104,5 +70,5 @@ def num_patches(size, patch):
     return size // patch
 
 
-__all__ = ["Attention", "Mlp", "Block", "sincos_1d", "sincos_2d", "sincos_3d", "sincos_latent",
+__all__ = ["vit_block", "sincos_1d", "sincos_2d", "sincos_3d", "sincos_latent",
            "init_linear_xavier", "conv_xavier_", "num_patches"]

@@ -6,8 +6,9 @@ length that divides its patch sizes (no size arguments to keep in sync with the 
 """
 import torch
 import torch.nn as nn
+from einops import rearrange
 
-from larp.blocks import Block, conv_xavier_, init_linear_xavier, num_patches, sincos_3d
+from larp.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, vit_block
 
 
 class VideoDiscriminator(nn.Module):
@@ -17,7 +18,7 @@ class VideoDiscriminator(nn.Module):
         k = (temporal_patch_size, patch_size, patch_size)
         self.patch_embed = nn.Conv3d(in_channels, dim, kernel_size=k, stride=k)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList([Block(dim, num_heads or max(1, dim // 64)) for _ in range(depth)])
+        self.blocks = nn.ModuleList([vit_block(dim, num_heads or max(1, dim // 64)) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, 1)
         self.apply(init_linear_xavier)
@@ -34,7 +35,7 @@ class VideoDiscriminator(nn.Module):
     def forward(self, x):  # (B, 3, T, H, W) in [0, 1]
         grid = (num_patches(x.shape[2], self.temporal_patch_size), num_patches(x.shape[3], self.patch_size),
                 num_patches(x.shape[4], self.patch_size))
-        p = self.patch_embed(x * 2 - 1).flatten(2).transpose(1, 2)  # (B, L, D)
+        p = rearrange(self.patch_embed(x * 2 - 1), "b d t h w -> b (t h w) d")
         p = p + self.pos_embed(grid, p.device).to(p.dtype)
         h = torch.cat([self.cls_token.expand(p.shape[0], -1, -1).to(p.dtype), p], dim=1)  # (B, 1+L, D)
         for blk in self.blocks:

@@ -11,8 +11,9 @@ import copy
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
-from larp.blocks import Block, conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent
+from larp.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent, vit_block
 from larp.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, save_hub_dir
 from larp.prior import LatentPrior, PriorConfig
 from larp.quantizer import Bottleneck
@@ -34,7 +35,7 @@ class VideoPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=k, stride=k)
 
     def forward(self, x):  # (B, C, T, H, W)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, t*h*w, D)
+        return rearrange(self.proj(x), "b d t h w -> b (t h w) d")
 
 
 class FinalLayer(nn.Module):
@@ -52,7 +53,7 @@ class ParallelTransformer(nn.Module):
 
     def __init__(self, dim, depth, num_heads):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, num_heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([vit_block(dim, num_heads) for _ in range(depth)])
 
     def forward(self, context, queries):  # (B, L, D), (B, N, D)
         x = torch.cat([context, queries], dim=1)
@@ -193,10 +194,8 @@ class LARPTokenizer(nn.Module):
     def unpatchify(self, x):
         """(B, t*h*w, pt*p*p*C) -> (B, C, t*pt, h*p, w*p): `(t h w) (pt p1 p2 c) -> c (t pt) (h p1) (w p2)`."""
         t, h, w = self.dec_grid
-        pt, p, c = self.decoder_temporal_patch_size, self.decoder_patch_size, self.in_channels
-        x = x.reshape(x.shape[0], t, h, w, pt, p, p, c)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, c, t, pt, h, p1, w, p2)
-        return x.reshape(x.shape[0], c, t * pt, h * p, w * p)
+        return rearrange(x, "b (t h w) (pt p1 p2 c) -> b c (t pt) (h p1) (w p2)", t=t, h=h, w=w,
+                         pt=self.decoder_temporal_patch_size, p1=self.decoder_patch_size, p2=self.decoder_patch_size)
 
     def _check_input(self, x):
         want = (self.in_channels, self.frame_num, self.input_size, self.input_size)

@@ -18,7 +18,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 NUM_CLASSES = 8
 NUM_SAMPLES = 128          # per generator; val has 96 videos x 2 eight-frame clips = 192 clips

@@ -36,3 +36,19 @@ def read_manifest(path):
             kind, name, shape, _dtype = line.rstrip("\n").split("\t")
             rows[name] = (kind, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()))
     return rows
+
+
+def patch_everywhere(monkeypatch, module, name, replacement):
+    """Replace `module.name` and every reference to the same object that a project module imported by name
+    (`from larp.fvd import load_i3d`), so a test's patch holds whether the code under test imports the name at
+    the top, inside a function, or through the module. Returns how many places were patched."""
+    import sys
+    original, patched = getattr(module, name), 0
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name.split(".")[0] in ("larp", "sample", "train") or mod is module):
+            continue
+        for attr, value in list(vars(mod).items()):
+            if value is original:
+                monkeypatch.setattr(mod, attr, replacement)
+                patched += 1
+    return patched

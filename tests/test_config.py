@@ -13,8 +13,7 @@ import pytest
 from larp.config import ConfigError, build_config, parse_opts, parse_value
 from tests.conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 REFERENCE_CMD = ("--cfg cfgs/larp_ar.yaml --manualSeed 66667 --tag default --csv_file ucf101_train.csv "
                  "--out_path save/ --name larp_ar -b 64 -j 8 --frame_num 16 --input_size 128 --opts model.name "

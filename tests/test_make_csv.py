@@ -103,6 +103,7 @@ def test_cli_and_check(tmp_path, capsys):
         make_csv.main(make_csv.parse_args(["check", f"{train_csv}+{val_csv}"]))
 
 
+@pytest.mark.slow
 def test_set_datasets_script(tmp_path):
     """set_datasets.sh in a scratch copy of the project root: links data/ucf101, writes CSVs with data/ paths."""
     project = tmp_path / "project"

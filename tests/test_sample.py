@@ -5,7 +5,6 @@ import json
 import os
 import random
 import shutil
-import time
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ import sample
 from larp import sampling
 from larp.data.video_io import read_frames
 from larp.fvd import FeatureStats, frechet_distance
+from tests.conftest import patch_everywhere
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "reference", "golden", "tiny")
@@ -107,6 +107,7 @@ def test_helpers():
     assert len(seeds) == 3000
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(runs):
     single, sharded = runs["single"], runs["sharded"]
     assert runs["first"] is None and not runs["report_after_first"]  # [5, 10) alone does not cover the run
@@ -140,6 +141,7 @@ def test_sharded_equals_unsharded(runs):
     assert np.abs(va - read_frames(os.path.join(single, "sampled_videos", "0.mp4")).astype(int)).mean() > 1
 
 
+@pytest.mark.slow
 def test_outputs_follow_clip_protocol(runs):
     """samples.csv lists the clips of random.Random(42).sample over the sorted-path clip list, in index order."""
     df = pd.read_csv(runs["csv"])
@@ -160,6 +162,7 @@ def test_outputs_follow_clip_protocol(runs):
         assert timing["num_videos"] == TOTAL and timing["generate_videos_per_s"] > 0 and timing["i3d_s"] > 0
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_replace_redoes(runs, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(runs["sharded"], out)
@@ -191,6 +194,7 @@ def test_rerun_skips_and_replace_redoes(runs, tmp_path, capsys):
     assert s["index"].tolist() == list(range(TOTAL)) and s["path"].tolist()[0] == "sampled_videos/0.mp4"
 
 
+@pytest.mark.slow
 def test_concurrent_finalize_computes_once(runs, tmp_path, monkeypatch):
     """Two shards finishing at the same moment: both call finalize together; one computes, one row results."""
     import threading
@@ -199,12 +203,18 @@ def test_concurrent_finalize_computes_once(runs, tmp_path, monkeypatch):
     shutil.copytree(runs["sharded"], out)
     os.remove(out / "fvd_report.csv")
     settings = json.load(open(out / "run_config.json"))
-    slow, barrier, results = larp.fvd.frechet_distance, threading.Barrier(2), []
+    real, barrier, meet, computed, results = larp.fvd.frechet_distance, threading.Barrier(2), threading.Barrier(2), [], []
 
-    def slow_frechet(a, b):
-        time.sleep(0.5)  # widen the race window: without the lock both threads would compute and append
-        return slow(a, b)
-    monkeypatch.setattr(larp.fvd, "frechet_distance", slow_frechet)
+    def frechet_waiting_for_the_other_shard(a, b):
+        # Without the lock both threads get here and meet at once; with it the second one is held at the lock,
+        # so the first gives up waiting for it and goes on.
+        computed.append(1)
+        try:
+            meet.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+        return real(a, b)
+    assert patch_everywhere(monkeypatch, larp.fvd, "frechet_distance", frechet_waiting_for_the_other_shard)
 
     def shard_finishing():
         barrier.wait()
@@ -214,7 +224,7 @@ def test_concurrent_finalize_computes_once(runs, tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sorted(r["computed"] for r in results) == [False, True]
+    assert sorted(r["computed"] for r in results) == [False, True] and len(computed) == 1
     assert results[0]["fvd"] == pytest.approx(results[1]["fvd"]) == pytest.approx(runs["rank1"], rel=1e-5)
     assert len(report(out)) == 1
 
@@ -235,6 +245,7 @@ def test_condition_tokens_depend_on_first_frames_only():
     assert not torch.equal(tok.encode(video)["bottleneck_rep"], base)
 
 
+@pytest.mark.slow
 def test_frame_prediction(data_csv, tmp_path):
     from larp.ar import ModelArgs, build_generator
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import pytest
 
 import sample
 from larp import sampling
+from tests.conftest import patch_everywhere
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "reference", "golden", "tiny")
@@ -26,8 +27,8 @@ def no_model_loading(monkeypatch):
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded before the flag error")
-    monkeypatch.setattr(sampling, "load_models", forbidden)
-    monkeypatch.setattr(larp.fvd, "load_i3d", forbidden)
+    assert patch_everywhere(monkeypatch, sampling, "load_models", forbidden)
+    assert patch_everywhere(monkeypatch, larp.fvd, "load_i3d", forbidden)
 
 
 def args(csv, out, **kw):

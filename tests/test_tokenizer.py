@@ -207,6 +207,7 @@ def _eval_module():
     return mod
 
 
+@pytest.mark.slow
 def test_eval_script_end_to_end(golden_dir, golden_model, tmp_path, capsys):
     from larp.data.dataset import VideoDataset
     from larp.data.synthetic import make_synthetic_dataset

@@ -14,8 +14,7 @@ from larp import engine, stages, training
 from larp.data.synthetic import make_synthetic_dataset
 from tests.conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +172,7 @@ def test_nonfinite_loss_stops_naming_the_step(synth, reference_dir, tmp_path, ca
     assert "non-finite loss" in err and "at step 2" in err
 
 
+@pytest.mark.slow
 def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_path, monkeypatch):
     """AR stage encoding videos on the fly (no cache), dropout and label drop on: a run that dies after its
     step-4 checkpoint and is restarted repeats the uninterrupted losses exactly."""
@@ -195,6 +195,7 @@ def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_pat
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in b]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(synth, reference_dir, tmp_path):
     extra = ["model.args.class_dropout_prob", "0.0", "model.args.resid_dropout_p", "0.0",
              "model.args.ffn_dropout_p", "0.0", "eval.num_videos", "0"]
@@ -243,6 +244,7 @@ def test_tokenizer_stage_gan_and_export(synth, tmp_path):
     assert "val_psnr" in full["eval"] and math.isfinite(full["eval"]["val_psnr"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(synth, tmp_path):
     """Tokenizer stage (pixels drive the loss): random windows + flips drawn in a loader worker, stochastic VQ,
     scheduled sampling and GAN updates. Killed with SIGKILL after its step-5 checkpoint and restarted, it
