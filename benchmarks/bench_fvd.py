@@ -16,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from larp.errors import run_cli  # noqa: E402
 from larp.fvd import load_i3d  # noqa: E402
 from larp.utils import get_device  # noqa: E402
 
@@ -86,4 +87,4 @@ def get_args(argv=None):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main(get_args())
+    run_cli(main, get_args())

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from larp.ar import AR_MODELS, Generator, ModelArgs  # noqa: E402
+from larp.errors import run_cli  # noqa: E402
 from larp.utils import autocast, get_device, get_dtype  # noqa: E402
 
 
@@ -153,4 +154,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

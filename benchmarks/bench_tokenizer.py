@@ -16,6 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from larp.errors import run_cli  # noqa: E402
 from larp.tokenizer import LARPTokenizer  # noqa: E402
 from larp.utils import autocast, get_device, get_dtype  # noqa: E402
 
@@ -90,4 +91,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args())

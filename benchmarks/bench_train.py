@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from larp import engine, stages  # noqa: E402
 from larp.config import build_config  # noqa: E402
+from larp.errors import run_cli  # noqa: E402
 from larp.utils import get_device  # noqa: E402
 
 # codebook size of the tokenizer each AR config is trained on (quickstart tokenizer / LARP-L-long)
@@ -127,4 +128,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli(main, build_parser().parse_args())

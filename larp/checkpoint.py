@@ -197,6 +197,27 @@ def resolve_hub_id(name):
             f"directory, or set HF_HUB_OFFLINE=1 with a warm cache") from e
 
 
+def peek_checkpoint(spec):
+    """The config dict of a checkpoint without reading the tensors of a hub-style folder (its weights files are
+    checked for truncation: header / zip directory); training *.pth files are read whole. Raises CheckpointError."""
+    path = os.fspath(spec)
+    if not os.path.exists(path):
+        if path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith((".pth", ".pt", ".json")):
+            path = resolve_hub_id(path)
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+    jsons = sorted(p for p in os.listdir(path) if p.endswith(".json")) if os.path.isdir(path) else []
+    if not (os.path.isdir(path) and ("config.json" in jsons or len(jsons) == 1)):
+        return read_checkpoint(path)[0]
+    cfg = read_config_json(os.path.join(path, "config.json" if "config.json" in jsons else jsons[0]))
+    weights = sorted(p for p in os.listdir(path) if p.endswith((".safetensors", ".pth")))
+    if not weights:
+        raise CheckpointError(f"{path}: no model.safetensors or *.pth weights beside {jsons[0]}")
+    for name in weights:
+        check_weights_file(os.path.join(path, name))
+    return cfg
+
+
 def read_checkpoint(spec):
     """Resolve `spec` to (config dict, state dict, layout name).
 

@@ -308,13 +308,19 @@ class FeatureStats:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"stats file not found: '{path}'")
         if path.endswith(".npz"):
-            with np.load(path) as z:
-                d = {k: z[k] for k in z.files}
+            try:
+                with np.load(path) as z:
+                    d = {k: z[k] for k in z.files}
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(f"'{path}': not a readable .npz stats file ({e})") from e
             return cls._from_moments(d, path)
         if not path.endswith(".pkl"):
             raise ValueError(f"stats file must end in .pkl or .npz: '{path}'")
-        with open(path, "rb") as f:
-            d = pickle.load(f)
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+            raise ValueError(f"'{path}': not a readable stats pickle ({type(e).__name__}: {e}); truncated?") from e
         if not isinstance(d, dict):
             raise ValueError(f"'{path}': expected a pickled dict of statistics, got {type(d).__name__}")
         if "mu" in d and "sigma" in d:

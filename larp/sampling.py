@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from larp.checkpoint import (CheckpointError, atomic_write, atomic_write_text, check_weights_file, checkpoint_kind,
-                             describe_checkpoint, read_checkpoint, read_config_json, resolve_hub_id)
+from larp.checkpoint import (CheckpointError, atomic_write, atomic_write_text, checkpoint_kind, describe_checkpoint,
+                             peek_checkpoint)
 from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, claim_output_dir, finalize,
                                 find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths,
                                 write_csv)
@@ -81,26 +81,12 @@ def _spec_id(spec):
 
 
 def read_model_config(spec, flag, want):
-    """The config dict of a checkpoint, checked cheaply before any model is built: a hub-style folder's weights
-    file must be whole (header / zip directory; the tensors are read only for training *.pth files) and the
-    config must be a `want` ('tokenizer' or 'generator')."""
+    """The config dict of a checkpoint, checked cheaply before any model is built (larp.checkpoint.peek_checkpoint)
+    and required to be a `want` ('tokenizer' or 'generator')."""
+    if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
+        raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either
     try:
-        path = spec
-        if not os.path.exists(path):
-            if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith((".pth", ".pt")):
-                path = resolve_hub_id(spec)
-            else:
-                raise SampleError(f"--{flag} {spec}: no such file or directory")
-        jsons = sorted(p for p in os.listdir(path) if p.endswith(".json")) if os.path.isdir(path) else []
-        if os.path.isdir(path) and ("config.json" in jsons or len(jsons) == 1):
-            cfg = read_config_json(os.path.join(path, "config.json" if "config.json" in jsons else jsons[0]))
-            weights = sorted(p for p in os.listdir(path) if p.endswith((".safetensors", ".pth")))
-            if not weights:
-                raise CheckpointError(f"{path}: no model.safetensors or *.pth weights beside {jsons[0]}")
-            for name in weights:
-                check_weights_file(os.path.join(path, name))
-        else:
-            cfg = read_checkpoint(path)[0]
+        cfg = peek_checkpoint(spec)
     except CheckpointError as e:
         raise SampleError(f"--{flag}: {e}") from None
     if checkpoint_kind(cfg) != want:

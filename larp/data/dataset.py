@@ -265,12 +265,14 @@ class VideoDataset(Dataset):
         return {"video": video, "label": label, "index": index}
 
     def __getitem__(self, index):
+        """With skip_bad, items also carry "skipped": the unreadable videos passed over to find this one (so a
+        loader with worker processes can still count them: the workers' num_bad stays in the workers)."""
         if not self.skip_bad:
             return self._load(index)
         for k in range(len(self.items)):
             j = (index + k) % len(self.items)
             try:
-                return self._load(j)
+                return {**self._load(j), "skipped": k}
             except VideoReadError as e:
                 self.num_bad += 1
                 self._warn(f"skipping unreadable video: {e}")
