@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from larp.data.video_io import VideoReadError  # noqa: E402
 from larp.errors import UsageError, run_cli  # noqa: E402
 from larp.fvd import FeatureStats, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d  # noqa: E402
 
@@ -63,7 +64,10 @@ def video_dataset(spec, kind, num_frames, size, num_clips=0, seed=42, skip_bad=F
         ds = VideoFolder(spec, num_frames, size)
     else:
         from larp.data.dataset import VideoDataset, select_fvd_clips
-        ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False, skip_bad=skip_bad)
+        try:
+            ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False, skip_bad=skip_bad)
+        except VideoReadError as e:
+            raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
         if ds.num_bad:
             print(f"--skip_bad: left out {ds.num_bad} unreadable video(s) of {spec}", flush=True)
         if num_clips:

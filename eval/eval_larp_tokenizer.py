@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from larp.checkpoint import CheckpointError, atomic_write_text, expect_kind, read_checkpoint  # noqa: E402
+from larp.data.video_io import VideoReadError  # noqa: E402
 from larp.errors import LarpError, UsageError, run_cli  # noqa: E402
 from larp.metrics import psnr, ssim  # noqa: E402
 from larp.utils import autocast, get_device  # noqa: E402
@@ -120,8 +121,11 @@ def main(args):
     except CheckpointError as e:
         raise CheckpointError(f"--tokenizer: {e}") from None
     model = model.to(device).set_vq_eval_deterministic(args.det)
-    ds = VideoDataset(args.dataset_csv, num_frames=args.num_frames, size=args.input_size, train=False,
-                      skip_bad=args.skip_bad)
+    try:
+        ds = VideoDataset(args.dataset_csv, num_frames=args.num_frames, size=args.input_size, train=False,
+                          skip_bad=args.skip_bad)
+    except VideoReadError as e:
+        raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
     if ds.num_bad:
         print(f"--skip_bad: left out {ds.num_bad} unreadable video(s) of {args.dataset_csv}", flush=True)
     total = len(ds)

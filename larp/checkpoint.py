@@ -90,7 +90,7 @@ def _first_line(e):
     return lines[0][:200] if lines else type(e).__name__
 
 
-TRUNCATED_HINT = "truncated or corrupt (an interrupted download or copy?): fetch or copy it again"
+TRUNCATED_HINT = "truncated or corrupt (an interrupted download, copy or write?)"
 
 
 def load_safetensors(path):

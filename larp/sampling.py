@@ -186,8 +186,8 @@ def prepare(args):
         if not args.frame_prediction and ar_cfg.get("num_classes"):
             check_labels(df, ar_cfg["num_classes"], args.dataset_csv, f"the generator --ar_model {args.ar_model}")
         dataset = VideoDataset(args.dataset_csv, num_frames=num_frames, size=input_size, train=False)
-    except (VideoReadError, CSVError) as e:
-        raise SampleError(f"--dataset_csv {args.dataset_csv}: {e}") from None
+    except (VideoReadError, CSVError) as e:  # the message names the CSV or the video
+        raise SampleError(f"--dataset_csv: {e}") from None
     if total > len(dataset):
         raise SampleError(f"--num_samples_total {total} exceeds the {len(dataset)} clips of "
                           f"{num_frames} frames in {args.dataset_csv}")

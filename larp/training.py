@@ -89,8 +89,7 @@ def _batches(loader):
         except StopIteration:
             return
         except VideoReadError as e:
-            raise VideoReadError(f"{one_line(e)}; set data.skip_bad true to skip unreadable videos (they are "
-                                 f"counted)") from e
+            raise VideoReadError(f"{one_line(e)}; {SKIP_HINT}") from e
         yield batch
 
 
@@ -142,6 +141,7 @@ def save_checkpoint(path, run, cfg, step, epoch):
     atomic_save(ckpt, path)
 
 
+SKIP_HINT = "set data.skip_bad true to skip unreadable videos (they are counted and reported)"
 RESUME_HINT = "pass --replace to start fresh (it deletes this run's checkpoints and logs) or choose another --name"
 
 
@@ -150,10 +150,12 @@ def check_resume(path, cfg):
     the stage / model this config trains. Raises CheckpointError naming the file; never modifies it."""
     try:
         check_weights_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; cannot resume from it: {RESUME_HINT}") from e
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0] if str(e) else e!r}); "
-                              f"{RESUME_HINT}") from e
+        raise CheckpointError(f"{path}: cannot resume from it ({one_line(e)}); {RESUME_HINT}") from e
     saved = ckpt.get("cfg") if isinstance(ckpt, dict) else None
     if not isinstance(saved, dict) or not isinstance(ckpt.get("model"), dict) or "step" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint of this project (expected the keys model, "
@@ -267,8 +269,7 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
             check_videos_exist(df, d[key])
         except VideoReadError as e:
             if not d["skip_bad"]:
-                raise VideoReadError(f"{e}; fix the CSV or set data.skip_bad true to skip unreadable videos "
-                                     f"(they are counted and reported)") from None
+                raise VideoReadError(f"{e}; fix the CSV or {SKIP_HINT}") from None
             notes.append(f"data.skip_bad: {e} (they will be skipped)")
         notes.append(f"data.{key}: {len(df)} videos listed in {d[key]}")
     if cfg["stage"] == "ar":
@@ -320,7 +321,10 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     resuming = os.path.exists(latest)
 
     logger_pending = [n for n in notes if n.startswith("data.skip_bad")]
-    run = stages.setup(cfg, info, run_dir, logger_pending.append)
+    try:
+        run = stages.setup(cfg, info, run_dir, logger_pending.append)
+    except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
+        raise VideoReadError(f"{e}; {SKIP_HINT}") from e
     run["model"] = wrap_model(run["raw_model"], cfg, info)
     decay = cfg["train"]["ema_decay"]
     run["ema"] = engine.EMA(run["raw_model"], decay) if decay > 0 else None
@@ -386,8 +390,8 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
                     total_skipped = round(float(dist.all_reduce_mean(skipped.float())) * dist.get_world_size())
                     row["skipped_videos"] = total_skipped
                     if total_skipped > reported:
-                        log.log(f"data.skip_bad: {total_skipped} unreadable video(s) skipped so far (all ranks); "
-                                f"each was replaced by the next readable one")
+                        log.log(f"data.skip_bad: an unreadable video was skipped {total_skipped} time(s) so far "
+                                f"(all ranks), each time replaced by the next readable one")
                         reported = total_skipped
                 log.metrics(step, row)
                 window, t0 = [], time.time()

@@ -237,7 +237,10 @@ class VideoDataset(Dataset):
         cache_dir = cache_dir if cache_dir is not None else os.path.dirname(csv_files[0])
         name = "+".join(os.path.splitext(os.path.basename(c))[0] for c in csv_files)
         name += "-" + hashlib.sha1("\n".join(csv_files).encode()).hexdigest()[:8]  # same-named CSVs elsewhere
-        counts = frame_counts(paths, cache_dir, name, skip_bad=self.skip_bad)
+        try:
+            counts = frame_counts(paths, cache_dir, name, skip_bad=self.skip_bad)
+        except VideoReadError as e:
+            raise VideoReadError(f"{e} (listed in {self.csv})") from None
         bad = sum(c is None for c in counts)
         if bad:
             self.num_bad += bad

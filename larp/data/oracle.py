@@ -113,14 +113,14 @@ def oracle_predictions(csv_or_df, num_classes=None, progress=False, skip_bad=Fal
         df = df.assign(action=df["label"].astype(str))
     num_classes = num_classes or _infer_num_classes(df)
     check_labels(df, num_classes, "the CSV" if hasattr(csv_or_df, "columns") else csv_or_df,
-                 f"the {num_classes}-class synthetic set")
+                 f"--num-classes {num_classes}")
     preds, labels = [], []
     for path, label in tqdm(zip(df["path"], df["label"]), total=len(df), desc="oracle", disable=not progress):
         try:
             frames = read_frames(path)
-        except VideoReadError:
+        except VideoReadError as e:
             if not skip_bad:
-                raise
+                raise VideoReadError(f"{e} (--skip-bad leaves unreadable videos out, counted)") from None
             continue
         preds.append(predict_class(frames, num_classes))
         labels.append(int(label))
