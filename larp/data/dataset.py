@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import sys
 import warnings
 
@@ -120,10 +121,19 @@ def check_labels(df, num_classes, csv, what):
                        f"{what} (labels must be 0..{num_classes - 1})")
 
 
+def _video_file_problem(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a file"
+    return "empty file" if st.st_size == 0 else None
+
+
 def check_videos_exist(df, csv):
     """Cheap pre-flight (one stat per file): every listed video exists and is not empty."""
-    bad = [(p, "missing") if not os.path.exists(p) else (p, "empty file") for p in df["path"]
-           if not os.path.isfile(p) or os.path.getsize(p) == 0]
+    bad = [(p, why) for p in df["path"] for why in [_video_file_problem(p)] if why]
     if bad:
         raise VideoReadError(f"{csv}: {len(bad)} of {len(df)} listed video(s) missing or empty, e.g. {bad[0][0]} "
                              f"({bad[0][1]})")
