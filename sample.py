@@ -14,6 +14,7 @@ Outputs, resuming and the seeding rule are described in larp/sampling.py.
 import argparse
 
 from larp import sampling
+from larp.errors import run_cli
 
 
 def build_parser():
@@ -38,6 +39,8 @@ def build_parser():
     p.add_argument("--num_cond_frames", type=int, default=5)
     p.add_argument("--stats_only", action="store_true", help="do not write mp4 files")
     p.add_argument("--replace", action="store_true", help="redo ranges whose stats already exist")
+    p.add_argument("--chunk_size", type=int, default=256, help="samples per saved chunk: a killed shard resumes "
+                   "from its last finished chunk (keep it fixed for bit-identical reruns)")
     p.add_argument("--i3d", default=None, help="I3D detector: torchscript/state-dict path, `random` or "
                    "`random:S` (default: $LARP_I3D or checkpoints/i3d_torchscript.pt)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed * 1_000_003 + i")
@@ -58,4 +61,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -9,7 +9,8 @@ global batch. A run resumes from <out_path>/<name>/ckpt_latest.pth unless --repl
 """
 import argparse
 import os
-import sys
+
+from larp.errors import run_cli
 
 
 def build_parser():
@@ -29,6 +30,9 @@ def build_parser():
     p.add_argument("--i3d", default=None, help="detector for the periodic small FVD, e.g. random:112 or a path")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--replace", action="store_true", help="start fresh instead of resuming from ckpt_latest.pth")
+    p.add_argument("--check", type=int, nargs="?", const=1, default=None, metavar="NPROC",
+                   help="check the config, CSVs, listed videos, checkpoints and the batch split over NPROC "
+                        "processes (default 1) without training, then exit; the launch scripts run it before torchrun")
     p.add_argument("--wandb-upload", dest="wandb_upload", action="store_true",
                    help="log to wandb online (default: offline files under the run folder)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
@@ -37,33 +41,28 @@ def build_parser():
 
 
 def main(args):
-    """Train; returns the summary dict on rank 0 (None elsewhere). User errors exit with one line."""
+    """Train; returns the summary dict on rank 0 (None elsewhere). With --check, only the pre-flight checks.
+    User errors raise LarpError subclasses, which the edge below prints as one line."""
     from larp import dist
-    from larp.checkpoint import CheckpointError
-    from larp.config import ConfigError, build_config
-    from larp.engine import NonFiniteLossError
-    from larp.stages import StageError
-    from larp.training import train
+    from larp.config import build_config
+    from larp.training import preflight, train
 
-    try:
-        cfg = build_config(args.cfg, flags=vars(args), opts=args.opts)
-    except (ConfigError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: {e}")
+    cfg = build_config(args.cfg, flags=vars(args), opts=args.opts)
     name = args.name or os.path.splitext(os.path.basename(args.cfg))[0]
+    run_dir = os.path.join(args.out_path, name)
+    if args.check is not None:
+        for line in preflight(cfg, run_dir, args.check, replace=args.replace):
+            print(f"train.py --check: {line}", flush=True)
+        print(f"train.py --check: ok ({cfg['stage']} stage, global batch {cfg['batch_size']} over {args.check} "
+              f"process(es))", flush=True)
+        return None
     info = dist.init_distributed(args.device)
     try:
-        if cfg["batch_size"] % info.world_size:
-            raise ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {info.world_size} processes")
         mode = "online" if args.wandb_upload else None
-        return train(cfg, os.path.join(args.out_path, name), info, replace=args.replace, wandb_mode=mode)
-    except NonFiniteLossError as e:
-        print(f"train.py: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    except (ConfigError, StageError, CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: {e}")
+        return train(cfg, run_dir, info, replace=args.replace, wandb_mode=mode)
     finally:
         dist.cleanup()
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli(main, build_parser().parse_args())

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from larp.errors import run_cli
 from larp.fvd import load_i3d
 from larp.utils import get_device
 
@@ -84,4 +85,4 @@ def get_args(argv=None):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main(get_args())
+    run_cli(main, get_args())

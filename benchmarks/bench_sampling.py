@@ -18,6 +18,7 @@ import time
 import torch
 
 from larp.ar import AR_MODELS, Generator, ModelArgs
+from larp.errors import run_cli
 from larp.utils import autocast, get_device, get_dtype
 
 
@@ -150,4 +151,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

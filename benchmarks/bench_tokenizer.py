@@ -14,6 +14,7 @@ import time
 import torch
 
 from larp.tokenizer import LARPTokenizer
+from larp.errors import run_cli
 from larp.utils import autocast, get_device, get_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,4 +90,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args())

@@ -17,6 +17,7 @@ import torch
 
 from larp import engine, stages
 from larp.config import build_config
+from larp.errors import run_cli
 from larp.utils import get_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,4 +127,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_cli(main, build_parser().parse_args())

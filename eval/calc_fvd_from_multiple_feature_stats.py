@@ -11,6 +11,7 @@ import glob
 import os
 import sys
 
+from larp.errors import UsageError, run_cli
 from larp.fvd import FeatureStats, frechet_distance, fvd_label
 
 
@@ -49,15 +50,15 @@ def get_args(argv=None):
 
 def main(args):
     if not os.path.isdir(args.dir):
-        raise SystemExit(f"error: not a folder: '{args.dir}'")
+        raise UsageError(f"--dir {args.dir}: not a folder")
     try:
         fvd, _, _, label = fvd_from_folder(args.dir, args.real_glob, args.fake_glob)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # no stats files, unreadable or unmergeable ones
+        raise UsageError(str(e)) from e
     print(label)
     print(f"fvd={fvd:.4f}")
     return fvd
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args())

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from larp.data.video_io import VideoReadError
-from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
+from larp.errors import UsageError, run_cli
+from larp.fvd import FeatureStats, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
 STATS_EXTS = (".pkl", ".npz")
@@ -49,20 +50,25 @@ def source_kind(spec):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"stats file not found: '{spec}'")
         return "stats"
-    from larp.data.dataset import resolve_csv
+    from larp.data.dataset import CSVNotFoundError, resolve_csv
     try:
         resolve_csv(spec)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"'{spec}' is not a folder of videos, a stats file (.pkl/.npz) or a CSV ({e})") from e
+    except CSVNotFoundError as e:
+        raise UsageError(f"'{spec}' is not a folder of videos, a stats file (.pkl/.npz) or a CSV ({e})") from e
     return "csv"
 
 
-def video_dataset(spec, kind, num_frames, size, num_clips=0, seed=42):
+def video_dataset(spec, kind, num_frames, size, num_clips=0, seed=42, skip_bad=False):
     if kind == "folder":
         ds = VideoFolder(spec, num_frames, size)
     else:
         from larp.data.dataset import VideoDataset, select_fvd_clips
-        ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False)
+        try:
+            ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False, skip_bad=skip_bad)
+        except VideoReadError as e:
+            raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
+        if ds.num_bad:
+            print(f"--skip_bad: left out {ds.num_bad} unreadable video(s) of {spec}", flush=True)
         if num_clips:
             ds = Subset(ds, select_fvd_clips(len(ds), num_clips, seed))
     if num_clips and kind == "folder":
@@ -74,7 +80,7 @@ def stats_for(spec, kind, detector, args, name):
     """FeatureStats of one side, loaded or computed; saved to `--save_<name>` when given."""
     if kind == "stats":
         return FeatureStats.load(spec)
-    ds = video_dataset(spec, kind, args.num_frames, args.size, args.num_clips, args.seed)
+    ds = video_dataset(spec, kind, args.num_frames, args.size, args.num_clips, args.seed, args.skip_bad)
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
     return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)")
 
@@ -115,6 +121,7 @@ def get_args(argv=None):
     p.add_argument("--size", type=int, default=128, help="frames resized (short side) and center-cropped to this")
     p.add_argument("--num_clips", type=int, default=0, help="use this many clips (CSV: drawn with --seed; 0 = all)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip_bad", action="store_true", help="CSV sources: leave unreadable videos out (counted)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -126,11 +133,11 @@ def get_args(argv=None):
 def main(args):
     for out in (args.save_real, args.save_fake):
         if out and not out.endswith(STATS_EXTS):
-            raise SystemExit(f"error: stats output must end in .pkl or .npz: '{out}'")
+            raise UsageError(f"stats output must end in .pkl or .npz: '{out}'")
     try:
         fvd, real, fake, label = compute_fvd(args)
-    except (I3DError, VideoReadError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # stats files that cannot be read or merged
+        raise UsageError(str(e)) from e
     print(f"real items: {real.num_items}  fake items: {fake.num_items}")
     print(label)
     print(f"fvd={fvd:.4f}")
@@ -139,4 +146,4 @@ def main(args):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main(get_args())
+    run_cli(main, get_args())

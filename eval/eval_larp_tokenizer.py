@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp.checkpoint import CheckpointError, atomic_write_text, read_checkpoint
+from larp.checkpoint import CheckpointError, atomic_write_text, expect_kind, read_checkpoint
+from larp.data.video_io import VideoReadError
+from larp.errors import LarpError, UsageError, run_cli
 from larp.metrics import psnr, ssim
 from larp.utils import autocast, get_device
 
@@ -78,30 +80,31 @@ def save_preview(preview, path):
 
 def check_args(args):
     """One clear error for each bad flag before any video is read; returns the tokenizer checkpoint."""
+    from larp.data.dataset import read_video_csv
     try:
         ckpt = read_checkpoint(args.tokenizer)  # (config, state dict, layout)
-        config = ckpt[0]
+        expect_kind(ckpt[0], "tokenizer", args.tokenizer)
     except CheckpointError as e:
-        raise SystemExit(f"error: --tokenizer: {e}")
-    from larp.data.dataset import resolve_csv
+        raise CheckpointError(f"--tokenizer: {e}") from None
+    config = ckpt[0]
     try:
-        resolve_csv(args.dataset_csv)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --dataset_csv: {e}")
+        read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
+    except LarpError as e:
+        raise UsageError(f"--dataset_csv: {e}") from None
     for flag, key in (("num_frames", "frame_num"), ("input_size", "input_size")):
         want = config.get(key)
         if getattr(args, flag) is None:
             setattr(args, flag, want)
         elif want is not None and getattr(args, flag) != want:
-            raise SystemExit(f"error: --{flag} {getattr(args, flag)} does not match the tokenizer's {key}={want}")
+            raise UsageError(f"--{flag} {getattr(args, flag)} does not match the tokenizer's {key}={want}")
     if not args.no_fvd:
         from larp.fvd import I3DError, check_i3d_spec
         try:
             args.i3d = check_i3d_spec(args.i3d)
         except I3DError as e:
-            raise SystemExit(f"error: --i3d: {e} (or pass --no_fvd)")
+            raise I3DError(f"--i3d: {e} (or pass --no_fvd)") from None
     if args.max_clips < 0 or args.batch_size < 1:
-        raise SystemExit("error: --max_clips must be >= 0 and --batch_size >= 1")
+        raise UsageError("--max_clips must be >= 0 and --batch_size >= 1")
     return ckpt
 
 
@@ -114,9 +117,15 @@ def main(args):
     try:
         model = LARPTokenizer.from_config_and_state_dict(config, sd, source=str(args.tokenizer))
     except CheckpointError as e:
-        raise SystemExit(f"error: --tokenizer: {e}")
+        raise CheckpointError(f"--tokenizer: {e}") from None
     model = model.to(device).set_vq_eval_deterministic(args.det)
-    ds = VideoDataset(args.dataset_csv, num_frames=args.num_frames, size=args.input_size, train=False)
+    try:
+        ds = VideoDataset(args.dataset_csv, num_frames=args.num_frames, size=args.input_size, train=False,
+                          skip_bad=args.skip_bad)
+    except VideoReadError as e:
+        raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
+    if ds.num_bad:
+        print(f"--skip_bad: left out {ds.num_bad} unreadable video(s) of {args.dataset_csv}", flush=True)
     total = len(ds)
     if args.max_clips and args.max_clips < total:
         ds = Subset(ds, select_fvd_clips(total, args.max_clips))
@@ -166,6 +175,7 @@ def get_args(argv=None):
     p.add_argument("--max_clips", type=int, default=0, help="evaluate this many clips drawn with seed 42 (0 = all)")
     p.add_argument("--i3d", default=None, help="i3d_torchscript.pt | state dict | random | random:SIZE")
     p.add_argument("--no_fvd", action="store_true")
+    p.add_argument("--skip_bad", action="store_true", help="leave unreadable videos out of the clip index (counted)")
     p.add_argument("--lpips_net", default="vgg", choices=["vgg", "alex", "squeeze"])
     p.add_argument("--num_preview", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
@@ -175,4 +185,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_cli(main, get_args())

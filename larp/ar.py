@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from larp.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
 
 ORDERS = ("nar", "raster")
 
@@ -460,6 +460,7 @@ def load_generator(spec, device="cpu"):
     """Generator in eval() mode from a hub dir / hub id / training checkpoint; order inferred from keys."""
     from larp.checkpoint import strip_prefixes
     cfg, sd, _layout = read_checkpoint(spec)
+    expect_kind(cfg, "generator", os.fspath(spec))
     sd = strip_prefixes(sd)
     if "output_R.weight" in sd:
         order = "nar"

@@ -9,11 +9,14 @@ A hub id (owner/name) is resolved to a layout-1 directory with huggingface_hub.
 import json
 import os
 import tempfile
+import zipfile
 
 import torch
 
+from larp.errors import LarpError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(LarpError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or keys."""
 
 
@@ -82,9 +85,92 @@ def load_state_dict_strict(model, sd, source="checkpoint"):
     return model
 
 
+def _first_line(e):
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+TRUNCATED_HINT = "truncated or corrupt (an interrupted download, copy or write?)"
+
+
 def load_safetensors(path):
     from safetensors.torch import load_file
-    return load_file(os.fspath(path))
+    path = os.fspath(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError: header too small, invalid header length, incomplete metadata
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)}); {TRUNCATED_HINT}") from e
+
+
+def check_weights_file(path):
+    """Cheap integrity check of a weights file without reading the tensors: a safetensors header must cover
+    the whole file; a torch.save zip archive must have its central directory (both fail when truncated)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)}); "
+                                  f"{TRUNCATED_HINT}") from e
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)}); "
+                                  f"{TRUNCATED_HINT}") from e
+    elif head[:1] != b"\x80":  # neither a zip archive (torch.save) nor a legacy pickle
+        raise CheckpointError(f"{path}: not a torch checkpoint (expected a torch.save file: a zip archive"
+                              f"{', empty file' if not head else ''}); {TRUNCATED_HINT}")
+
+
+def read_config_json(path):
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({_first_line(e)})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model settings, got {type(cfg).__name__}")
+    return cfg
+
+
+def checkpoint_kind(cfg):
+    """'tokenizer', 'generator' or None (not recognised), from a checkpoint's config dict."""
+    name = str(cfg.get("__name__") or "")
+    if name in ("larp_tokenizer", "larp") or "bottleneck_token_num" in cfg or "bottleneck" in cfg:
+        return "tokenizer"
+    if name.startswith("llama") or "vocab_size" in cfg or "n_layer" in cfg:
+        return "generator"
+    return None
+
+
+def describe_checkpoint(cfg):
+    """'a LARP tokenizer', 'a class-conditional NAR generator', 'a frame-prediction raster generator' or None."""
+    kind = checkpoint_kind(cfg)
+    if kind == "tokenizer":
+        return "a LARP tokenizer"
+    if kind == "generator":
+        fp = bool(cfg.get("frame_prediction", cfg.get("model_type") == "frame_pred"))
+        order = cfg.get("order") or ("nar" if cfg.get("latent_shape") else "raster")
+        return f"a {'frame-prediction' if fp else 'class-conditional'} {'NAR' if order == 'nar' else order} generator"
+    return None
+
+
+def expect_kind(cfg, want, source):
+    """Raise a CheckpointError naming `source` unless its config is a `want` ('tokenizer' or 'generator')."""
+    kind = checkpoint_kind(cfg)
+    if kind == want:
+        return
+    expected = "a LARP tokenizer" if want == "tokenizer" else "a generator (NAR or raster)"
+    if kind is None:
+        raise CheckpointError(f"{source}: its config has neither tokenizer nor generator keys, expected {expected}")
+    raise CheckpointError(f"{source}: holds {describe_checkpoint(cfg)}, expected {expected}")
 
 
 def save_hub_dir(directory, config, state_dict):
@@ -111,11 +197,33 @@ def resolve_hub_id(name):
             f"directory, or set HF_HUB_OFFLINE=1 with a warm cache") from e
 
 
+def peek_checkpoint(spec):
+    """The config dict of a checkpoint without reading the tensors of a hub-style folder (its weights files are
+    checked for truncation: header / zip directory); training *.pth files are read whole. Raises CheckpointError."""
+    path = os.fspath(spec)
+    if not os.path.exists(path):
+        if path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith((".pth", ".pt", ".json")):
+            path = resolve_hub_id(path)
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+    jsons = sorted(p for p in os.listdir(path) if p.endswith(".json")) if os.path.isdir(path) else []
+    if not (os.path.isdir(path) and ("config.json" in jsons or len(jsons) == 1)):
+        return read_checkpoint(path)[0]
+    cfg = read_config_json(os.path.join(path, "config.json" if "config.json" in jsons else jsons[0]))
+    weights = sorted(p for p in os.listdir(path) if p.endswith((".safetensors", ".pth")))
+    if not weights:
+        raise CheckpointError(f"{path}: no model.safetensors or *.pth weights beside {jsons[0]}")
+    for name in weights:
+        check_weights_file(os.path.join(path, name))
+    return cfg
+
+
 def read_checkpoint(spec):
     """Resolve `spec` to (config dict, state dict, layout name).
 
     `config` is the constructor kwargs / model args; for training checkpoints the
-    size name is returned as config["__name__"] when present.
+    size name is returned as config["__name__"] when present. Every failure is a CheckpointError naming the file
+    and what was expected.
     """
     spec = os.fspath(spec)
     if not os.path.exists(spec):
@@ -127,14 +235,17 @@ def read_checkpoint(spec):
         cfg_path = os.path.join(spec, "config.json")
         st_path = os.path.join(spec, "model.safetensors")
         if os.path.exists(cfg_path) and os.path.exists(st_path):
-            with open(cfg_path) as f:
-                return json.load(f), load_safetensors(st_path), "hub"
+            return read_config_json(cfg_path), load_safetensors(st_path), "hub"
         pths = sorted(p for p in os.listdir(spec) if p.endswith(".pth"))
         jsons = sorted(p for p in os.listdir(spec) if p.endswith(".json"))
         if len(pths) == 1 and len(jsons) == 1:
-            with open(os.path.join(spec, jsons[0])) as f:
-                cfg = json.load(f)
-            sd = torch.load(os.path.join(spec, pths[0]), map_location="cpu", weights_only=True)
+            cfg = read_config_json(os.path.join(spec, jsons[0]))
+            pth = os.path.join(spec, pths[0])
+            check_weights_file(pth)
+            try:
+                sd = torch.load(pth, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{pth}: not a readable state dict ({_first_line(e)})") from e
             return cfg, sd, "pth_json"
         raise CheckpointError(
             f"{spec}: expected config.json + model.safetensors, or exactly one *.pth + one *.json "
@@ -143,16 +254,20 @@ def read_checkpoint(spec):
         cfg_path = os.path.join(os.path.dirname(spec), "config.json")
         if not os.path.exists(cfg_path):
             raise CheckpointError(f"{spec}: no config.json beside it")
-        with open(cfg_path) as f:
-            return json.load(f), load_safetensors(spec), "hub"
+        return read_config_json(cfg_path), load_safetensors(spec), "hub"
+    if spec.endswith(".json"):
+        raise CheckpointError(f"{spec}: a config alone; pass its folder (config.json + model.safetensors)")
+    check_weights_file(spec)
     try:
         ckpt = torch.load(spec, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{spec}: cannot be read as a torch checkpoint ({e})") from e
+        raise CheckpointError(f"{spec}: cannot be read as a torch checkpoint ({_first_line(e)})") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "sd" in ckpt["model"]:
         m = ckpt["model"]
         cfg = dict(m.get("args") or {})
         if m.get("name") is not None:
             cfg["__name__"] = m["name"]
         return cfg, m["sd"], "train_ckpt"
-    raise CheckpointError(f"{spec}: not a training checkpoint (expected {{'model': {{'name', 'args', 'sd'}}}})")
+    raise CheckpointError(f"{spec}: unknown checkpoint layout (expected a training checkpoint "
+                          f"{{'model': {{'name', 'args', 'sd'}}}}, a config.json + model.safetensors folder or a "
+                          f"*.pth + *.json folder)")

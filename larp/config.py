@@ -13,8 +13,10 @@ import re
 
 import yaml
 
+from larp.errors import LarpError
 
-class ConfigError(ValueError):
+
+class ConfigError(LarpError, ValueError):
     """A user error in a config file or an override; the message names the key."""
 
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from larp.dist import all_reduce_grads, all_reduce_mean
+from larp.errors import LarpError
 from larp.utils import autocast
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(LarpError, FloatingPointError):
     """Raised on every rank together (the loss is averaged over ranks first); names the step."""
 
     def __init__(self, step, name, value):

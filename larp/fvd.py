@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from larp.checkpoint import atomic_write
+from larp.errors import LarpError
 from larp.i3d import RANDOM_SEED, InceptionI3d, random_i3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ RANDOM_LABEL = "random I3D, not comparable to published FVD"
 EXPECTED_SHA256_ENV = "LARP_I3D_SHA256"
 
 
-class I3DError(RuntimeError):
+class I3DError(LarpError, RuntimeError):
     """The I3D detector cannot be found or loaded; the message says what to do."""
 
 
@@ -64,7 +65,20 @@ def check_i3d_spec(spec=None):
                "$LARP_I3D=/path/to/i3d_torchscript.pt or pass --i3d PATH; "
                "--i3d random[:SIZE] runs offline but is not comparable to published FVD")
         raise I3DError(f"I3D detector file not found: '{path}': {how}")
+    _check_model_file(path)
     return path
+
+
+def _check_model_file(path):
+    """Cheap: the detector file must look like a model (a zip archive from torch.jit.save / torch.save, a legacy
+    pickle or a safetensors file), so a wrong file is one line naming it rather than a loader traceback."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    looks_safetensors = path.endswith(".safetensors") and len(head) == 8
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80" or looks_safetensors):
+        what = "an empty file" if not head else "neither a TorchScript/torch.save archive nor a safetensors file"
+        raise I3DError(f"I3D detector '{path}' is not a model file ({what}); expected the StyleGAN-V "
+                       f"i3d_torchscript.pt or an InceptionI3d state dict (or --i3d random[:SIZE])")
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -294,13 +308,19 @@ class FeatureStats:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"stats file not found: '{path}'")
         if path.endswith(".npz"):
-            with np.load(path) as z:
-                d = {k: z[k] for k in z.files}
+            try:
+                with np.load(path) as z:
+                    d = {k: z[k] for k in z.files}
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(f"'{path}': not a readable .npz stats file ({e})") from e
             return cls._from_moments(d, path)
         if not path.endswith(".pkl"):
             raise ValueError(f"stats file must end in .pkl or .npz: '{path}'")
-        with open(path, "rb") as f:
-            d = pickle.load(f)
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+            raise ValueError(f"'{path}': not a readable stats pickle ({type(e).__name__}: {e}); truncated?") from e
         if not isinstance(d, dict):
             raise ValueError(f"'{path}': expected a pickled dict of statistics, got {type(d).__name__}")
         if "mu" in d and "sigma" in d:

@@ -24,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from larp.discriminator import VideoDiscriminator
+from larp.errors import LarpError
 
 
-class PerceptualWeightsMissing(FileNotFoundError):
+class PerceptualWeightsMissing(LarpError, FileNotFoundError):
     """LPIPS needs torchvision's ImageNet backbone weights, which this machine does not have."""
 
 

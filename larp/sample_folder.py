@@ -16,6 +16,7 @@ import numpy as np
 from filelock import FileLock
 
 from larp.checkpoint import atomic_write, atomic_write_text
+from larp.errors import LarpError
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
                   "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction",
@@ -24,7 +25,7 @@ SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "c
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
 
 
-class SampleError(SystemExit):
+class SampleError(LarpError):
     """A user error found before (or instead of) long work; the message is one line naming the cause."""
 
 
@@ -70,6 +71,21 @@ def finished_ranges(output_dir):
     return sorted(out)
 
 
+def remove_partial(output_dir, a, b):
+    """Files of unfinished ranges inside [a, b) (a process killed while writing a chunk): they are redone, and
+    must not be globbed by the eval/ tools meanwhile. [a, b) belongs to the caller alone (shards never overlap)."""
+    pattern = re.compile(r"^(?:generated|gt)_fvd_stats_(\d+)_(\d+)\.pkl$|^nll_(\d+)_(\d+)\.npy$|"
+                         r"^samples_(\d+)_(\d+)\.csv$|^range_(\d+)_(\d+)\.json$")
+    finished = set(finished_ranges(output_dir))
+    for folder in (output_dir, os.path.join(output_dir, "parts")):
+        for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+            m = pattern.match(name)
+            if m:
+                ra, rb = (int(x) for x in m.groups() if x is not None)
+                if a <= ra < rb <= b and (ra, rb) not in finished:
+                    os.remove(os.path.join(folder, name))
+
+
 def remove_ranges(output_dir, a, b):
     """--replace: delete (under the lock) the files of every finished range that overlaps [a, b)."""
     with FileLock(os.path.join(output_dir, ".fvd.lock")):
@@ -112,7 +128,7 @@ def claim_output_dir(output_dir, settings, start, end):
             diff = [f"{k}: {old.get(k)!r} there vs {settings.get(k)!r} now"
                     for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
             if diff:
-                raise SampleError(f"error: --output_dir {output_dir} holds a run with different settings "
+                raise SampleError(f"--output_dir {output_dir} holds a run with different settings "
                                   f"({'; '.join(diff)}); use another --output_dir")
         else:
             atomic_write_text(cfg_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -120,7 +136,7 @@ def claim_output_dir(output_dir, settings, start, end):
         shards = json.load(open(shards_path)) if os.path.exists(shards_path) else []
         for a, b in shards:
             if (a, b) != (start, end) and max(a, start) < min(b, end):
-                raise SampleError(f"error: shard [{start}, {end}) overlaps shard [{a}, {b}) already sampled into "
+                raise SampleError(f"shard [{start}, {end}) overlaps shard [{a}, {b}) already sampled into "
                                   f"{output_dir}; choose non-overlapping --starting_index/--num_samples")
         if [start, end] not in shards:
             atomic_write_text(shards_path, json.dumps(sorted(shards + [[start, end]])) + "\n")

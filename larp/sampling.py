@@ -8,10 +8,16 @@ machines, at the same time:
   sampled_videos/<i>.mp4             the generated video of global index i (gt_videos/<i>.mp4: its real clip,
                                      frame prediction only)
   generated_fvd_stats_<a>_<b>.pkl    I3D feature statistics of the samples [a, b) (b exclusive), written last:
-  gt_fvd_stats_<a>_<b>.pkl, nll_<a>_<b>.npy    a range with all three files is finished and is skipped on reruns
+  gt_fvd_stats_<a>_<b>.pkl, nll_<a>_<b>.npy    a range with all its files is finished and is skipped on reruns
   parts/samples_<a>_<b>.csv, parts/range_<a>_<b>.json    per-range rows and timing, merged into samples.csv
                                      (index,label,action,path,...: readable by larp.data.oracle) and timing.json
   preview.png, fvd_report.csv, .fvd.lock
+
+Chunks: a process writes its range as chunks of `--chunk_size` samples ([a, a + C), [a + C, a + 2C), ...), each a
+finished range of its own once its files are written. A killed process loses only the chunk in progress: a rerun
+removes that chunk's partial files and continues from the first unfinished chunk, with the same chunk boundaries
+and therefore the same batches, files, FVD and report row as an uninterrupted run. The float64 statistics of the
+chunks add up exactly, and the FVD uses one tiling of [0, total) by finished ranges, so no sample counts twice.
 
 Reproducibility: sample i is drawn with seed `sample_seed(seed, i)` = seed * 1_000_003 + i, handed to the
 generator's per-sample `seeds`, so a video depends on its global index only, never on the shard layout, the batch
@@ -35,9 +41,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from larp.checkpoint import CheckpointError, atomic_write, atomic_write_text, read_checkpoint, resolve_hub_id
+from larp.checkpoint import (CheckpointError, atomic_write, atomic_write_text, checkpoint_kind, describe_checkpoint,
+                             peek_checkpoint)
 from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, claim_output_dir, finalize,
-                                find_tiling, finished_ranges, remove_ranges, run_id, stats_paths, write_csv)
+                                find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths,
+                                write_csv)
 from larp.utils import autocast, get_device
 
 SEED_STRIDE = 1_000_003
@@ -72,35 +80,37 @@ def _spec_id(spec):
     return os.path.abspath(spec) if os.path.exists(spec) else spec
 
 
-def read_model_config(spec, flag):
-    """The config dict of a checkpoint without building the model (weights are read only for *.pth files)."""
+def read_model_config(spec, flag, want):
+    """The config dict of a checkpoint, checked cheaply before any model is built (larp.checkpoint.peek_checkpoint)
+    and required to be a `want` ('tokenizer' or 'generator')."""
+    if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
+        raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either
     try:
-        path = spec
-        if not os.path.exists(path):
-            if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith((".pth", ".pt")):
-                path = resolve_hub_id(spec)
-            else:
-                raise SampleError(f"error: --{flag} {spec}: no such file or directory")
-        jsons = sorted(p for p in os.listdir(path) if p.endswith(".json")) if os.path.isdir(path) else []
-        if os.path.isdir(path) and ("config.json" in jsons or len(jsons) == 1):
-            with open(os.path.join(path, "config.json" if "config.json" in jsons else jsons[0])) as f:
-                return json.load(f)
-        return read_checkpoint(path)[0]
+        cfg = peek_checkpoint(spec)
     except CheckpointError as e:
-        raise SampleError(f"error: --{flag}: {e}") from None
+        raise SampleError(f"--{flag}: {e}") from None
+    if checkpoint_kind(cfg) != want:
+        expected = "a LARP tokenizer" if want == "tokenizer" else "a generator (NAR or raster)"
+        found = describe_checkpoint(cfg)
+        if found is None:
+            raise SampleError(f"--{flag} {spec}: its config has neither tokenizer nor generator keys; expected "
+                              f"{expected}")
+        raise SampleError(f"--{flag} {spec}: holds {found}, expected {expected}; are --ar_model and --tokenizer "
+                          f"swapped?")
+    return cfg
 
 
 def _check_ranges(args, total):
-    if args.num_samples < 1 or args.sample_batch_size < 1:
-        raise SampleError("error: --num_samples and --sample_batch_size must be >= 1")
+    if args.num_samples < 1 or args.sample_batch_size < 1 or args.chunk_size < 1:
+        raise SampleError("--num_samples, --sample_batch_size and --chunk_size must be >= 1")
     if args.starting_index < 0 or args.starting_index >= total:
-        raise SampleError(f"error: --starting_index {args.starting_index} is outside [0, {total}) "
+        raise SampleError(f"--starting_index {args.starting_index} is outside [0, {total}) "
                           f"(--num_samples_total {total})")
     if args.starting_index + args.num_samples > total:
-        raise SampleError(f"error: --starting_index {args.starting_index} + --num_samples {args.num_samples} "
+        raise SampleError(f"--starting_index {args.starting_index} + --num_samples {args.num_samples} "
                           f"exceeds --num_samples_total {total}")
     if args.frame_prediction and args.cfg_scale != 1.0:
-        raise SampleError(f"error: --cfg_scale {args.cfg_scale} with --frame_prediction: classifier-free "
+        raise SampleError(f"--cfg_scale {args.cfg_scale} with --frame_prediction: classifier-free "
                           f"guidance needs a class condition; use --cfg_scale 1")
 
 
@@ -109,26 +119,26 @@ def _check_models(args, tok_cfg, ar_cfg):
     frames, size = tok_cfg.get("frame_num"), tok_cfg.get("input_size")
     for flag, want, have in (("num_frames", frames, args.num_frames), ("input_size", size, args.input_size)):
         if have is not None and want is not None and have != want:
-            raise SampleError(f"error: --{flag} {have} does not match the tokenizer ({want})")
+            raise SampleError(f"--{flag} {have} does not match the tokenizer ({want})")
     frames, size = args.num_frames or frames, args.input_size or size
     if frames is None or size is None:
-        raise SampleError("error: the tokenizer config has no frame_num/input_size; pass --num_frames/--input_size")
+        raise SampleError("the tokenizer config has no frame_num/input_size; pass --num_frames/--input_size")
     fp = bool(ar_cfg.get("frame_prediction", ar_cfg.get("model_type") == "frame_pred"))
     if fp != bool(args.frame_prediction):
-        raise SampleError(f"error: --ar_model is a {'frame-prediction' if fp else 'class-conditional'} generator; "
+        raise SampleError(f"--ar_model is a {'frame-prediction' if fp else 'class-conditional'} generator; "
                           f"{'add' if fp else 'remove'} --frame_prediction")
     if args.frame_prediction and not 1 <= args.num_cond_frames < frames:
-        raise SampleError(f"error: --num_cond_frames {args.num_cond_frames} must be in [1, {frames})")
+        raise SampleError(f"--num_cond_frames {args.num_cond_frames} must be in [1, {frames})")
     shape, n_tok = ar_cfg.get("latent_shape"), tok_cfg.get("bottleneck_token_num")
     if shape and n_tok and int(np.prod(shape)) != n_tok:
-        raise SampleError(f"error: generator grid {list(shape)} has {int(np.prod(shape))} tokens but the tokenizer "
+        raise SampleError(f"generator grid {list(shape)} has {int(np.prod(shape))} tokens but the tokenizer "
                           f"makes {n_tok}")
     if fp and shape and ar_cfg.get("cls_token_num") and ar_cfg["cls_token_num"] != int(np.prod(shape)) + 1:
-        raise SampleError(f"error: frame-prediction generator has cls_token_num {ar_cfg['cls_token_num']}, "
+        raise SampleError(f"frame-prediction generator has cls_token_num {ar_cfg['cls_token_num']}, "
                           f"expected {int(np.prod(shape)) + 1} (condition tokens + separator)")
     reg = tok_cfg.get("bottleneck", {}).get("args", {}).get("regularizer", {}).get("args", {})
     if reg.get("codebook_size") and ar_cfg.get("vocab_size") and reg["codebook_size"] != ar_cfg["vocab_size"]:
-        raise SampleError(f"error: generator vocab_size {ar_cfg['vocab_size']} != tokenizer codebook_size "
+        raise SampleError(f"generator vocab_size {ar_cfg['vocab_size']} != tokenizer codebook_size "
                           f"{reg['codebook_size']}")
     return int(frames), int(size)
 
@@ -149,40 +159,39 @@ def run_settings(args, num_frames, input_size, fvd_size, csv_paths, i3d_spec):
 def prepare(args):
     """Validate flags, data and output folder before any model loads. Returns a dict with the plan."""
     from larp import fvd
-    from larp.data.dataset import VideoDataset, read_video_csv, resolve_csv, select_fvd_clips
+    from larp.data.dataset import (CSVError, CSVNotFoundError, VideoDataset, check_labels, read_video_csv, resolve_csv,
+                                   select_fvd_clips)
     from larp.data.video_io import VideoReadError
 
     if args.dtype not in DTYPE_NAMES:
-        raise SampleError(f"error: --dtype {args.dtype}: expected one of {sorted(DTYPE_NAMES)}")
+        raise SampleError(f"--dtype {args.dtype}: expected one of {sorted(DTYPE_NAMES)}")
     total = args.num_samples if args.num_samples_total is None else args.num_samples_total
     args.num_samples_total = total
     _check_ranges(args, total)
     try:
         csv_paths = resolve_csv(args.dataset_csv)
-    except (FileNotFoundError, ValueError) as e:
-        raise SampleError(f"error: --dataset_csv {args.dataset_csv}: {e}") from None
-    tok_cfg = read_model_config(args.tokenizer, "tokenizer")
-    ar_cfg = read_model_config(args.ar_model, "ar_model")
+    except CSVNotFoundError as e:
+        raise SampleError(f"--dataset_csv {args.dataset_csv}: {e}") from None
+    tok_cfg = read_model_config(args.tokenizer, "tokenizer", "tokenizer")
+    ar_cfg = read_model_config(args.ar_model, "ar_model", "generator")
     num_frames, input_size = _check_models(args, tok_cfg, ar_cfg)
     try:
         i3d_spec = fvd.check_i3d_spec(args.i3d)
     except fvd.I3DError as e:
-        raise SampleError(f"error: --i3d: {e}") from None
+        raise SampleError(f"--i3d: {e}") from None
     fvd_size = args.fvd_size or (64 if args.frame_prediction else input_size)
 
     try:
+        df = read_video_csv(args.dataset_csv)
+        if not args.frame_prediction and ar_cfg.get("num_classes"):
+            check_labels(df, ar_cfg["num_classes"], args.dataset_csv, f"the generator --ar_model {args.ar_model}")
         dataset = VideoDataset(args.dataset_csv, num_frames=num_frames, size=input_size, train=False)
-    except (VideoReadError, ValueError) as e:
-        raise SampleError(f"error: --dataset_csv {args.dataset_csv}: {e}") from None
+    except (VideoReadError, CSVError) as e:  # the message names the CSV or the video
+        raise SampleError(f"--dataset_csv: {e}") from None
     if total > len(dataset):
-        raise SampleError(f"error: --num_samples_total {total} exceeds the {len(dataset)} clips of "
+        raise SampleError(f"--num_samples_total {total} exceeds the {len(dataset)} clips of "
                           f"{num_frames} frames in {args.dataset_csv}")
     chosen = select_fvd_clips(len(dataset), total, seed=args.dataset_split_seed)
-    labels = [int(dataset.clips[i][2]) for i in chosen]
-    if not args.frame_prediction and ar_cfg.get("num_classes") and max(labels) >= ar_cfg["num_classes"]:
-        raise SampleError(f"error: {args.dataset_csv} has label {max(labels)} but the generator knows "
-                          f"{ar_cfg['num_classes']} classes")
-    df = read_video_csv(args.dataset_csv)
     class_names = {int(l): str(a) for l, a in zip(df["label"], df["action"])}
 
     settings = run_settings(args, num_frames, input_size, fvd_size, csv_paths, i3d_spec)
@@ -229,34 +238,70 @@ def load_models(args, device):
     from larp.tokenizer import LARPTokenizer
     try:
         tokenizer = LARPTokenizer.from_pretrained(args.tokenizer).to(device).eval()
+    except CheckpointError as e:
+        raise SampleError(f"--tokenizer: {e}") from None
+    try:
         model = load_generator(args.ar_model, device=device).eval()
     except CheckpointError as e:
-        raise SampleError(f"error: {e}") from None
+        raise SampleError(f"--ar_model: {e}") from None
     tokenizer.set_vq_eval_deterministic(True)
     return tokenizer, model
 
 
-def sample_range(args, plan, a, b, models, detector, device, log=print):
-    """Generate, save and measure the samples [a, b); write their stats files last. Returns the timing dict."""
-    from larp.fvd import FeatureStats, fvd_label
+def todo_chunks(done, a, b, chunk_size):
+    """The chunks [c, d) of [a, b) still to sample, given the finished ranges `done`.
+
+    Walks from `a`: a finished range starting here (and ending within [a, b)) is skipped, else a new chunk of at
+    most `chunk_size` samples starts here and stops at the next finished range. Chunk boundaries are a + k *
+    chunk_size whatever was killed when, so a resumed run writes the same files as an uninterrupted one.
+    """
+    ends = {}
+    for c, d in done:
+        if a <= c < d <= b:
+            ends[c] = max(ends.get(c, d), d)
+    todo, pos = [], a
+    while pos < b:
+        if pos in ends:
+            pos = ends[pos]
+            continue
+        stop = min([c for c in ends if c > pos] + [b, a + ((pos - a) // chunk_size + 1) * chunk_size])
+        todo.append((pos, stop))
+        pos = stop
+    return todo
+
+
+def _new_timing():
+    return dict.fromkeys(["data_s", "encode_s", "generate_s", "decode_s", "i3d_s", "write_wait_s"], 0.0)
+
+
+def sample_chunks(args, plan, chunks, models, detector, device, log=print):
+    """Generate, save and measure the samples of each chunk [c, d) in `chunks` (one loader over all of them).
+
+    A chunk's files are written once all its samples and mp4s are done, its generated stats last (their presence
+    marks the chunk finished), so a killed process loses at most the chunk in progress. Returns the timing dicts.
+    """
+    from larp.fvd import FeatureStats
     from larp.data.video_io import write_video
     from larp.visualize import save_video_grid_png
 
     s, out = plan["settings"], args.output_dir
     tokenizer, model = models
-    subset = torch.utils.data.Subset(plan["dataset"], plan["chosen"][a:b])
-    loader = torch.utils.data.DataLoader(subset, batch_size=args.sample_batch_size, shuffle=False,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    gen_stats, gt_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
-    nlls, rows, pending = [], [], []
-    tm = dict.fromkeys(["data_s", "encode_s", "generate_s", "decode_s", "i3d_s", "write_wait_s"], 0.0)
-    t_start = t_data = time.perf_counter()
+    batches = [list(range(i, min(i + args.sample_batch_size, d))) for c, d in chunks
+               for i in range(c, d, args.sample_batch_size)]  # global indices; a batch never crosses a chunk
+    subset = torch.utils.data.Subset(plan["dataset"], plan["chosen"])  # position i = global sample index i
+    loader = torch.utils.data.DataLoader(subset, batch_sampler=batches, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda")
+    timings, k = [], 0
+    new_chunk = True
     with ThreadPoolExecutor(max_workers=4) as pool:
-        pos = a
-        for batch in tqdm(loader, desc=f"sampling [{a}, {b})", unit="batch"):
+        t_data = time.perf_counter()
+        for batch, idx in tqdm(zip(loader, batches), total=len(batches), unit="batch",
+                               desc=f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"):
+            if new_chunk:
+                gen_stats, gt_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
+                nlls, rows, pending, tm = [], [], [], _new_timing()
+                t_start, new_chunk = t_data, False
             video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S) real clips in [0, 1]
-            idx = list(range(pos, pos + video.shape[0]))
-            pos += video.shape[0]
             t0 = _clock(device)
             tm["data_s"] += t0 - t_data
             with torch.no_grad(), autocast(device, s["dtype"]):
@@ -300,12 +345,22 @@ def sample_range(args, plan, a, b, models, detector, device, log=print):
                 save_preview(os.path.join(out, "preview.png"), fake, video if s["frame_prediction"] else None,
                              rows[:PREVIEW_SAMPLES], save_video_grid_png)
             pending = _drain(pending, keep=4 * args.sample_batch_size)
+            if idx[-1] + 1 == chunks[k][1]:  # the chunk is complete
+                t5 = time.perf_counter()
+                for fut in pending:
+                    fut.result()
+                tm["write_wait_s"] = time.perf_counter() - t5
+                tm["total_s"] = time.perf_counter() - t_start
+                timings.append(_write_chunk(out, chunks[k], gen_stats, gt_stats, nlls, rows, tm, detector, s, log))
+                k, new_chunk = k + 1, True
             t_data = time.perf_counter()
-        t5 = time.perf_counter()
-        for f in pending:
-            f.result()
-    tm["write_wait_s"] = time.perf_counter() - t5
-    tm["total_s"] = time.perf_counter() - t_start
+    return timings
+
+
+def _write_chunk(out, chunk, gen_stats, gt_stats, nlls, rows, tm, detector, s, log):
+    """The files of a finished chunk [a, b), atomically, the generated stats last."""
+    from larp.fvd import fvd_label
+    a, b = chunk
     tm["num_videos"] = b - a
     tm["generate_videos_per_s"] = (b - a) / max(tm["generate_s"], 1e-9)
     paths = stats_paths(out, a, b)
@@ -363,12 +418,17 @@ def run(args):
     a, b = rank_range(plan["start"], plan["end"] - plan["start"], rank, world)
     out, settings = args.output_dir, plan["settings"]
     log(f"run {run_id(settings)}: samples [{a}, {b}) of [0, {settings['num_samples_total']}) into {out}")
-    done = [r for r in finished_ranges(out) if a <= r[0] and r[1] <= b]
-    if a < b and find_tiling(done, a, b) is not None and not args.replace:
+    if args.replace and a < b:
+        remove_ranges(out, a, b)
+    remove_partial(out, a, b)
+    done = finished_ranges(out)
+    todo = todo_chunks(done, a, b, args.chunk_size) if a < b and find_tiling(done, a, b) is None else []
+    if a < b and not todo:
         log(f"skipping [{a}, {b}): its stats already exist in {out} (use --replace to redo)")
-    elif a < b:
-        if args.replace:
-            remove_ranges(out, a, b)
+    elif todo:
+        left = sum(d - c for c, d in todo)
+        if left < b - a:
+            log(f"resuming [{a}, {b}): {b - a - left} samples already finished in {out}; sampling the other {left}")
         device = get_device(args.device)
         if device.type == "cuda" and world > 1 and args.device in (None, "", "auto", "cuda"):
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -376,7 +436,7 @@ def run(args):
         models = load_models(args, device)
         detector = load_i3d(plan["i3d_spec"], device)
         log(f"models and I3D loaded in {time.perf_counter() - t0:.1f} s on {device}")
-        sample_range(args, plan, a, b, models, detector, device, log=log)
+        sample_chunks(args, plan, todo, models, detector, device, log=log)
     result = finalize(out, settings, replace=args.replace, log=log)
     if result["fvd"] is None:
         log(f"covered {result['covered']} of {settings['num_samples_total']} samples; the FVD is computed when "

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from larp import dist, engine
 from larp.checkpoint import atomic_save
+from larp.errors import LarpError
 
 
-class StageError(ValueError):
+class StageError(LarpError, ValueError):
     """Inconsistent settings found before training starts; the message names them."""
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from larp.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent, vit_block
-from larp.checkpoint import CheckpointError, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
 from larp.prior import LatentPrior, PriorConfig
 from larp.quantizer import Bottleneck
 
@@ -228,6 +228,7 @@ class LARPTokenizer(nn.Module):
     @classmethod
     def from_config_and_state_dict(cls, config, sd, source="checkpoint"):
         """Build from constructor kwargs and load `sd` strictly (errors name the keys); returns an eval() model."""
+        expect_kind(config, "tokenizer", source)
         config = dict(config)
         name = config.pop("__name__", None)
         if name not in (None, "larp_tokenizer", "larp"):

@@ -6,6 +6,7 @@ its own generator; evaluation runs under a forked RNG. A restarted run therefore
 of its epoch, restores the per-rank RNG states and the optimizer, and repeats the uninterrupted run exactly.
 """
 import glob
+import math
 import os
 import random
 import shutil
@@ -17,8 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from larp import dist, engine
-from larp.checkpoint import CheckpointError, atomic_save, atomic_write_text, strip_prefixes
+from larp.checkpoint import CheckpointError, atomic_save, atomic_write_text, check_weights_file, strip_prefixes
 from larp.config import dump_yaml
+from larp.data.video_io import VideoReadError
+from larp.errors import one_line
 from larp.logger import RunLogger
 from larp.utils import seed_everything
 
@@ -76,6 +79,20 @@ class ResumableBatchSampler:
             yield [(int(i), item_seed(self.seed, self.epoch, int(i))) for i in chunk]
 
 
+def _batches(loader):
+    """Iterate `loader`; an unreadable video (possibly raised in a worker process) names the file and the way to
+    skip such files instead of the worker's traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except VideoReadError as e:
+            raise VideoReadError(f"{one_line(e)}; {SKIP_HINT}") from e
+        yield batch
+
+
 def make_loader(dataset, cfg, info, epoch, start_batch):
     sampler = ResumableBatchSampler(len(dataset), cfg["batch_size"], info.rank, info.world_size, cfg["seed"],
                                     epoch, start_batch)
@@ -124,12 +141,46 @@ def save_checkpoint(path, run, cfg, step, epoch):
     atomic_save(ckpt, path)
 
 
+SKIP_HINT = "set data.skip_bad true to skip unreadable videos (they are counted and reported)"
+RESUME_HINT = "pass --replace to start fresh (it deletes this run's checkpoints and logs) or choose another --name"
+
+
+def check_resume(path, cfg):
+    """Cheap check of the checkpoint a run would resume from: readable (mmap: the tensors are not read) and of
+    the stage / model this config trains. Raises CheckpointError naming the file; never modifies it."""
+    try:
+        check_weights_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; cannot resume from it: {RESUME_HINT}") from e
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({one_line(e)}); {RESUME_HINT}") from e
+    saved = ckpt.get("cfg") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict) or not isinstance(ckpt.get("model"), dict) or "step" not in ckpt:
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (expected the keys model, "
+                              f"optimizer, step, cfg); {RESUME_HINT}")
+    want, have = _trains(cfg), _trains(saved)
+    if want != have:
+        raise CheckpointError(f"{path}: holds {have} but the config trains {want}; {RESUME_HINT}")
+    return ckpt["step"]
+
+
+def _trains(cfg):
+    """'a LARP tokenizer', 'a class-conditional NAR generator (llama-abs-L)', ... for a training config."""
+    if cfg.get("stage") == "tokenizer":
+        return "a LARP tokenizer"
+    m = cfg.get("model", {})
+    return (f"a {'frame-prediction' if m.get('frame_prediction') else 'class-conditional'} "
+            f"{'NAR' if m.get('order') == 'nar' else m.get('order')} generator ({m.get('name')})")
+
+
 def load_checkpoint(path, run, info):
     """Restore model/optimizer/scaler/EMA (+ discriminator) and this rank's RNG; returns (step, saved cfg)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot resume from it ({e}); pass --replace to start fresh") from e
+        raise CheckpointError(f"{path}: cannot resume from it ({e}); {RESUME_HINT}") from e
     from larp.checkpoint import load_state_dict_strict
     load_state_dict_strict(run["raw_model"], ckpt["model"]["sd"], source=path)
     run["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -194,9 +245,68 @@ def wrap_model(raw, cfg, info):
     return model
 
 
+def preflight(cfg, run_dir, world_size=1, replace=False):
+    """The cheap checks of everything a run needs, so a launch script fails with one line before torchrun starts
+    N processes: the batch split, the CSVs (columns, labels, listed videos present), the frozen tokenizer (kind,
+    geometry, weights not truncated), the detector and the checkpoint to resume from. Returns lines to print."""
+    from larp import fvd
+    from larp.checkpoint import checkpoint_kind, describe_checkpoint, peek_checkpoint
+    from larp.config import ConfigError
+    from larp.data.dataset import check_labels, check_videos_exist, read_video_csv
+    from larp.data.video_io import VideoReadError
+    from larp.stages import StageError
+    notes = []
+    if cfg["batch_size"] % world_size:
+        raise ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {world_size} processes")
+    d, m = cfg["data"], cfg["model"]
+    for key in ("csv", "val_csv"):
+        if not d[key]:
+            continue
+        df = read_video_csv(d[key])
+        if cfg["stage"] == "ar" and not m["frame_prediction"]:
+            check_labels(df, m["num_classes"], d[key], "model.num_classes")
+        try:
+            check_videos_exist(df, d[key])
+        except VideoReadError as e:
+            if not d["skip_bad"]:
+                raise VideoReadError(f"{e}; fix the CSV or {SKIP_HINT}") from None
+            notes.append(f"data.skip_bad: {e} (they will be skipped)")
+        notes.append(f"data.{key}: {len(df)} videos listed in {d[key]}")
+    if cfg["stage"] == "ar":
+        spec = cfg["vae"]["checkpoint"]
+        if not spec:
+            raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or "
+                             "hub id>")
+        try:
+            tok = peek_checkpoint(spec)
+        except CheckpointError as e:
+            raise CheckpointError(f"vae.checkpoint: {e}") from None
+        if checkpoint_kind(tok) != "tokenizer":
+            raise CheckpointError(f"vae.checkpoint {spec}: holds {describe_checkpoint(tok) or 'an unknown model'}, "
+                                  f"expected a LARP tokenizer")
+        geometry = (tok.get("frame_num"), tok.get("input_size"))
+        if None not in geometry and geometry != (d["frame_num"], d["input_size"]):
+            raise StageError(f"vae.checkpoint {spec} encodes {geometry[0]}-frame {geometry[1]}px clips but "
+                             f"data.frame_num/input_size are {d['frame_num']}/{d['input_size']}")
+        n = tok.get("bottleneck_token_num")
+        if n and math.prod(m["latent_shape"]) != n:
+            raise StageError(f"model.latent_shape {m['latent_shape']} has {math.prod(m['latent_shape'])} cells but "
+                             f"the tokenizer {spec} gives {n} tokens per clip")
+        notes.append(f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})")
+        if cfg["eval"]["fvd_videos"]:
+            fvd.check_i3d_spec(cfg["eval"]["i3d"])
+    latest = os.path.join(run_dir, "ckpt_latest.pth")
+    if os.path.exists(latest) and not replace:
+        notes.append(f"resumes from {latest} at step {check_resume(latest, cfg)}")
+    else:
+        notes.append(f"starts fresh in {run_dir}")
+    return notes
+
+
 def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None)."""
     from larp import stages
+    notes = preflight(cfg, run_dir, info.world_size, replace)  # one clear error before anything is written
     seed_everything(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg["train"]["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -210,8 +320,11 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     resuming = os.path.exists(latest)
 
-    logger_pending = []
-    run = stages.setup(cfg, info, run_dir, logger_pending.append)
+    logger_pending = [n for n in notes if n.startswith("data.skip_bad")]
+    try:
+        run = stages.setup(cfg, info, run_dir, logger_pending.append)
+    except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
+        raise VideoReadError(f"{e}; {SKIP_HINT}") from e
     run["model"] = wrap_model(run["raw_model"], cfg, info)
     decay = cfg["train"]["ema_decay"]
     run["ema"] = engine.EMA(run["raw_model"], decay) if decay > 0 else None
@@ -248,14 +361,18 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     base_lr = cfg["optimizer"]["args"]["lr"]
     bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True, desc=cfg["stage"])
     window, t0, last = [], time.time(), {}
+    skipped = torch.zeros((), dtype=torch.long, device=info.device)  # unreadable videos passed over (data.skip_bad)
+    reported = 0
     eval_every, ckpt_every = cfg["eval"]["interval"], tc["latest_interval"]
     while step < total:
         epoch, offset = divmod(step, spe)
-        for batch in make_loader(dataset, cfg, info, epoch, offset):
+        for batch in _batches(make_loader(dataset, cfg, info, epoch, offset)):
             lr = engine.lr_at(step, base_lr, total, cfg["lr_schedule"])
             engine.set_lr(run["optimizer"], lr)
             if run.get("disc_optimizer") is not None:
                 engine.set_lr(run["disc_optimizer"], lr * run["disc_lr_mult"])
+            if "skipped" in batch:
+                skipped += batch["skipped"].sum().to(info.device)
             logs = run["step_fn"](run, batch, step)
             step += 1
             if run["ema"] is not None:
@@ -269,6 +386,13 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
                 row = {**logs, "loss_avg": sum(window) / len(window), "lr": lr, "epoch": epoch,
                        "step_time": dt / len(window)}
                 row.update(run["window_metrics"](run))
+                if cfg["data"]["skip_bad"]:
+                    total_skipped = round(float(dist.all_reduce_mean(skipped.float())) * dist.get_world_size())
+                    row["skipped_videos"] = total_skipped
+                    if total_skipped > reported:
+                        log.log(f"data.skip_bad: an unreadable video was skipped {total_skipped} time(s) so far "
+                                f"(all ranks), each time replaced by the next readable one")
+                        reported = total_skipped
                 log.metrics(step, row)
                 window, t0 = [], time.time()
             if eval_every and step % eval_every == 0 and step < total:

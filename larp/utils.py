@@ -5,6 +5,8 @@ import random
 import numpy as np
 import torch
 
+from larp.errors import UsageError
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -13,14 +15,20 @@ def get_device(name=None):
     """`None`/"auto" -> cuda if available else cpu."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
 
 
 def get_dtype(name):
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}', expected one of {sorted(DTYPES)}")
+        raise UsageError(f"unknown dtype '{name}', expected one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-4}
+# Pre-flight: config, CSVs, videos, tokenizer and resume checkpoint checked once, so a problem is one
+# line here instead of a traceback from every process.
+python train.py --check "$NPROC" --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 \
+  --tag default --csv_file k600_train+ucf101_train --out_path save/ --name larp_tokenizer -b 64 -j 8 \
+  --frame_num 16 --input_size 128 "$@"
 torchrun --nnodes=1 --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 \
   --tag default --csv_file k600_train+ucf101_train --out_path save/ --name larp_tokenizer -b 64 -j 8 \
   --frame_num 16 --input_size 128 "$@"

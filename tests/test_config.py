@@ -134,19 +134,25 @@ def test_all_training_scripts_present():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_every_script_command_parses(script, tmp_path):
-    """Run the script with a fake torchrun that records its arguments, then parse those like train.py."""
-    fake = tmp_path / "bin" / "torchrun"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_TORCHRUN.format(python=sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "argv.jsonl"
-    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", FAKE_TORCHRUN_OUT=str(out))
+    """Run the script with a fake torchrun and a fake python that record their arguments, then parse those like
+    train.py. The pre-flight `python train.py --check NPROC` must check exactly what torchrun then launches."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, out in (("torchrun", "argv.jsonl"), ("python", "check.jsonl")):
+        fake = bin_dir / name
+        fake.write_text(FAKE_TORCHRUN.replace("FAKE_TORCHRUN_OUT", f"FAKE_OUT_{name}").format(python=sys.executable))
+        fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_OUT_torchrun=str(tmp_path / "argv.jsonl"),
+               FAKE_OUT_python=str(tmp_path / "check.jsonl"))
     subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, timeout=60)
-    calls = [json.loads(line) for line in out.read_text().splitlines()]
+    calls = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
+    checks = [json.loads(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
     assert calls, f"{script} did not call torchrun"
-    for argv in calls:
+    assert len(checks) == len(calls), f"{script}: one pre-flight `python train.py --check` per torchrun call"
+    for argv, check in zip(calls, checks):
         i = argv.index("train.py")
-        assert any(a.startswith("--nproc_per_node") for a in argv[:i])
+        nproc = next(a.split("=", 1)[1] for a in argv[:i] if a.startswith("--nproc_per_node"))
+        assert check[:3] == ["train.py", "--check", nproc] and check[3:] == argv[i + 1:]
         args, cfg = cfg_from_cmdline(argv[i + 1:])
         assert cfg["batch_size"] == args.batch_size
         if cfg["stage"] == "ar":

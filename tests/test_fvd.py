@@ -9,6 +9,7 @@ import torch
 
 import larp.fvd as fvd
 from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
+from larp.errors import LarpError
 from larp.i3d import InceptionI3d, random_i3d
 
 
@@ -239,7 +240,7 @@ def test_compute_fvd_cli_folders_csv_and_stats(tmp_path, capsys):
     csv.write_text("id,path,action,label\n" + "".join(f"v{i},{p},a,0\n" for i, p in enumerate(real_paths)))
     csv_stats = cf.stats_for(str(csv), "csv", det, cf.get_args(["--real", "x", "--fake", "y", *common]), "real")
     assert csv_stats.num_items == 6
-    with pytest.raises(SystemExit, match="not a folder of videos"):
+    with pytest.raises(LarpError, match="not a folder of videos"):
         cf.main(cf.get_args(["--real", str(tmp_path / "nope"), "--fake", str(tmp_path / "fake.npz")]))
 
 
@@ -254,5 +255,5 @@ def test_calc_fvd_from_multiple_feature_stats(tmp_path, capsys):
     assert value == pytest.approx(want, rel=1e-6)
     out = capsys.readouterr().out
     assert "90 items" in out and "not comparable to published FVD" in out and f"fvd={value:.4f}" in out
-    with pytest.raises(SystemExit, match="no stats files matching"):
+    with pytest.raises(LarpError, match="no stats files matching"):
         calc.main(calc.get_args(["--dir", str(tmp_path), "--real_glob", "missing_*.pkl"]))

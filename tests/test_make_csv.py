@@ -7,6 +7,7 @@ import pytest
 
 from larp.data import make_csv
 from larp.data.dataset import PROJECT_ROOT, read_video_csv
+from larp.errors import LarpError
 
 # folder name -> action as spelled in the file names; classInd order as in the official file (not sorted)
 UCF_CLASSES = [("ApplyEyeMakeup", "ApplyEyeMakeup"), ("Haircut", "Haircut"), ("Hammering", "Hammering"),
@@ -99,7 +100,7 @@ def test_cli_and_check(tmp_path, capsys):
     make_csv.main(make_csv.parse_args(["check", str(train_csv), str(val_csv)]))
     assert "ok:" in capsys.readouterr().out
     os.remove(videos / "YoYo" / "v_YoYo_g01_c01.avi")
-    with pytest.raises(SystemExit, match="missing, e.g. .*v_YoYo_g01_c01.avi"):
+    with pytest.raises(LarpError, match="missing, e.g. .*v_YoYo_g01_c01.avi"):
         make_csv.main(make_csv.parse_args(["check", f"{train_csv}+{val_csv}"]))
 
 

@@ -105,6 +105,12 @@ def test_helpers():
     assert parts[0][0] == 3 and parts[-1][1] == 13 and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
     seeds = {sampling.sample_seed(s, i) for s in range(3) for i in range(1000)}
     assert len(seeds) == 3000
+    # chunks still to sample: boundaries a + k * chunk_size, finished ranges skipped, none crossing them
+    assert sampling.todo_chunks([], 0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert sampling.todo_chunks([(0, 4)], 0, 10, 4) == [(4, 8), (8, 10)]
+    assert sampling.todo_chunks([(4, 8), (20, 24)], 0, 10, 4) == [(0, 4), (8, 10)]
+    assert sampling.todo_chunks([(2, 5)], 0, 10, 4) == [(0, 2), (5, 8), (8, 10)]
+    assert sampling.todo_chunks([(6, 12)], 3, 10, 4) == [(3, 7), (7, 10)]  # a range crossing b is not used
 
 
 @pytest.mark.slow

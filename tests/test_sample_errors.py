@@ -43,7 +43,7 @@ def args(csv, out, **kw):
 
 
 def fails(a, pattern):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(sampling.SampleError) as e:
         sample.main(a)
     text = str(e.value)
     assert "\n" not in text, text

@@ -237,5 +237,5 @@ def test_eval_script_end_to_end(golden_dir, golden_model, tmp_path, capsys):
 
 def test_eval_script_bad_tokenizer_is_one_line(tmp_path):
     ev = _eval_module()
-    with pytest.raises(SystemExit, match=r"error: --tokenizer: .*nope.*no such file"):
+    with pytest.raises(CheckpointError, match=r"--tokenizer: .*nope.*no such file"):
         ev.main(ev.get_args(["--tokenizer", str(tmp_path / "nope"), "--dataset_csv", "x.csv", "--no_fvd"]))

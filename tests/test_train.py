@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from larp import engine, stages, training
+from larp.errors import run_cli
 from larp.data.synthetic import make_synthetic_dataset
 from tests.conftest import ROOT
 
@@ -166,7 +167,7 @@ def test_nonfinite_loss_stops_naming_the_step(synth, reference_dir, tmp_path, ca
     argv = ar_argv(synth, reference_dir, tmp_path, "nan", 6, extra=[
         "optimizer.args.lr", ".inf", "lr_schedule.warmup_steps", "0", "train.grad_clip", "0"])
     with pytest.raises(SystemExit) as e:
-        run_main(argv)
+        run_cli(train.main, train.build_parser().parse_args(argv))
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "at step 2" in err

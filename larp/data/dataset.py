@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import sys
 import warnings
 
@@ -24,10 +25,19 @@ from tqdm import tqdm
 
 from larp.checkpoint import atomic_write_text
 from larp.data.video_io import VideoReadError, count_frames, read_clip
+from larp.errors import LarpError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")
 CSV_COLUMNS = ("id", "path", "action", "label")
+
+
+class CSVError(LarpError, ValueError):
+    """A video CSV that cannot be used (empty, unparsable, missing columns, bad labels); names the file."""
+
+
+class CSVNotFoundError(LarpError, FileNotFoundError):
+    """A CSV named on the command line that exists neither as a path nor under data/metadata/."""
 
 
 def resolve_csv(spec):
@@ -38,10 +48,13 @@ def resolve_csv(spec):
     paths = []
     for part in spec.split("+"):
         part = part.strip()
-        candidates = [part, os.path.join(METADATA_DIR, part), os.path.join(METADATA_DIR, part + ".csv")]
+        candidates = [part, os.path.join(METADATA_DIR, part)]
+        if not part.endswith(".csv"):
+            candidates.append(os.path.join(METADATA_DIR, part + ".csv"))
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
-            raise FileNotFoundError(f"CSV '{part}' not found (looked for {part} and {candidates[2]})")
+            where = f"{METADATA_DIR}/{part}" + ("" if part.endswith(".csv") else "[.csv]")
+            raise CSVNotFoundError(f"CSV file '{part}' not found (looked for {os.path.abspath(part)} and {where})")
         paths.append(os.path.abspath(found))
     return paths
 
@@ -56,29 +69,74 @@ def _absolute(path, csv_dir):
     return from_csv if os.path.exists(from_csv) else from_root
 
 
+def _read_one_csv(csv_path):
+    try:
+        return pd.read_csv(csv_path, dtype={"id": str, "path": str, "action": str})
+    except pd.errors.EmptyDataError:
+        raise CSVError(f"{csv_path}: empty file; expected a header {','.join(CSV_COLUMNS)} and one row per "
+                       f"video") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise CSVError(f"{csv_path}: not a readable CSV ({' '.join(str(e).split())[:200]})") from None
+
+
 def read_video_csv(spec):
     """DataFrame with columns id,path,action,label of all CSVs in `spec`, paths made absolute.
 
     Relative paths are taken relative to the project root where the file exists there, else to the CSV's folder.
+    Raises CSVNotFoundError / CSVError naming the file and what is wrong with it.
     """
     frames = []
     for csv_path in resolve_csv(spec):
-        df = pd.read_csv(csv_path, dtype={"id": str, "path": str, "action": str})
+        df = _read_one_csv(csv_path)
         missing = [c for c in ("path", "label") if c not in df.columns]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected columns {','.join(CSV_COLUMNS)}")
+            raise CSVError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected columns "
+                           f"{','.join(CSV_COLUMNS)} (found {','.join(map(str, df.columns)) or 'none'})")
         if "id" not in df.columns:
             df["id"] = [os.path.splitext(os.path.basename(p))[0] for p in df["path"]]
         if "action" not in df.columns:
             df["action"] = df["label"].astype(str)
         empty = df["label"].isna() | df["path"].isna()
         if empty.any():
-            raise ValueError(f"{csv_path}: empty path or label in data row {int(empty.to_numpy().argmax()) + 1}")
+            raise CSVError(f"{csv_path}: empty path or label in data row {int(empty.to_numpy().argmax()) + 1}")
+        labels = pd.to_numeric(df["label"], errors="coerce")
+        bad = labels.isna() | (labels % 1 != 0) | (labels < 0)
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise CSVError(f"{csv_path}: label '{df['label'][row]}' in data row {row + 1} is not a class index "
+                           f"(expected an integer >= 0)")
         csv_dir = os.path.dirname(csv_path)
         df["path"] = [_absolute(p, csv_dir) for p in df["path"]]
-        df["label"] = df["label"].astype(int)
+        df["label"] = labels.astype(int)
         frames.append(df[list(CSV_COLUMNS)])
     return pd.concat(frames, ignore_index=True)
+
+
+def check_labels(df, num_classes, csv, what):
+    """Every label of `df` must be a class of a model with `num_classes` classes (`what` names that setting)."""
+    top = int(df["label"].max()) if len(df) else -1
+    if top >= num_classes:
+        row = int((df["label"] >= num_classes).to_numpy().argmax())
+        raise CSVError(f"{csv}: label {top} (e.g. {df['path'][row]}) is outside the {num_classes} classes of "
+                       f"{what} (labels must be 0..{num_classes - 1})")
+
+
+def _video_file_problem(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a file"
+    return "empty file" if st.st_size == 0 else None
+
+
+def check_videos_exist(df, csv):
+    """Cheap pre-flight (one stat per file): every listed video exists and is not empty."""
+    bad = [(p, why) for p in df["path"] for why in [_video_file_problem(p)] if why]
+    if bad:
+        raise VideoReadError(f"{csv}: {len(bad)} of {len(df)} listed video(s) missing or empty, e.g. {bad[0][0]} "
+                             f"({bad[0][1]})")
 
 
 def transform_frames(frames, size):
@@ -169,7 +227,7 @@ class VideoDataset(Dataset):
         self.train, self.hflip, self.skip_bad = train, hflip, skip_bad
         self.df = read_video_csv(csv)
         if len(self.df) == 0:
-            raise ValueError(f"no videos listed in {csv}")
+            raise CSVError(f"{csv}: no videos listed (only a header?)")
         self.num_bad = 0
         self._warned = False
         if train:
@@ -179,7 +237,7 @@ class VideoDataset(Dataset):
             self.clips = self._enumerate_clips(cache_dir)
             self.items = self.clips
             if not self.clips:
-                raise ValueError(f"no {num_frames}-frame clips in {csv}: every video is shorter than {num_frames} frames")
+                raise CSVError(f"no {num_frames}-frame clips in {csv}: every video is shorter than {num_frames} frames")
 
     def _enumerate_clips(self, cache_dir):
         order = sorted(range(len(self.df)), key=lambda i: self.df["path"][i])
@@ -189,7 +247,10 @@ class VideoDataset(Dataset):
         cache_dir = cache_dir if cache_dir is not None else os.path.dirname(csv_files[0])
         name = "+".join(os.path.splitext(os.path.basename(c))[0] for c in csv_files)
         name += "-" + hashlib.sha1("\n".join(csv_files).encode()).hexdigest()[:8]  # same-named CSVs elsewhere
-        counts = frame_counts(paths, cache_dir, name, skip_bad=self.skip_bad)
+        try:
+            counts = frame_counts(paths, cache_dir, name, skip_bad=self.skip_bad)
+        except VideoReadError as e:
+            raise VideoReadError(f"{e} (listed in {self.csv})") from None
         bad = sum(c is None for c in counts)
         if bad:
             self.num_bad += bad
@@ -217,12 +278,14 @@ class VideoDataset(Dataset):
         return {"video": video, "label": label, "index": index}
 
     def __getitem__(self, index):
+        """With skip_bad, items also carry "skipped": the unreadable videos passed over to find this one (so a
+        loader with worker processes can still count them: the workers' num_bad stays in the workers)."""
         if not self.skip_bad:
             return self._load(index)
         for k in range(len(self.items)):
             j = (index + k) % len(self.items)
             try:
-                return self._load(j)
+                return {**self._load(j), "skipped": k}
             except VideoReadError as e:
                 self.num_bad += 1
                 self._warn(f"skipping unreadable video: {e}")

@@ -16,13 +16,13 @@ else absolute.
 import argparse
 import os
 import re
-import sys
 
 import pandas as pd
 
 from larp.checkpoint import atomic_write_text
 from larp.data.dataset import CSV_COLUMNS, METADATA_DIR, PROJECT_ROOT, read_video_csv
 from larp.data.video_io import VIDEO_EXTENSIONS
+from larp.errors import UsageError, run_cli
 
 UCF_NAME = re.compile(r"^v_(.+)_g\d+_c\d+$")
 
@@ -175,9 +175,9 @@ def main(args):
                         write_csv(val, os.path.join(args.out, "k600_val.csv"))]
         for spec, n in check_csvs(written or args.csvs).items():
             print(f"ok: {spec} ({n} videos, all present)")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # missing folders, lists or videos; malformed names
+        raise UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from larp.data.dataset import read_video_csv
+from larp.data.dataset import check_labels, read_video_csv
 from larp.data.synthetic import COLORS, DIRECTIONS, class_grid, class_names
-from larp.data.video_io import read_frames
+from larp.data.video_io import VideoReadError, read_frames
+from larp.errors import UsageError, run_cli
 
 WORK_SIZE = 32
 
@@ -97,18 +98,33 @@ def _infer_num_classes(df):
         for n in (4, 6, 8, 10, 12, 16, 20, 24):
             if n >= num_classes and all(class_names(n)[l] == a for l, a in zip(df["label"], df["action"])):
                 return n
-        raise ValueError("labels and action names of the CSV match no synthetic class set; pass --num-classes")
+        raise UsageError("labels and action names of the CSV match no synthetic class set; pass --num-classes")
     return num_classes
 
 
-def oracle_predictions(csv_or_df, num_classes=None, progress=False):
-    """(predictions, labels, num_classes) for every video of a CSV (or DataFrame with path,label[,action])."""
+def oracle_predictions(csv_or_df, num_classes=None, progress=False, skip_bad=False):
+    """(predictions, labels, num_classes) for every video of a CSV (or DataFrame with path,label[,action]).
+
+    With `skip_bad`, unreadable videos are left out of both arrays (and counted: the returned arrays are shorter
+    than the CSV by that many); otherwise the first one raises VideoReadError naming it.
+    """
     df = csv_or_df if hasattr(csv_or_df, "columns") else read_video_csv(csv_or_df)
     if "action" not in df.columns:
         df = df.assign(action=df["label"].astype(str))
     num_classes = num_classes or _infer_num_classes(df)
-    preds = [predict_class(read_frames(p), num_classes) for p in tqdm(df["path"], desc="oracle", disable=not progress)]
-    return np.array(preds), df["label"].to_numpy().astype(int), num_classes
+    check_labels(df, num_classes, "the CSV" if hasattr(csv_or_df, "columns") else csv_or_df,
+                 f"--num-classes {num_classes}")
+    preds, labels = [], []
+    for path, label in tqdm(zip(df["path"], df["label"]), total=len(df), desc="oracle", disable=not progress):
+        try:
+            frames = read_frames(path)
+        except VideoReadError as e:
+            if not skip_bad:
+                raise VideoReadError(f"{e} (--skip-bad leaves unreadable videos out, counted)") from None
+            continue
+        preds.append(predict_class(frames, num_classes))
+        labels.append(int(label))
+    return np.array(preds, dtype=int), np.array(labels, dtype=int), num_classes
 
 
 def oracle_accuracy(csv_or_df, num_classes=None):
@@ -134,15 +150,22 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: the smallest synthetic class set consistent with the labels and action names; "
                         "pass it when the CSV holds only some of the classes")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable videos out (they are counted)")
     return p.parse_args(argv)
 
 
 def main(args):
-    preds, labels, num_classes = oracle_predictions(args.csv, args.num_classes, progress=True)
+    preds, labels, num_classes = oracle_predictions(args.csv, args.num_classes, progress=True,
+                                                    skip_bad=args.skip_bad)
+    skipped = len(read_video_csv(args.csv)) - len(labels)
+    if skipped:
+        print(f"--skip-bad: skipped {skipped} unreadable video(s) of {args.csv}")
+    if not len(labels):
+        raise VideoReadError(f"{args.csv}: no readable video")
     print(f"{len(labels)} videos of {args.csv}, {num_classes}-class synthetic set")
     print(accuracy_table(preds, labels, num_classes))
     print(f"oracle_accuracy={(preds == labels).mean():.4f}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from larp.checkpoint import atomic_write_text
 from larp.data.video_io import write_video
+from larp.errors import UsageError, run_cli
 
 # Saturated colors with well separated hues (in the order used to build classes).
 COLORS = {
@@ -37,7 +38,7 @@ VALID_CLASS_COUNTS = (4, 6, 8, 10, 12, 16, 20, 24)
 def class_grid(num_classes):
     """(color names, direction names) of a `num_classes` set; label = color_index * len(directions) + dir_index."""
     if num_classes not in VALID_CLASS_COUNTS:
-        raise ValueError(f"synthetic set supports {list(VALID_CLASS_COUNTS)} classes "
+        raise UsageError(f"synthetic set supports {list(VALID_CLASS_COUNTS)} classes "
                          f"(2-6 colors x 2 or 4 directions), got {num_classes}")
     num_dirs = 2 if num_classes <= 12 else 4
     return list(COLORS)[:num_classes // num_dirs], list(DIRECTIONS)[:num_dirs]
@@ -114,13 +115,13 @@ def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=
     CSV paths are relative to `out` (read_video_csv resolves them). Returns (train_csv, val_csv).
     """
     if size % 2 or size < 16:
-        raise ValueError(f"--size must be even and >= 16 (H.264 yuv420p), got {size}")
+        raise UsageError(f"--size must be even and >= 16 (H.264 yuv420p), got {size}")
     if frames < 2:
-        raise ValueError(f"--frames must be >= 2 (motion is part of the class), got {frames}")
+        raise UsageError(f"--frames must be >= 2 (motion is part of the class), got {frames}")
     names = class_names(classes)
     num_val = int(round(videos_per_class * val_fraction))
     if not 0 < num_val < videos_per_class:
-        raise ValueError(f"--videos-per-class {videos_per_class} with val fraction {val_fraction} leaves an empty split")
+        raise UsageError(f"--videos-per-class {videos_per_class} with val fraction {val_fraction} leaves an empty split")
     rows = {"train": [], "val": []}
     jobs = [(label, k) for label in range(classes) for k in range(videos_per_class)]
     for label, k in tqdm(jobs, desc="synthetic videos", disable=not progress):
@@ -160,4 +161,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args())

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from larp.checkpoint import atomic_write
+from larp.errors import LarpError
 
 try:
     import decord
@@ -19,7 +20,7 @@ except ImportError:  # non-x86 platforms: PyAV only
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 
 
-class VideoReadError(RuntimeError):
+class VideoReadError(LarpError, RuntimeError):
     """A video that cannot be read; the message names the file and the cause."""
 
 

@@ -1,0 +1,49 @@
+"""The project's error types and the one error edge every entry point goes through.
+
+Library code raises a `LarpError` (or a subclass: CheckpointError, ConfigError, VideoReadError, ...) whose
+message names the cause (file, flag or key) and what was expected; it never exits. The entry points call
+`run_cli(main, args)`, which turns such an error into one line `<prog>: error: <message>` on stderr and exit
+status 1. Set LARP_DEBUG=1 to get the full traceback instead. Anything else (a bug) keeps its traceback.
+"""
+import os
+import sys
+
+
+class LarpError(Exception):
+    """A problem the user can fix (bad flag, path, file, setting); the message is one line naming the cause."""
+
+
+class UsageError(LarpError, ValueError):
+    """A flag value or combination of flags that cannot work."""
+
+
+def one_line(error):
+    """The message of `error` as one line.
+
+    An error re-raised by a DataLoader worker carries the worker's traceback in its message; its last line is
+    the original `module.Error: message`, which is what the user needs to see.
+    """
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(error).__name__
+
+
+def prog_name():
+    """`train.py` for scripts, `python -m larp.data.oracle` for modules run with -m."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return os.path.basename(sys.argv[0]) or "larp"
+
+
+def run_cli(main, args, prog=None):
+    """Return main(args); a LarpError becomes `<prog>: error: <message>` on stderr and exit status 1."""
+    try:
+        return main(args)
+    except LarpError as e:
+        if os.environ.get("LARP_DEBUG") == "1":
+            raise
+        print(f"{prog or prog_name()}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
