@@ -27,7 +27,9 @@ def ensure_process_group(device):
     """FSDP needs a process group, also for a single process (plain `python train.py`, torchrun with one rank)."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
 
 

@@ -18,9 +18,10 @@ from tests.conftest import ROOT
 from tests.test_train import ar_argv, subprocess_env, train_rows
 
 STEPS = 10
-# no dropout / label drop: the two modes then see identical randomness (none) and only summation order differs
+# no dropout / label drop: the two modes then see identical randomness (none) and only summation order differs;
+# EMA on, so its sharded state is saved, resumed and exported too
 EXTRA = ["model.args.class_dropout_prob", "0.0", "model.args.resid_dropout_p", "0.0",
-         "model.args.ffn_dropout_p", "0.0", "eval.num_videos", "1", "train.save_epoch", "1"]
+         "model.args.ffn_dropout_p", "0.0", "eval.num_videos", "1", "train.save_epoch", "1", "train.ema_decay", "0.8"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,14 @@ def runs(synth, reference_dir, tmp_path_factory):
     return out
 
 
+def assert_same_ema(run_a, run_b, atol):
+    a = torch.load(run_a / "ckpt_latest.pth", weights_only=False)
+    b = torch.load(run_b / "ckpt_latest.pth", weights_only=False)
+    assert a["step"] == b["step"] == STEPS and a["ema"].keys() == b["ema"].keys()
+    for k, v in a["ema"].items():
+        assert (v - b["ema"][k]).abs().max().item() <= atol, k
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,12 +100,16 @@ def test_fsdp_matches_ddp_and_exports_the_same_layout(runs):
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for i, s in a["optimizer"]["state"].items():
         assert torch.allclose(b["optimizer"]["state"][i]["exp_avg"], s["exp_avg"], atol=1e-6)
+    assert a["ema"].keys() == b["ema"].keys()
+    for k, v in a["ema"].items():
+        assert torch.allclose(b["ema"][k], v, atol=1e-5)
+    assert any(not torch.allclose(b["ema"][k], b["model"]["sd"][k]) for k in b["ema"])  # EMA is not the weights
     ea, eb = runs / "ddp" / "export", runs / "fsdp" / "export"
     assert sorted(os.listdir(ea)) == sorted(os.listdir(eb)) == ["config.json", "model.safetensors"]
     assert json.loads((ea / "config.json").read_text()) == json.loads((eb / "config.json").read_text())
     ga, gb = load_generator(str(ea)), load_generator(str(eb))  # what sample.py calls
-    for k, v in ga.state_dict().items():
-        assert torch.equal(gb.state_dict()[k], b["model"]["sd"][k]) and torch.allclose(gb.state_dict()[k], v, atol=1e-5)
+    for k, v in ga.state_dict().items():  # the exports hold the EMA weights
+        assert torch.equal(gb.state_dict()[k], b["ema"][k]) and torch.allclose(gb.state_dict()[k], v, atol=1e-5)
 
 
 KILLER = """import os, runpy, signal, sys
@@ -129,6 +142,7 @@ def test_fsdp_kill_and_resume_matches_uninterrupted(synth, reference_dir, runs, 
     res = run_ok(cmd)
     assert "resumed from" in res.stdout and "at step 5" in res.stdout
     assert losses(run_dir) == losses(runs / "fsdp")
+    assert_same_ema(run_dir, runs / "fsdp", atol=0)
 
 
 @pytest.mark.slow
@@ -142,6 +156,7 @@ def test_checkpoint_resumes_across_modes(synth, reference_dir, runs, tmp_path, s
     res = run_ok(torchrun_argv(synth, reference_dir, tmp_path, run_dir.name, target))
     assert "at step 4" in res.stdout
     assert losses(run_dir, range(5, STEPS + 1)) == pytest.approx(losses(runs / target)[4:], abs=1e-5)
+    assert_same_ema(run_dir, runs / target, atol=1e-5)
 
 
 @pytest.mark.slow
