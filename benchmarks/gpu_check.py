@@ -3,13 +3,13 @@
     PYTHON=python3 bash benchmarks/gpu_check.sh --out gpu_check_out     # one H100 / H200
     bash benchmarks/gpu_check.sh --device cpu --tiny                     # tiny CPU fallback of every section (CI)
 
-Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes):
-  tests       90  pytest tests/test_cuda.py tests/test_ar.py tests/test_generate.py (the CUDA tests compare the
+Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes; 440 s in all):
+  tests       80  pytest tests/test_cuda.py tests/test_ar.py tests/test_generate.py (the CUDA tests compare the
                   FlexAttention / cached-sampling / tokenizer / FSDP paths with the golden cases and the CPU)
-  sampling   110  NAR-L vs raster-L and raster-LP (and NAR-LP), random weights, 4x16x16, batch 32, bf16 autocast,
+  sampling   100  NAR-L vs raster-L and raster-LP (and NAR-LP), random weights, 4x16x16, batch 32, bf16 autocast,
                   cfg 1.25: forward passes, seconds per generate(), videos/s, ratios (benchmarks/bench_sampling.py)
-  train_fsdp  70  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
-  train_ddp   70  the same with DDP: median step time and peak memory of both
+  train_fsdp  90  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
+  train_ddp   90  the same with DDP: median step time and peak memory of both
   tokenizer   40  LARP-L-long encode / decode clips/s, batch 8, bf16 (benchmarks/bench_tokenizer.py)
   i3d         30  I3D features clips/s, batch 16 of 16x128x128 clips (--i3d, default kinetics400; if that detector
                   cannot be loaded the error is recorded and a random I3D, labelled as such, is timed instead)
@@ -39,7 +39,7 @@ from larp.checkpoint import atomic_write_text  # noqa: E402
 from larp.utils import get_device  # noqa: E402
 
 SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
-BUDGET_S = {"tests": 90, "sampling": 110, "train_fsdp": 70, "train_ddp": 70, "tokenizer": 40, "i3d": 30}
+BUDGET_S = {"tests": 80, "sampling": 100, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 40, "i3d": 30}
 TINY_BUDGET_S = {"tests": 120, "sampling": 60, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 60, "i3d": 60}
 TESTS = ["tests/test_cuda.py", "tests/test_ar.py", "tests/test_generate.py"]
 TINY_TESTS = ["tests/test_cuda.py"]  # on a CPU these skip; the CPU suite runs the rest anyway
@@ -367,14 +367,14 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU fallback of every section")
     p.add_argument("--i3d", default="kinetics400", help="detector spec for the I3D section (as --i3d elsewhere)")
-    p.add_argument("--budget", type=float, default=None, help="total seconds (default 420; tiny 600)")
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default 440; tiny 600)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--train_steps", type=int, default=20, help="timed steps per training mode")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section in this process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.section is None:
-        args.budget = args.budget or (600 if args.tiny else 420)
+        args.budget = args.budget or (600 if args.tiny else 440)
         return drive(args)
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

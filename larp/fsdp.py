@@ -52,10 +52,6 @@ def shard_generator(model, amp, device):
     return model
 
 
-def is_sharded(model):
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------- full state
 def full_model_state(model):
     """Full state dict on rank 0 (CPU); {} on the other ranks. Collective."""

@@ -327,33 +327,25 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
 def run_eval(run, cfg, info, run_dir, step, log):
     """Rank 0 evaluates (under a forked RNG so training randomness is unchanged); the others wait."""
     result = {}
-    raw = run["raw_model"]
-    ev = cfg["eval"]
+    sharded, ev = run["raw_model"], cfg["eval"]
     if run.get("fsdp") and (ev["num_videos"] or ev["fvd_videos"]):
         # sharded forwards need every rank: rank 0 evaluates a gathered, unsharded copy
-        sd = fsdp.full_model_state(raw)
-        run["raw_model"] = generator_from_state(raw.args, raw.order, sd, info.device) if info.is_main else None
-    try:
-        if info.is_main:
-            result = _eval_on_main(run, cfg, info, run_dir, step, log)
-    finally:
-        run["raw_model"] = raw
+        sd = fsdp.full_model_state(sharded)
+        run["raw_model"] = generator_from_state(sharded.args, sharded.order, sd, info.device) if info.is_main else None
+    if info.is_main:
+        devices = [info.device] if info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            t = time.time()
+            result = run["eval_fn"](run, step, os.path.join(run_dir, "previews"))
+        if result:
+            log.metrics(step, result)
+        png = os.path.join(run_dir, "previews", f"step_{step:07d}.png")
+        shown = [f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)]
+        if os.path.exists(png):
+            shown.append(f"preview {png}")
+            log.image("preview", png, step)
+        if shown:
+            log.log(f"eval step {step}: " + ", ".join(shown) + f" ({time.time() - t:.1f}s)")
+    run["raw_model"] = sharded
     dist.barrier()
-    return result
-
-
-def _eval_on_main(run, cfg, info, run_dir, step, log):
-    devices = [info.device] if info.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        t = time.time()
-        result = run["eval_fn"](run, step, os.path.join(run_dir, "previews"))
-    if result:
-        log.metrics(step, result)
-    png = os.path.join(run_dir, "previews", f"step_{step:07d}.png")
-    shown = [f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)]
-    if os.path.exists(png):
-        shown.append(f"preview {png}")
-        log.image("preview", png, step)
-    if shown:
-        log.log(f"eval step {step}: " + ", ".join(shown) + f" ({time.time() - t:.1f}s)")
     return result

@@ -13,6 +13,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def full_fp32():
+    """Compare in full fp32: no TF32 in cuDNN convolutions (on by default) or matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("order", ["nar", "raster"])
 def test_golden_teacher_forced_on_cuda(reference_dir, golden_cases, order):
     """NAR on CUDA takes the FlexAttention BlockMask path; the golden logits come from the reference code."""
