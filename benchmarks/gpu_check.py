@@ -65,16 +65,21 @@ class Recorder:
 # ---------------------------------------------------------------------------------------------- sections
 def section_tests(args, rec):
     files = TINY_TESTS if args.tiny else TESTS
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *files]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", *files]
     rec["command"] = " ".join(cmd[1:])
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    out = res.stdout + res.stderr
+    res = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in res.stdout:  # echoed to the section log as it comes, so a hang shows where it stopped
+        print(line, end="", flush=True)
+        lines.append(line)
+    res.wait()
+    out = "".join(lines)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.splitlines()[-1]
                                                if out.strip() else "")}
     rec["counts"] = counts
     rec["problems"] = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20]
     rec["skip_reasons"] = sorted({line.split(": ", 1)[-1] for line in out.splitlines() if line.startswith("SKIPPED")})
-    rec["summary"] = out.strip().splitlines()[-1] if out.strip() else ""
+    rec["summary"] = out.strip().splitlines()[-1].strip("= ") if out.strip() else ""
     if res.returncode != 0:
         raise SystemExit(f"pytest exit status {res.returncode}: {rec.data['summary']}")
 
