@@ -170,7 +170,9 @@ def section_train(args, rec, parallel):
     if parallel == "fsdp":
         model = training.wrap_model(raw, cfg, info)
     else:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        # training.wrap_model leaves a single process unwrapped; wrap it here so DDP's buckets count in the peak
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
     opt = engine.build_optimizer(raw.parameters(), cfg["optimizer"])
     scaler = engine.make_scaler(amp, device)
     tokens = torch.randint(vocab, (batch, n), device=device)
@@ -195,10 +197,11 @@ def section_train(args, rec, parallel):
             rec["progress"] = {"steps_done": i + 1, "first_step_s": times[0]}
     timed = times[2:]
     if info.is_main:
-        rec["result"] = {"steps": len(timed), "first_step_s": times[0], "median_step_ms": 1000 * statistics.median(timed),
-                         "mean_step_ms": 1000 * statistics.mean(timed), "clips_per_s": batch / statistics.median(timed),
-                         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-                         "loss_first": losses[0], "loss_last": losses[-1]}
+        median = statistics.median(timed)
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        rec["result"] = {"steps": len(timed), "first_step_s": times[0], "median_step_ms": 1000 * median,
+                         "mean_step_ms": 1000 * statistics.mean(timed), "clips_per_s": batch / median,
+                         "peak_memory_gb": peak, "loss_first": losses[0], "loss_last": losses[-1]}
     dist.cleanup()
 
 

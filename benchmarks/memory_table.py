@@ -14,7 +14,8 @@ per GPU, in GB (1e9 bytes):
     d = dim, f = SwiGLU hidden size; per block and token the 8 d are the norm inputs and outputs (4), q, k, v
     (3) and the attention output (1); the 4 f are w1 x, w3 x, silu(w1 x) and their product. The logits
     term is each head's fp32 logits plus the cross-entropy's log-softmax (heads = 3 for NAR, 1 for raster).
-  DDP total   = states + activations;  FSDP on G GPUs = states / G + activations (+ one gathered block).
+  DDP total   = states + activations;  FSDP on G GPUs = states / G + activations, leaving out the one or two
+                blocks and the root unit gathered at a time (under 1 GB even for XXXL).
 
 "needs FSDP" means the DDP total exceeds 90% of the GPU (the rest for the CUDA context, the allocator's
 fragmentation and temporaries). The CUDA check (benchmarks/gpu_check.sh) measures the real peak of NAR-L at

@@ -29,7 +29,8 @@ def ensure_process_group(device):
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {}
         if backend == "nccl":
-            kwargs["device_id"] = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            kwargs["device_id"] = torch.device("cuda", index)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
 
 

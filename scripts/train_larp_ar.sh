@@ -12,7 +12,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 TOKENIZER=${TOKENIZER:-hywang66/LARP-L-long-tokenizer}
 NPROC=${NPROC:-4}
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-  --master_port="$MASTER_PORT" --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_ar.yaml --manualSeed 66667 --tag default \
+torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_ar.yaml --manualSeed 66667 --tag default \
   --csv_file ucf101_train.csv --out_path save/ --name larp_ar -b 64 -j 8 --frame_num 16 --input_size 128 \
   --opts model.name llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint "$TOKENIZER" "$@"

@@ -9,7 +9,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 TOKENIZER=${TOKENIZER:-hywang66/LARP-L-long-tokenizer}
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-  --master_port="$MASTER_PORT" --nproc_per_node=8 train.py --cfg cfgs/larp_ar_fp.yaml --manualSeed 66667 --tag reproduce \
+torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --nproc_per_node=8 train.py --cfg cfgs/larp_ar_fp.yaml --manualSeed 66667 --tag reproduce \
   --csv_file k600_train --out_path save/ --name larp_ar_fp_reproduce -b 64 -j 8 --frame_num 16 \
   --input_size 128 --opts model.name llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint "$TOKENIZER" "$@"

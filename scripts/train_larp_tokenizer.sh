@@ -11,7 +11,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 NPROC=${NPROC:-4}
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-  --master_port="$MASTER_PORT" --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 \
+torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 \
   --tag default --csv_file k600_train+ucf101_train --out_path save/ --name larp_tokenizer -b 64 -j 8 \
   --frame_num 16 --input_size 128 "$@"

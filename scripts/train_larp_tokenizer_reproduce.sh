@@ -8,7 +8,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-  --master_port="$MASTER_PORT" --nproc_per_node=8 train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 --tag reproduce \
+torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+  --nproc_per_node=8 train.py --cfg cfgs/larp_tokenizer.yaml --manualSeed 66667 --tag reproduce \
   --csv_file k600_train+ucf101_train --out_path save/ --name larp_tokenizer_reproduce -b 64 -j 8 \
   --frame_num 16 --input_size 128 "$@"

@@ -13,8 +13,8 @@ from tests.conftest import ROOT
 def test_gpu_check_tiny_cpu_fallback(tmp_path):
     out = tmp_path / "gpu_check_out"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    res = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    cmd = ["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
     assert list(sections) == ["tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d"]
