@@ -7,7 +7,8 @@ Sections, in this order, each in its own process with its own time budget (secon
   tests       80  pytest tests/test_cuda.py tests/test_ar.py tests/test_generate.py (the CUDA tests compare the
                   FlexAttention / cached-sampling / tokenizer / FSDP paths with the golden cases and the CPU)
   sampling   100  NAR-L vs raster-L and raster-LP (and NAR-LP), random weights, 4x16x16, batch 32, bf16 autocast,
-                  cfg 1.25: forward passes, seconds per generate(), videos/s, ratios (benchmarks/bench_sampling.py)
+                  cfg 1.25: forward passes, seconds per generate() (NAR: median of 3 after a warm-up; raster: one
+                  run), videos/s, ratios (models from benchmarks/bench_sampling.py: raster shares the NAR weights)
   train_fsdp  90  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
   train_ddp   90  the same with DDP: median step time and peak memory of both
   tokenizer   40  LARP-L-long encode / decode clips/s, batch 8, bf16 (benchmarks/bench_tokenizer.py)
@@ -36,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from larp.checkpoint import atomic_write_text  # noqa: E402
-from larp.utils import get_device  # noqa: E402
+from larp.utils import autocast, get_device  # noqa: E402
 
 SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
 BUDGET_S = {"tests": 80, "sampling": 100, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 40, "i3d": 30}
@@ -85,7 +86,7 @@ def section_tests(args, rec):
 
 
 def section_sampling(args, rec):
-    from bench_sampling import bench_model, build_pair
+    from bench_sampling import build_pair, timed
     device = get_device(args.device)
     if args.tiny:
         grid, vocab, batch, dtype = (2, 4, 4), 64, 4, "fp32"
@@ -95,18 +96,23 @@ def section_sampling(args, rec):
         sizes = {"L": dict(size="llama-abs-L"), "LP": dict(size="llama-abs-LP")}
     settings = dict(grid=list(grid), vocab=vocab, num_classes=101, batch=batch, cfg=1.25, top_k=0, dtype=dtype)
     rec["settings"] = settings
+    labels = torch.arange(batch, device=device) % 101
     rows = {}
     for size in ("L", "LP"):
         with torch.device(device):  # random init straight on the device
             nar, raster = build_pair(SimpleNamespace(grid=grid, vocab=vocab, num_classes=101,
                                                      **{"dim": 0, "layers": 0, "heads": 0, **sizes[size]}))
         nar, raster = nar.to(device).eval(), raster.to(device).eval()  # (the index buffers are built on the CPU)
+        # raster runs once, after the NAR of the same dims warmed the kernels: 1024 passes dwarf launch costs
         for order, model, warmup, repeats in (("nar", nar, 1, 3), ("raster", raster, 0, 1)):
-            # raster runs once, after the NAR of the same dims warmed the kernels: 1024 passes dwarf launch costs
-            r = bench_model(model, SimpleNamespace(warmup=warmup, repeats=repeats, **settings), device)
+            def gen():
+                with autocast(device, dtype):
+                    model.generate(labels, cfg_scale=1.25, temperature=1.0, top_k=0, seeds=list(range(batch)))
+            for _ in range(warmup):
+                gen()
+            seconds, _ = timed(gen, device, repeats)
             rows[f"{order}-{size}"] = {
-                "forward_passes": model.num_decode_steps(), "seconds": r["gen_s"],
-                "videos_per_s": batch / r["gen_s"], "teacher_forced_forward_s": r["tf_s"],
+                "forward_passes": model.num_decode_steps(), "seconds": seconds, "videos_per_s": batch / seconds,
                 "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "dim": model.args.dim,
                 "blocks": len(model.layers), "repeats": repeats}
             rec["rows"] = rows

@@ -387,8 +387,10 @@ class Generator(nn.Module):
 
     def _train_mask(self, x):
         """Proximity mask of the full NAR sequence: a FlexAttention BlockMask on CUDA (block-causal in
-        decode order, so half the blocks are skipped), else the precomputed bool mask for SDPA."""
-        use_flex = x.is_cuda and self.args.attn_dropout_p == 0.0 and flex_attention_fn("cuda") is not None
+        decode order, so half the blocks are skipped), else the precomputed bool mask for SDPA. (The CUDA
+        FlexAttention kernel needs a head dim of at least 16; every released size has 64.)"""
+        use_flex = x.is_cuda and self.args.attn_dropout_p == 0.0 and self.layers[0].attention.head_dim >= 16 \
+            and flex_attention_fn("cuda") is not None
         if not use_flex:
             return self.attn_mask
         if x.device not in self._flex_masks:

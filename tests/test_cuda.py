@@ -65,7 +65,7 @@ def test_golden_tokenizer_on_cuda(reference_dir, golden_cases):
 def test_bf16_training_step_reaches_every_parameter():
     """bf16 autocast through the compiled FlexAttention forward and backward: finite loss, a gradient for every
     parameter, and the loss goes down over a few steps on one batch."""
-    model = tiny("nar").to(CUDA).train()
+    model = tiny("nar", dim=64).to(CUDA).train()  # head dim 16: the smallest the FlexAttention kernel takes
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = engine.make_scaler("bf16", CUDA)
     tokens = torch.randint(0, 40, (4, 24), device=CUDA)
@@ -82,7 +82,7 @@ def test_fsdp_step_equals_plain_step_on_cuda():
     import torch.distributed as dist
 
     from larp import fsdp
-    plain, sharded = tiny("nar").to(CUDA).train(), tiny("nar").to(CUDA).train()
+    plain, sharded = tiny("nar", dim=64).to(CUDA).train(), tiny("nar", dim=64).to(CUDA).train()
     started = not dist.is_initialized()
     try:
         fsdp.shard_generator(sharded, "fp32", CUDA)
