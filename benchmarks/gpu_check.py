@@ -377,7 +377,8 @@ def drive(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_check_out", help="output folder (gpu_check.json, gpu_check.md, sections/)")
+    p.add_argument("--out", default="gpu_check_out",
+                   help="output folder: gpu_check.json, gpu_check.md, sections/ (gpu_check.sh runs in the repo root)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU fallback of every section")
     p.add_argument("--i3d", default="kinetics400", help="detector spec for the I3D section (as --i3d elsewhere)")
