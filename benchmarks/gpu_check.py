@@ -10,7 +10,8 @@ Sections, in this order, each in its own process with its own time budget (secon
                   cfg 1.25: forward passes, seconds per generate() (NAR: median of 3 after a warm-up; raster: one
                   run), videos/s, ratios (models from benchmarks/bench_sampling.py: raster shares the NAR weights)
   train_fsdp  90  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
-  train_ddp   90  the same with DDP: median step time and peak memory of both
+  train_ddp   90  the same with DDP: median step time and peak memory of both (the first step, reported apart,
+                  compiles FlexAttention; the second section finds inductor's on-disk cache warm)
   tokenizer   40  LARP-L-long encode / decode clips/s, batch 8, bf16 (benchmarks/bench_tokenizer.py)
   i3d         30  I3D features clips/s, batch 16 of 16x128x128 clips (--i3d, default kinetics400; if that detector
                   cannot be loaded the error is recorded and a random I3D, labelled as such, is timed instead)
