@@ -3,10 +3,10 @@
 Checkpoints stay the single-file format of a DDP run. Every rank takes part in gathering the full model and
 optimizer state (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload: only rank 0 receives
 it), and rank 0 writes `ckpt_latest.pth` atomically as before. The optimizer state is stored with the integer
-parameter ids of `optimizer.state_dict()`, so the file is byte-for-byte the same kind whichever mode wrote it:
+parameter ids of `optimizer.state_dict()`, so the file has the same layout whichever mode wrote it:
 a DDP checkpoint resumes under FSDP and the other way round with no conversion step, `export/` is the same
 hub layout, and `sample.py` / `load_generator` read either. The cost is rank 0's CPU memory during a save
-(16 bytes per parameter: about 63 GB for NAR-XXXL) and a single writer; per-rank torch.distributed.checkpoint
+(16 bytes per parameter: about 65 GB for NAR-XXXL) and a single writer; per-rank torch.distributed.checkpoint
 shards would avoid both but need a conversion before any single-process tool can read a checkpoint.
 On resume each rank memory-maps the file (torch.load(mmap=True)), so the ranks of a node share one copy in the
 page cache, and keeps only its shard.
