@@ -39,6 +39,7 @@ def timed(fn, device, repeats):
 
 
 def bench(name, cfg, device, dtype, batch_size, repeats, train_step=True):
+    """Prints the throughput lines; returns them as a dict (clips/s)."""
     torch.manual_seed(0)
     model = LARPTokenizer(**cfg).to(device).eval().set_vq_eval_deterministic(True)
     x = torch.rand(batch_size, model.in_channels, model.frame_num, model.input_size, model.input_size, device=device)
@@ -47,6 +48,8 @@ def bench(name, cfg, device, dtype, batch_size, repeats, train_step=True):
         enc = model.encode(x)
         t_enc = timed(lambda: model.encode(x), device, repeats)
         t_dec = timed(lambda: model.decode_from_bottleneck(enc["bottleneck_rep"]), device, repeats)
+    result = {"params_M": n_params, "batch": batch_size, "encode_clips_per_s": batch_size / t_enc,
+              "decode_clips_per_s": batch_size / t_dec}
     for stage, t in (("encode", t_enc), ("decode", t_dec)):
         print(f"{name:5s} {stage:6s} batch {batch_size}: {batch_size / t:8.2f} clips/s  {1000 * t / batch_size:9.1f} "
               f"ms/clip  ({n_params:.1f} M params, {device.type}, {dtype})", flush=True)
@@ -63,6 +66,8 @@ def bench(name, cfg, device, dtype, batch_size, repeats, train_step=True):
         t = timed(step, device, repeats)
         print(f"{name:5s} train  batch {batch_size}: {batch_size / t:8.2f} clips/s  {1000 * t / batch_size:9.1f} "
               f"ms/clip  (forward{' with prior' if model.prior_cfg else ''} + backward)", flush=True)
+        result["train_clips_per_s"] = batch_size / t
+    return result
 
 
 def main(args):

@@ -321,10 +321,11 @@ class Generator(nn.Module):
             if name.startswith("output"):  # zero heads: initial logits are uniform
                 nn.init.zeros_(m.weight)
 
-    def save_pretrained(self, directory):
-        """Hub-mixin layout (config.json with the ModelArgs fields + model.safetensors)."""
+    def save_pretrained(self, directory, state_dict=None):
+        """Hub-mixin layout (config.json with the ModelArgs fields + model.safetensors); `state_dict`: other
+        weights for this model (e.g. EMA, or the full weights gathered from FSDP shards)."""
         cfg = {k: v for k, v in self.config.items() if k != "order"}
-        save_hub_dir(os.fspath(directory), cfg, self.state_dict())
+        save_hub_dir(os.fspath(directory), cfg, self.state_dict() if state_dict is None else state_dict)
 
     # ---- embeddings ----------------------------------------------------------------------------
     def embed_condition(self, cond):
@@ -386,8 +387,10 @@ class Generator(nn.Module):
 
     def _train_mask(self, x):
         """Proximity mask of the full NAR sequence: a FlexAttention BlockMask on CUDA (block-causal in
-        decode order, so half the blocks are skipped), else the precomputed bool mask for SDPA."""
-        use_flex = x.is_cuda and self.args.attn_dropout_p == 0.0 and flex_attention_fn("cuda") is not None
+        decode order, so half the blocks are skipped), else the precomputed bool mask for SDPA. (The CUDA
+        FlexAttention kernel needs a head dim of at least 16; every released size has 64.)"""
+        use_flex = x.is_cuda and self.args.attn_dropout_p == 0.0 and self.layers[0].attention.head_dim >= 16 \
+            and flex_attention_fn("cuda") is not None
         if not use_flex:
             return self.attn_mask
         if x.device not in self._flex_masks:
@@ -473,13 +476,20 @@ def load_generator(spec, device="cpu"):
     try:
         args = args_from_config(cfg)
         with torch.device("meta"):
-            model = Generator(args, order=order)
+            Generator(args, order=order)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{spec}: invalid generator config ({e})") from e
+    return generator_from_state(args, order, sd, device, source=os.fspath(spec)).eval()
+
+
+def generator_from_state(args, order, sd, device="cpu", source="state dict"):
+    """Generator with the weights `sd`, built on the meta device (no random init of weights that are overwritten)."""
+    with torch.device("meta"):
+        model = Generator(args, order=order)
     model = model.to_empty(device=device)
     _rebuild_buffers(model)
-    load_state_dict_strict(model, sd, source=os.fspath(spec))
-    return model.to(device).eval()
+    load_state_dict_strict(model, sd, source=source)
+    return model.to(device)
 
 
 def _rebuild_buffers(model):

@@ -64,6 +64,13 @@ def strip_prefixes(sd):
 
 def load_state_dict_strict(model, sd, source="checkpoint"):
     """Strict load whose error names missing/unexpected keys and shape mismatches."""
+    sd = check_state_dict(model, sd, source)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def check_state_dict(model, sd, source="checkpoint"):
+    """`sd` without wrapper prefixes; a CheckpointError names missing/unexpected keys and shape mismatches."""
     sd = strip_prefixes(sd)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -81,8 +88,7 @@ def load_state_dict_strict(model, sd, source="checkpoint"):
         if shapes:
             parts.append(f"shape mismatches [{short(shapes)}]")
         raise CheckpointError(f"{source}: state dict does not match the model: " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True)
-    return model
+    return sd
 
 
 def _first_line(e):

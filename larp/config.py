@@ -58,6 +58,7 @@ COMMON = {
         "log_interval": 10,
         "deterministic": False,
         "find_unused_parameters": False,
+        "parallel": "ddp",    # ddp | fsdp (ar stage: FSDP2 fully_shard per transformer block, then the root)
     },
     "eval": {
         "interval": 0,        # steps between evaluations (0 = only at the end)
@@ -248,6 +249,14 @@ def validate(cfg):
         raise ConfigError(f"lr_schedule.name: '{cfg['lr_schedule']['name']}' is not cosine, step or constant")
     if cfg["train"]["amp"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.amp: '{cfg['train']['amp']}' is not fp32, bf16 or fp16")
+    if cfg["train"]["parallel"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel: '{cfg['train']['parallel']}' is not ddp or fsdp")
+    if cfg["train"]["parallel"] == "fsdp":
+        if stage != "ar":
+            raise ConfigError("train.parallel: fsdp shards the generator (ar stage); the tokenizer trains with ddp")
+        if cfg["train"]["amp"] == "fp16":
+            raise ConfigError("train.parallel: fsdp runs fp32 or bf16 (train.amp fp16 needs a GradScaler whose "
+                              "inf checks are not synchronised over shards); use train.amp bf16")
     if cfg["wandb"]["mode"] not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode: '{cfg['wandb']['mode']}' is not offline, online or disabled")
     if not isinstance(cfg["batch_size"], int) or cfg["batch_size"] < 1:

@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from larp.dist import all_reduce_grads, all_reduce_mean
 from larp.errors import LarpError
@@ -107,7 +108,11 @@ def optimizer_step(loss, optimizer, scaler, params, grad_clip, sync_grads=False)
     if sync_grads:
         all_reduce_grads(params)
     scaler.unscale_(optimizer)
-    if grad_clip and grad_clip > 0:
+    if params and isinstance(params[0].grad, DTensor):  # FSDP shards: the norm is reduced over ranks
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()
+        if grad_clip and grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    elif grad_clip and grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])) \

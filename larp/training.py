@@ -17,8 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from larp import dist, engine
-from larp.checkpoint import CheckpointError, atomic_save, atomic_write_text, check_weights_file, strip_prefixes
+from larp import dist, engine, fsdp
+from larp.ar import generator_from_state
+from larp.checkpoint import (CheckpointError, atomic_save, atomic_write_text, check_state_dict, check_weights_file,
+                             strip_prefixes)
 from larp.config import dump_yaml
 from larp.data.video_io import VideoReadError
 from larp.errors import one_line
@@ -125,14 +127,20 @@ def unwrap(model):
 
 
 def save_checkpoint(path, run, cfg, step, epoch):
-    """Collect the per-rank RNG states (collective), then rank 0 writes the plain-dict checkpoint atomically."""
+    """Collect the per-rank RNG states (and under FSDP the full model / optimizer / EMA state; collective), then
+    rank 0 writes the plain-dict checkpoint atomically. Both modes write the same format (see larp/fsdp.py)."""
     rng = dist.all_gather_object(capture_rng())
+    raw = run["raw_model"]
+    if run.get("fsdp"):
+        sd, opt = fsdp.full_model_state(raw), fsdp.full_optimizer_state(raw, run["optimizer"])
+        ema = fsdp.full_tensors(run["ema"].state_dict()) if run["ema"] is not None else None
     if not dist.is_main_process():
         return
-    raw = run["raw_model"]
-    ckpt = {"model": {"name": run["model_name"], "args": raw.config, "sd": strip_prefixes(raw.state_dict())},
-            "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
-            "ema": run["ema"].state_dict() if run["ema"] is not None else None,
+    if not run.get("fsdp"):
+        sd, opt = strip_prefixes(raw.state_dict()), run["optimizer"].state_dict()
+        ema = run["ema"].state_dict() if run["ema"] is not None else None
+    ckpt = {"model": {"name": run["model_name"], "args": raw.config, "sd": sd},
+            "optimizer": opt, "scaler": run["scaler"].state_dict(), "ema": ema,
             "step": step, "epoch": epoch, "cfg": cfg, "rng": rng}
     if "loss_fn" in run:  # tokenizer: discriminator + LeCam EMAs (the frozen LPIPS net is rebuilt, not stored)
         ckpt["loss"] = {k: v for k, v in run["loss_fn"].state_dict().items() if not k.startswith("lpips.")}
@@ -177,18 +185,24 @@ def _trains(cfg):
 
 def load_checkpoint(path, run, info):
     """Restore model/optimizer/scaler/EMA (+ discriminator) and this rank's RNG; returns (step, saved cfg)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    sharded = run.get("fsdp")
+    try:  # FSDP: the ranks of a node share one page-cache copy of the file and keep their shards
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=bool(sharded))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot resume from it ({e}); {RESUME_HINT}") from e
-    from larp.checkpoint import load_state_dict_strict
-    load_state_dict_strict(run["raw_model"], ckpt["model"]["sd"], source=path)
-    run["optimizer"].load_state_dict(ckpt["optimizer"])
+        raise CheckpointError(f"{path}: cannot resume from it ({one_line(e)}); {RESUME_HINT}") from e
+    sd = check_state_dict(run["raw_model"], ckpt["model"]["sd"], source=path)
+    if sharded:
+        fsdp.load_full_state(run["raw_model"], run["optimizer"], sd, ckpt["optimizer"])
+    else:
+        run["raw_model"].load_state_dict(sd, strict=True)
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):  # empty when saved by a disabled (fp32/bf16) scaler
         run["scaler"].load_state_dict(ckpt["scaler"])
     if run["ema"] is not None:
         if ckpt.get("ema") is None:
             run["ema"] = engine.EMA(run["raw_model"], run["ema"].decay)
+        elif sharded:
+            fsdp.load_sharded(run["ema"].state_dict(), ckpt["ema"])
         else:
             run["ema"].load_state_dict(ckpt["ema"])
     if "loss_fn" in run:
@@ -222,8 +236,18 @@ def remove_stale_temps(run_dir):
 
 
 def export_model(run, directory):
-    """Hub-mixin layout (config.json + model.safetensors), with the EMA weights when EMA is on."""
+    """Hub-mixin layout (config.json + model.safetensors), with the EMA weights when EMA is on. Called on every
+    rank (under FSDP the full weights are gathered first); rank 0 writes."""
     raw = run["raw_model"]
+    if run.get("fsdp"):
+        own = raw.state_dict()
+        sd = fsdp.full_model_state(raw) if run["ema"] is None else \
+            {k: v.to(own[k].dtype) for k, v in fsdp.full_tensors(run["ema"].state_dict()).items()}
+        if dist.is_main_process():
+            raw.save_pretrained(directory, state_dict=sd)
+        return
+    if not dist.is_main_process():
+        return
     if run["ema"] is None:
         raw.save_pretrained(directory)
         return
@@ -235,6 +259,11 @@ def export_model(run, directory):
 
 # ---------------------------------------------------------------------------------------------- the loop
 def wrap_model(raw, cfg, info):
+    """DDP (several processes), or FSDP2 shards of the generator in place (train.parallel fsdp, any number of
+    processes); torch.compile outermost-but-DDP as before."""
+    if cfg["train"]["parallel"] == "fsdp":
+        fsdp.shard_generator(raw, cfg["train"]["amp"], info.device)
+        return torch.compile(raw) if cfg["train"]["compile"] else raw
     model = raw
     if cfg["train"]["compile"]:
         model = torch.compile(model)
@@ -326,6 +355,9 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
         raise VideoReadError(f"{e}; {SKIP_HINT}") from e
     run["model"] = wrap_model(run["raw_model"], cfg, info)
+    run["fsdp"] = cfg["train"]["parallel"] == "fsdp"
+    if run["fsdp"]:  # fully_shard replaced the parameters by DTensor shards: the optimizer must hold those
+        run["optimizer"] = engine.build_optimizer(run["raw_model"].parameters(), cfg["optimizer"])
     decay = cfg["train"]["ema_decay"]
     run["ema"] = engine.EMA(run["raw_model"], decay) if decay > 0 else None
 
@@ -408,9 +440,8 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     bar.close()
     final = run_eval(run, cfg, info, run_dir, step, log)
     export_dir = os.path.join(run_dir, "export")
-    if info.is_main:
-        export_model(run, export_dir)
-        log.log(f"exported {cfg['stage']} model to {export_dir}")
+    export_model(run, export_dir)
+    log.log(f"exported {cfg['stage']} model to {export_dir}")
     dist.barrier()
     log.close()
     if not info.is_main:
@@ -421,6 +452,11 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
 def run_eval(run, cfg, info, run_dir, step, log):
     """Rank 0 evaluates (under a forked RNG so training randomness is unchanged); the others wait."""
     result = {}
+    sharded, ev = run["raw_model"], cfg["eval"]
+    if run.get("fsdp") and (ev["num_videos"] or ev["fvd_videos"]):
+        # sharded forwards need every rank: rank 0 evaluates a gathered, unsharded copy
+        sd = fsdp.full_model_state(sharded)
+        run["raw_model"] = generator_from_state(sharded.args, sharded.order, sd, info.device) if info.is_main else None
     if info.is_main:
         devices = [info.device] if info.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -435,6 +471,6 @@ def run_eval(run, cfg, info, run_dir, step, log):
             log.image("preview", png, step)
         if shown:
             log.log(f"eval step {step}: " + ", ".join(shown) + f" ({time.time() - t:.1f}s)")
+    run["raw_model"] = sharded
     dist.barrier()
     return result
-

@@ -1,0 +1,406 @@
+"""The ready CUDA check: one command, one GPU, under 8 minutes; writes <out>/gpu_check.json and <out>/gpu_check.md.
+
+    PYTHON=python3 bash benchmarks/gpu_check.sh --out gpu_check_out     # one H100 / H200
+    bash benchmarks/gpu_check.sh --device cpu --tiny                     # tiny CPU fallback of every section (CI)
+
+Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes; 440 s in all):
+  tests       80  pytest tests/test_cuda.py tests/test_ar.py tests/test_generate.py (the CUDA tests compare the
+                  FlexAttention / cached-sampling / tokenizer / FSDP paths with the golden cases and the CPU)
+  sampling   100  NAR-L vs raster-L and raster-LP (and NAR-LP), random weights, 4x16x16, batch 32, bf16 autocast,
+                  cfg 1.25: forward passes, seconds per generate() (NAR: median of 3 after a warm-up; raster: one
+                  run), videos/s, ratios (models from benchmarks/bench_sampling.py: raster shares the NAR weights)
+  train_fsdp  90  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
+  train_ddp   90  the same with DDP: median step time and peak memory of both (the first step, reported apart,
+                  compiles FlexAttention; the second section finds inductor's on-disk cache warm)
+  tokenizer   40  LARP-L-long encode / decode clips/s, batch 8, bf16 (benchmarks/bench_tokenizer.py)
+  i3d         30  I3D features clips/s, batch 16 of 16x128x128 clips (--i3d, default kinetics400; if that detector
+                  cannot be loaded the error is recorded and a random I3D, labelled as such, is timed instead)
+A section that fails, crashes or runs out of time is recorded with its error and the check goes on; what a
+section measured before it was stopped is kept. The exit status is 0 when every section passed.
+Needs only torch, numpy, safetensors, pyyaml, tqdm, pandas and pytest (no av / decord / lpips / wandb); never
+installs anything.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from larp.checkpoint import atomic_write_text  # noqa: E402
+from larp.utils import autocast, get_device  # noqa: E402
+
+SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
+BUDGET_S = {"tests": 80, "sampling": 100, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 40, "i3d": 30}
+TINY_BUDGET_S = {"tests": 120, "sampling": 60, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 60, "i3d": 60}
+TESTS = ["tests/test_cuda.py", "tests/test_ar.py", "tests/test_generate.py"]
+TINY_TESTS = ["tests/test_cuda.py"]  # on a CPU these skip; the CPU suite runs the rest anyway
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Recorder:
+    """A section's results, rewritten (atomically) after every measurement so a timeout keeps what was done."""
+
+    def __init__(self, path):
+        self.path, self.data = path, {}
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        if self.path:
+            atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def section_tests(args, rec):
+    files = TINY_TESTS if args.tiny else TESTS
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", *files]
+    rec["command"] = " ".join(cmd[1:])
+    res = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in res.stdout:  # echoed to the section log as it comes, so a hang shows where it stopped
+        print(line, end="", flush=True)
+        lines.append(line)
+    res.wait()
+    out = "".join(lines)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.splitlines()[-1]
+                                               if out.strip() else "")}
+    rec["counts"] = counts
+    rec["problems"] = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20]
+    rec["skip_reasons"] = sorted({line.split(": ", 1)[-1] for line in out.splitlines() if line.startswith("SKIPPED")})
+    rec["summary"] = out.strip().splitlines()[-1].strip("= ") if out.strip() else ""
+    if res.returncode != 0:
+        raise SystemExit(f"pytest exit status {res.returncode}: {rec.data['summary']}")
+
+
+def section_sampling(args, rec):
+    from bench_sampling import build_pair, timed
+    device = get_device(args.device)
+    if args.tiny:
+        grid, vocab, batch, dtype = (2, 4, 4), 64, 4, "fp32"
+        sizes = {"L": dict(size=None, dim=64, layers=2, heads=4), "LP": dict(size=None, dim=64, layers=3, heads=4)}
+    else:
+        grid, vocab, batch, dtype = (4, 16, 16), 8192, 32, "bf16"
+        sizes = {"L": dict(size="llama-abs-L"), "LP": dict(size="llama-abs-LP")}
+    settings = dict(grid=list(grid), vocab=vocab, num_classes=101, batch=batch, cfg=1.25, top_k=0, dtype=dtype)
+    rec["settings"] = settings
+    labels = torch.arange(batch, device=device) % 101
+    rows = {}
+    for size in ("L", "LP"):
+        with torch.device(device):  # random init straight on the device
+            nar, raster = build_pair(SimpleNamespace(grid=grid, vocab=vocab, num_classes=101,
+                                                     **{"dim": 0, "layers": 0, "heads": 0, **sizes[size]}))
+        nar, raster = nar.to(device).eval(), raster.to(device).eval()  # (the index buffers are built on the CPU)
+        # raster runs once, after the NAR of the same dims warmed the kernels: 1024 passes dwarf launch costs
+        for order, model, warmup, repeats in (("nar", nar, 1, 3), ("raster", raster, 0, 1)):
+            def gen():
+                with autocast(device, dtype):
+                    model.generate(labels, cfg_scale=1.25, temperature=1.0, top_k=0, seeds=list(range(batch)))
+            for _ in range(warmup):
+                gen()
+            seconds, _ = timed(gen, device, repeats)
+            rows[f"{order}-{size}"] = {
+                "forward_passes": model.num_decode_steps(), "seconds": seconds, "videos_per_s": batch / seconds,
+                "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "dim": model.args.dim,
+                "blocks": len(model.layers), "repeats": repeats}
+            rec["rows"] = rows
+        del nar, raster
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rec["ratios"] = {"raster-L / nar-L": rows["raster-L"]["seconds"] / rows["nar-L"]["seconds"],
+                     "raster-LP / nar-L": rows["raster-LP"]["seconds"] / rows["nar-L"]["seconds"]}
+
+
+def section_tokenizer(args, rec):
+    from bench_tokenizer import CONFIGS, bench
+    device = get_device(args.device)
+    name, batch, dtype, repeats = ("tiny", 2, "fp32", 1) if args.tiny else ("L", 8, "bf16", 3)
+    with open(CONFIGS[name]) as f:
+        cfg = json.load(f)
+    rec["settings"] = {"config": os.path.relpath(CONFIGS[name], ROOT), "batch": batch, "dtype": dtype,
+                       "repeats": repeats, "clip": [cfg.get("frame_num"), cfg.get("input_size")]}
+    rec["result"] = bench(name, cfg, device, dtype, batch, repeats, train_step=False)
+
+
+def section_i3d(args, rec):
+    from larp.fvd import load_i3d
+    device = get_device(args.device)
+    batch, frames, size, repeats = (1, 16, 32, 1) if args.tiny else (16, 16, 128, 3)
+    rec["requested"] = args.i3d
+    try:
+        det = load_i3d(args.i3d, device, batch_size=batch, verbose=False)
+    except Exception as e:  # e.g. the weights are not on this machine: time a random I3D instead, say so
+        rec["error"] = f"{type(e).__name__}: {e}"
+        det = load_i3d("random:32" if args.tiny else "random", device, batch_size=batch, verbose=False)
+    rec["detector"] = det.name
+    rec["random_fallback"] = bool(det.is_random)
+    videos = torch.rand(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(0))
+    det(videos)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        det(videos)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / repeats
+    rec["result"] = {"batch": batch, "clip": [frames, size, size], "repeats": repeats,
+                     "clips_per_s": batch / seconds, "seconds_per_batch": seconds}
+
+
+def section_train(args, rec, parallel):
+    """Under torchrun (one process per GPU): NAR steps on random tokens through the real wrap + step code."""
+    from larp import dist, engine, fsdp, stages, training
+    from larp.config import build_config
+    info = dist.init_distributed(args.device)
+    device = info.device
+    fsdp.ensure_process_group(device)  # DDP on a single rank needs a process group too
+    if args.tiny:
+        cfg_name, amp, batch, n, vocab = "quickstart_nar", "fp32", 4, 32, 64
+    else:
+        cfg_name, amp, batch, n, vocab = "larp_ar", "bf16", 8, 1024, 8192
+    cfg = build_config(os.path.join(ROOT, "cfgs", cfg_name + ".yaml"),
+                       opts=["train.amp", amp, "train.parallel", parallel])
+    torch.manual_seed(0)
+    raw = stages.build_ar_model(cfg, SimpleNamespace(bottleneck_token_num=n, codebook_size=vocab)).to(device).train()
+    if parallel == "fsdp":
+        model = training.wrap_model(raw, cfg, info)
+    else:
+        # training.wrap_model leaves a single process unwrapped; wrap it here so DDP's buckets count in the peak
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
+    opt = engine.build_optimizer(raw.parameters(), cfg["optimizer"])
+    scaler = engine.make_scaler(amp, device)
+    tokens = torch.randint(vocab, (batch, n), device=device)
+    labels = torch.randint(cfg["model"]["num_classes"], (batch,), device=device)
+    tc = cfg["train"]
+    if info.is_main:
+        rec["settings"] = {"model": cfg["model"]["name"] if not args.tiny else "quickstart_nar dims",
+                           "order": cfg["model"]["order"], "parallel": parallel, "amp": amp, "batch_per_gpu": batch,
+                           "tokens": n, "world_size": info.world_size,
+                           "params_M": sum(p.numel() for p in raw.parameters()) / 1e6}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for i in range(2 + args.train_steps):  # 2 warm-up steps (the first compiles FlexAttention on CUDA)
+        sync(device)
+        t = time.perf_counter()
+        logs = engine.ar_step(model, tokens, labels, i, opt, scaler, tc["grad_clip"], amp, device)
+        sync(device)
+        times.append(time.perf_counter() - t)
+        losses.append(logs["loss"])
+        if info.is_main and (i < 2 or (i - 1) % 5 == 0):
+            rec["progress"] = {"steps_done": i + 1, "first_step_s": times[0]}
+    timed = times[2:]
+    if info.is_main:
+        median = statistics.median(timed)
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        rec["result"] = {"steps": len(timed), "first_step_s": times[0], "median_step_ms": 1000 * median,
+                         "mean_step_ms": 1000 * statistics.mean(timed), "clips_per_s": batch / median,
+                         "peak_memory_gb": peak, "loss_first": losses[0], "loss_last": losses[-1]}
+    dist.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def descendants(pid):
+    """Every process below `pid` (torchrun starts its workers in new sessions, so a process group kill misses them)."""
+    children = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(p))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(proc):
+    for pid in [proc.pid] + descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def section_command(name, args, result_path):
+    own = ["--section", name, "--result", result_path, "--device", args.device, "--i3d", args.i3d,
+           "--train_steps", str(args.train_steps)] + (["--tiny"] if args.tiny else [])
+    if name.startswith("train_"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                os.path.abspath(__file__)] + own
+    return [sys.executable, os.path.abspath(__file__)] + own
+
+
+def run_section(name, args, deadline):
+    budget = min((TINY_BUDGET_S if args.tiny else BUDGET_S)[name], deadline - time.time())
+    entry = {"status": "skipped", "budget_s": round(budget, 1)}
+    if budget < 5:
+        entry["error"] = "not started: the total time budget is used up"
+        return entry
+    os.makedirs(os.path.join(args.out, "sections"), exist_ok=True)
+    result_path = os.path.join(args.out, "sections", f"{name}.json")
+    log_path = os.path.join(args.out, "sections", f"{name}.log")
+    for p in (result_path,):
+        if os.path.exists(p):
+            os.remove(p)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(section_command(name, args, result_path), cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=budget)
+            entry["status"] = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            entry["status"] = "timeout"
+            entry["error"] = f"stopped after its {budget:.0f} s budget"
+    entry["seconds"] = round(time.time() - t0, 1)
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            entry["results"] = json.load(f)
+    with open(log_path, errors="replace") as f:
+        tail = f.read()[-2500:]
+    if entry["status"] == "failed":
+        entry["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit status {rc}"
+    if entry["status"] != "ok":
+        entry["log_tail"] = tail
+    entry["log"] = os.path.relpath(log_path, args.out)
+    return entry
+
+
+def machine(device):
+    d = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "host_cpus": os.cpu_count(), "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        d.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 1e9, 1), gpu_count=torch.cuda.device_count())
+    return d
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(report):
+    m, s = report["machine"], report["sections"]
+    lines = [f"# GPU check ({'tiny CPU fallback' if report['tiny'] else 'full sizes'})", "",
+             f"{m.get('gpu', m['device'])}, torch {m['torch']} (CUDA {m['cuda']}), python {m['python']}; "
+             f"total {report['seconds']:.0f} s of a {report['budget_s']} s budget.", "",
+             "| section | status | seconds | note |", "|---|---|---|---|"]
+    for name, e in s.items():
+        lines.append(f"| {name} | {e['status']} | {e.get('seconds', '-')} | {e.get('error', '')[:160]} |")
+    r = s.get("tests", {}).get("results", {})
+    if r:
+        lines += ["", f"**Tests:** `{r.get('command', '')}`: {r.get('summary', '')}"]
+        lines += [f"- {p}" for p in r.get("problems", [])]
+    r = s.get("sampling", {}).get("results", {})
+    if r.get("rows"):
+        st = r["settings"]
+        lines += ["", f"**Sampling** (random weights, grid {'x'.join(map(str, st['grid']))}, batch {st['batch']}, "
+                  f"{st['dtype']}, cfg {st['cfg']}):", "",
+                  "| model | blocks | M params | forward passes | seconds | videos/s |", "|---|---|---|---|---|---|"]
+        for k, v in r["rows"].items():
+            lines.append(f"| {k} | {v['blocks']} | {v['params_M']:.4g} | {v['forward_passes']} | {v['seconds']:.3f} | "
+                         f"{v['videos_per_s']:.2f} |")
+        for k, v in r.get("ratios", {}).items():
+            lines.append(f"\n{k}: **{v:.2f}x**")
+    rows = [(k, s[k]["results"]) for k in ("train_ddp", "train_fsdp") if s.get(k, {}).get("results", {}).get("result")]
+    if rows:
+        st = rows[0][1]["settings"]
+        lines += ["", f"**Training** ({st['model']} {st['order']}, batch {st['batch_per_gpu']}/GPU, {st['amp']}, "
+                  f"{st['world_size']} process, random tokens):", "",
+                  "| mode | steps | first step s | median ms/step | clips/s | peak GB | loss first -> last |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, v in rows:
+            t = v["result"]
+            lines.append(f"| {v['settings']['parallel']} | {t['steps']} | {t['first_step_s']:.1f} | "
+                         f"{t['median_step_ms']:.1f} | {t['clips_per_s']:.1f} | {fmt(t['peak_memory_gb'])} | "
+                         f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
+    r = s.get("tokenizer", {}).get("results", {})
+    if r.get("result"):
+        t, st = r["result"], r["settings"]
+        lines += ["", f"**Tokenizer** ({st['config']}, batch {st['batch']}, {st['dtype']}): encode "
+                  f"{t['encode_clips_per_s']:.2f} clips/s, decode {t['decode_clips_per_s']:.2f} clips/s "
+                  f"({t['params_M']:.1f} M params)."]
+    r = s.get("i3d", {}).get("results", {})
+    if r.get("result"):
+        t = r["result"]
+        label = " -- RANDOM weights (fallback; not the requested detector)" if r.get("random_fallback") else ""
+        lines += ["", f"**I3D features** ({r['detector']}{label}, batch {t['batch']} of "
+                  f"{'x'.join(map(str, t['clip']))} clips): {t['clips_per_s']:.2f} clips/s."]
+        if r.get("error"):
+            lines.append(f"Requested `{r['requested']}` could not be loaded: {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def drive(args):
+    device = get_device(args.device)
+    args.device = str(device)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    deadline = t0 + args.budget
+    report = {"tiny": args.tiny, "budget_s": args.budget, "machine": machine(device), "sections": {}}
+    for name in args.sections:
+        print(f"[gpu_check] {name} ...", flush=True)
+        report["sections"][name] = entry = run_section(name, args, deadline)
+        print(f"[gpu_check] {name}: {entry['status']} ({entry.get('seconds', 0)} s)"
+              + (f" -- {entry['error']}" if entry.get("error") else ""), flush=True)
+        report["seconds"] = time.time() - t0
+        atomic_write_text(os.path.join(args.out, "gpu_check.json"), json.dumps(report, indent=2, default=str) + "\n")
+    md = markdown(report)
+    atomic_write_text(os.path.join(args.out, "gpu_check.md"), md)
+    print(md, flush=True)
+    print(f"[gpu_check] wrote {os.path.join(args.out, 'gpu_check.json')} and gpu_check.md", flush=True)
+    return 0 if all(e["status"] == "ok" for e in report["sections"].values()) else 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_check_out",
+                   help="output folder: gpu_check.json, gpu_check.md, sections/ (gpu_check.sh runs in the repo root)")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU fallback of every section")
+    p.add_argument("--i3d", default="kinetics400", help="detector spec for the I3D section (as --i3d elsewhere)")
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default 440; tiny 600)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--train_steps", type=int, default=20, help="timed steps per training mode")
+    p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section in this process
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.section is None:
+        args.budget = args.budget or (600 if args.tiny else 440)
+        return drive(args)
+    if args.device == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rec = Recorder(args.result)
+    if args.section.startswith("train_"):
+        section_train(args, rec, args.section.split("_", 1)[1])
+    else:
+        globals()[f"section_{args.section}"](args, rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

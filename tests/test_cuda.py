@@ -1,0 +1,104 @@
+"""CUDA paths against the golden cases and the CPU: FlexAttention teacher forcing, cached sampling, the tokenizer,
+a bf16 training step, and one FSDP step. Skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU."""
+import pytest
+import torch
+
+from larp import engine
+from larp.ar import load_generator
+from larp.tokenizer import LARPTokenizer
+from test_ar import GOLDEN, tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA (benchmarks/gpu_check.sh runs these on a GPU machine)")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def full_fp32():
+    """Compare in full fp32: no TF32 in cuDNN convolutions (on by default) or matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("order", ["nar", "raster"])
+def test_golden_teacher_forced_on_cuda(reference_dir, golden_cases, order):
+    """NAR on CUDA takes the FlexAttention BlockMask path; the golden logits come from the reference code."""
+    model = load_generator(reference_dir / GOLDEN / order, device="cuda")
+    tokens, labels = golden_cases["ar.tokens"].to(CUDA), golden_cases["ar.labels"].to(CUDA)
+    with torch.no_grad():
+        logits, loss = model(tokens, labels, targets=tokens)
+    ref = golden_cases[f"{order}.teacher_forced_logits"]
+    assert (logits.cpu() - ref).abs().max().item() < 1e-3
+    assert abs(loss.item() - golden_cases[f"{order}.loss"].item()) < 1e-4
+
+
+@pytest.mark.parametrize("order", ["nar", "raster"])
+def test_golden_greedy_samples_on_cuda(reference_dir, golden_cases, order):
+    model = load_generator(reference_dir / GOLDEN / order, device="cuda")
+    for cfg in ("1.0", "2.0"):
+        out = model.generate(golden_cases["ar.labels"].to(CUDA), cfg_scale=float(cfg), top_k=1)
+        assert torch.equal(out.cpu(), golden_cases[f"{order}.greedy_samples_cfg{cfg}"]), cfg
+
+
+@pytest.mark.parametrize("order", ["nar", "raster"])
+def test_seeded_sampling_cuda_matches_cpu(order):
+    """Per-sample seeds draw their uniforms on the CPU, so a fp32 CUDA run picks the same tokens as the CPU
+    (up to rare near-ties of the CDF)."""
+    model = tiny(order)
+    labels = torch.tensor([0, 1, 2, 3])
+    cpu = model.generate(labels, cfg_scale=1.5, seeds=[0, 1, 2, 3])
+    gpu = model.to(CUDA).generate(labels.to(CUDA), cfg_scale=1.5, seeds=[0, 1, 2, 3]).cpu()
+    assert (cpu == gpu).float().mean().item() >= 0.99
+
+
+def test_golden_tokenizer_on_cuda(reference_dir, golden_cases):
+    tok = LARPTokenizer.from_pretrained(reference_dir / GOLDEN / "tokenizer").to(CUDA).set_vq_eval_deterministic(True)
+    with torch.no_grad():
+        enc = tok.encode(golden_cases["tokenizer.input_video"].to(CUDA))
+        dec = tok.decode_from_bottleneck(golden_cases["tokenizer.tokens"].to(CUDA))
+    assert torch.equal(enc["bottleneck_rep"].cpu(), golden_cases["tokenizer.tokens"])
+    assert (dec.cpu() - golden_cases["tokenizer.decoded_from_tokens"]).abs().max() < 1e-3
+
+
+def test_bf16_training_step_reaches_every_parameter():
+    """bf16 autocast through the compiled FlexAttention forward and backward: finite loss, a gradient for every
+    parameter, and the loss goes down over a few steps on one batch."""
+    model = tiny("nar", dim=64).to(CUDA).train()  # head dim 16: the smallest the FlexAttention kernel takes
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = engine.make_scaler("bf16", CUDA)
+    tokens = torch.randint(0, 40, (4, 24), device=CUDA)
+    labels = torch.tensor([0, 1, 2, 3], device=CUDA)
+    first = engine.ar_step(model, tokens, labels, 0, opt, scaler, 1.0, "bf16", CUDA)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    for step in range(1, 10):
+        last = engine.ar_step(model, tokens, labels, step, opt, scaler, 1.0, "bf16", CUDA)
+    assert last["loss"] < first["loss"] - 0.5
+
+
+def test_fsdp_step_equals_plain_step_on_cuda():
+    """One process, NCCL: an FSDP-sharded generator takes the same fp32 step as the plain one."""
+    import torch.distributed as dist
+
+    from larp import fsdp
+    plain, sharded = tiny("nar", dim=64).to(CUDA).train(), tiny("nar", dim=64).to(CUDA).train()
+    started = not dist.is_initialized()
+    try:
+        fsdp.shard_generator(sharded, "fp32", CUDA)
+        tokens = torch.randint(0, 40, (4, 24), device=CUDA)
+        labels = torch.tensor([0, 1, 2, 3], device=CUDA)
+        logs = []
+        for model in (plain, sharded):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            scaler = engine.make_scaler("fp32", CUDA)
+            logs.append([engine.ar_step(model, tokens, labels, s, opt, scaler, 1.0, "fp32", CUDA) for s in range(3)])
+        for a, b in zip(*logs):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        full = fsdp.full_model_state(sharded)
+        for k, v in plain.state_dict().items():
+            assert (full[k] - v.cpu()).abs().max().item() < 1e-5
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
