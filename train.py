@@ -32,7 +32,8 @@ def build_parser():
     p.add_argument("--replace", action="store_true", help="start fresh instead of resuming from ckpt_latest.pth")
     p.add_argument("--check", type=int, nargs="?", const=1, default=None, metavar="NPROC",
                    help="check the config, CSVs, listed videos, checkpoints and the batch split over NPROC "
-                        "processes in all, every node together (default 1) without training, then exit; the launch scripts run it before torchrun")
+                        "processes in all, every node together (default 1) without training, then exit; the launch "
+                        "scripts run it before torchrun")
     p.add_argument("--wandb-upload", dest="wandb_upload", action="store_true",
                    help="log to wandb online (default: offline files under the run folder)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
