@@ -34,11 +34,10 @@ from types import SimpleNamespace
 
 import torch
 
+from larp.checkpoint import atomic_write_text
+from larp.utils import autocast, get_device
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from larp.checkpoint import atomic_write_text  # noqa: E402
-from larp.utils import autocast, get_device  # noqa: E402
 
 SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
 BUDGET_S = {"tests": 80, "sampling": 100, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 40, "i3d": 30}

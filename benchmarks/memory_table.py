@@ -22,13 +22,10 @@ fragmentation and temporaries). The CUDA check (benchmarks/gpu_check.sh) measure
 batch 8 for comparison. Prints a markdown table for the README.
 """
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from larp.ar import AR_MODELS, Generator  # noqa: E402
+from larp.ar import AR_MODELS, Generator
 
 GRID, VOCAB, CLASSES = (4, 16, 16), 8192, 101
 

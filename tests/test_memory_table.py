@@ -1,14 +1,12 @@
 """benchmarks/memory_table.py: parameter counts agree with the released state dicts, and the README shows the
 table the script prints today."""
 import math
-import sys
 
 import pytest
 
+from benchmarks import memory_table
 from conftest import ROOT, read_manifest
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import memory_table  # noqa: E402
 
 
 @pytest.mark.parametrize("manifest,size,order", [
