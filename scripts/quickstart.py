@@ -111,7 +111,7 @@ def fvd_stages(q, py):
                                      FVD_CLIPS)
         stages.append((f"fvd_{order}", [py, "eval/compute_fvd.py", "--real", os.path.join(q, "data", "val.csv"),
                                         "--fake", fake_csv, "--num_clips", str(FVD_CLIPS), "--num_frames", "8",
-                                        "--size", "32", "--batch_size", "8", "--device", "cpu",
+                                        "--size", "32", "--batch_size", "4", "--device", "cpu",
                                         "--save_real", os.path.join(fvd_dir, "real_stats.pkl"),
                                         "--save_fake", os.path.join(fvd_dir, "fake_stats.pkl")],
                        os.path.join(fvd_dir, "fake_stats.pkl")))
