@@ -102,27 +102,48 @@ def oracle(csv_path, log_dir, name):
     return last_value(log, "oracle_accuracy")
 
 
+def clip_shape(q):
+    """(frames, size) of the tokenizer's clips: the sampled videos and the real val clips they were drawn for."""
+    with open(os.path.join(q, "runs", "tokenizer", "export", "config.json")) as f:
+        config = json.load(f)
+    return int(config["frame_num"]), int(config["input_size"])
+
+
 def fvd_stages(q, py):
     """compute_fvd.py (default detector: Kinetics-400) of each generator's first FVD_CLIPS samples vs their clips."""
+    frames, size = clip_shape(q)
     stages = []
     for order in ("nar", "raster"):
         fvd_dir = os.path.join(q, "fvd", order)
         fake_csv = first_samples_csv(os.path.join(q, "samples", order), os.path.join(fvd_dir, "samples.csv"),
                                      FVD_CLIPS)
         stages.append((f"fvd_{order}", [py, "eval/compute_fvd.py", "--real", os.path.join(q, "data", "val.csv"),
-                                        "--fake", fake_csv, "--num_clips", str(FVD_CLIPS), "--num_frames", "8",
-                                        "--size", "32", "--batch_size", "4", "--device", "cpu",
+                                        "--fake", fake_csv, "--num_clips", str(FVD_CLIPS), "--num_frames", str(frames),
+                                        "--size", str(size), "--batch_size", "4", "--device", "cpu",
                                         "--save_real", os.path.join(fvd_dir, "real_stats.pkl"),
                                         "--save_fake", os.path.join(fvd_dir, "fake_stats.pkl")],
                        os.path.join(fvd_dir, "fake_stats.pkl")))
     return stages
 
 
-def first_samples_csv(sample_dir, out_csv, n):
-    """CSV (id,path,action,label) of samples 0..n-1: sample i was conditioned on the label of FVD clip i of val.csv,
-    and those n clips are exactly `compute_fvd.py --num_clips n` of val.csv (random.sample draws a prefix)."""
+def first_samples(sample_dir, n):
     with open(os.path.join(sample_dir, "samples.csv")) as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: int(r["index"]))[:n]
+        return sorted(csv.DictReader(f), key=lambda r: int(r["index"]))[:n]
+
+
+def same_real_clips(q, sample_dir, n):
+    """Whether `compute_fvd.py --num_clips n` scores the very val clips that samples 0..n-1 were drawn for (it does
+    when random.sample's first n draws do not depend on how many are drawn, true for the quickstart's sizes)."""
+    from larp.data.dataset import VideoDataset, select_fvd_clips
+    frames, size = clip_shape(q)
+    ds = VideoDataset(os.path.join(q, "data", "val.csv"), num_frames=frames, size=size, train=False)
+    real = {(str(ds.clips[i][0]), int(ds.clips[i][1])) for i in select_fvd_clips(len(ds), n)}
+    return real == {(r["clip_path"], int(r["clip_start"])) for r in first_samples(sample_dir, n)}
+
+
+def first_samples_csv(sample_dir, out_csv, n):
+    """CSV (id,path,action,label) of samples 0..n-1 (sample i was drawn for FVD clip i of val.csv)."""
+    rows = first_samples(sample_dir, n)
     if len(rows) < n:
         sys.exit(f"[quickstart] {sample_dir} has {len(rows)} samples, FVD needs {n}")
     os.makedirs(os.path.dirname(out_csv), exist_ok=True)
@@ -234,11 +255,16 @@ def write_report(q, acc, times, total_s):
              "## Oracle class accuracy (analytic classifier, larp/data/oracle.py)", "",
              "| videos | accuracy |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in acc.items()]
-    detectors = {v[1] for v in fvd.values()}
+    detectors = "; ".join(sorted({v[1] for v in fvd.values()}))  # one line when both stages used the same I3D
+    frames, size = clip_shape(q)
+    if same_real_clips(q, os.path.join(q, "samples", "nar"), FVD_CLIPS):
+        real = f"the {FVD_CLIPS} val clips they were conditioned on"
+    else:
+        real = f"{FVD_CLIPS} val clips of the FVD clip protocol (seed 42; not those the samples were conditioned on)"
     lines += ["", "## FVD against the same real clips", "",
-              f"`eval/compute_fvd.py`, {detectors.pop() if len(detectors) == 1 else detectors}. Scored: the first "
-              f"{FVD_CLIPS} samples of each generator against the {FVD_CLIPS} val clips they were conditioned on, "
-              "8-frame 32x32 clips, each frame upsampled bilinearly to 224x224 for the I3D. With "
+              f"`eval/compute_fvd.py`, {detectors}. Scored: the first "
+              f"{FVD_CLIPS} samples of each generator against {real}, "
+              f"{frames}-frame {size}x{size} clips, each frame upsampled bilinearly to 224x224 for the I3D. With "
               f"{FVD_CLIPS} clips the 400-d covariance has rank <= {FVD_CLIPS - 1}, so these numbers compare the two "
               "generators here; they are not comparable to published FVD (10,000 16-frame clips).", "",
               "| generator | FVD | mean NLL / token |", "|---|---|---|"]
