@@ -41,8 +41,8 @@ def build_parser():
     p.add_argument("--replace", action="store_true", help="redo ranges whose stats already exist")
     p.add_argument("--chunk_size", type=int, default=256, help="samples per saved chunk: a killed shard resumes "
                    "from its last finished chunk (keep it fixed for bit-identical reruns)")
-    p.add_argument("--i3d", default=None, help="I3D detector: torchscript/state-dict path, `random` or "
-                   "`random:S` (default: $LARP_I3D or checkpoints/i3d_torchscript.pt)")
+    p.add_argument("--i3d", default=None, help="I3D detector: kinetics400, torchscript/state-dict path, `random` "
+                   "or `random:S` (default: $LARP_I3D, else checkpoints/i3d_torchscript.pt, else kinetics400)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed * 1_000_003 + i")
     p.add_argument("--device", default="auto")
     p.add_argument("--num_frames", type=int, default=None, help="default: the tokenizer's")

