@@ -97,9 +97,13 @@ def test_fsdp_step_equals_plain_step_on_cuda():
         for a, b in zip(*logs):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        # After 3 AdamW steps at lr 1e-2 the weights agree to a small fraction of one step: Adam divides by the
+        # gradient's own scale, so a gradient near zero that differs in its last bits (the sharded reduction
+        # sums in another order) moves its weight by a visibly different fraction of lr. On an H200 the largest
+        # difference was 1.1e-5 = 0.1 % of lr, so the bound is 1 % of lr.
         full = fsdp.full_model_state(sharded)
         for k, v in plain.state_dict().items():
-            assert (full[k] - v.cpu()).abs().max().item() < 1e-5
+            assert (full[k] - v.cpu()).abs().max().item() < 1e-4
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
