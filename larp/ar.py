@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from larp.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.generate import generate
+from larp.nar_order import head_plan, nar_layout
 
 ORDERS = ("nar", "raster")
 
@@ -213,52 +215,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)  # (B, 1, D)
 
 
-def nar_layout(grid, C):
-    """Index tensors of the NAR order for a (T, H, W) grid after C condition positions.
-
-    Returns dict: decode_order (N,) raster indices in decode order (by plane, raster within a plane);
-    rank (C+N,) per sequence position (condition -C..-1, tokens their plane): q sees k iff rank[k] <= rank[q];
-    pred_R/D/B (N,) sequence position of each raster target's R/D/B predecessor (-1 = none; the
-    condition's last position for target 0); count (N,) predecessors (long, so .to(bf16) keeps it exact);
-    plane_sizes (P,) with P = T+H+W-2.
-    """
-    with torch.device("cpu"):  # index bookkeeping stays real even when the model is built on meta
-        return _nar_layout(grid, C)
-
-
-def _nar_layout(grid, C):
-    T, H, W = grid
-    t, h, w = (a.reshape(-1) for a in torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij"))
-    N = T * H * W
-    plane = t + h + w  # (N,)
-    order = torch.argsort(plane, stable=True)
-    pos = torch.empty(N, dtype=torch.long)
-    pos[order] = torch.arange(N) + C  # sequence position of each raster index
-    r = torch.arange(N)
-
-    def pred(ok, step):
-        p = torch.where(ok, pos[(r - step).clamp(min=0)], torch.full_like(r, -1))
-        p[0] = C - 1
-        return p
-
-    count = (w > 0).long() + (h > 0).long() + (t > 0).long()
-    count[0] = 3
-    return {"decode_order": order, "rank": torch.cat([torch.arange(C) - C, plane[order]]),
-            "pred_R": pred(w > 0, 1), "pred_D": pred(h > 0, W), "pred_B": pred(t > 0, H * W),
-            "count": count, "plane_sizes": torch.bincount(plane)}
-
-
-def head_plan(preds, targets, offset):
-    """For each head: (sel, src) = positions in `targets` that have this predecessor, and the
-    predecessor's position in the fed chunk (sequence position - offset)."""
-    out = []
-    for pred in preds:
-        g = pred[targets]
-        sel = torch.nonzero(g >= 0).flatten()
-        out.append((sel, g[sel] - offset))
-    return out
-
-
 class Generator(nn.Module):
     """Class-conditional or frame-prediction token generator, `order` in ("nar", "raster")."""
 
@@ -422,7 +378,6 @@ class Generator(nn.Module):
     def generate(self, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
                  seeds=None, return_nll=False, generator=None):
         """Sample (B, N) tokens in raster order (see larp.generate.generate); runs in eval mode."""
-        from larp.generate import generate
         return generate(self, cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds, return_nll=return_nll, generator=generator)
 

@@ -221,13 +221,6 @@ def set_dotted(cfg, dotted, value):
     node[last] = _coerce(node[last], value)
 
 
-def get_dotted(cfg, dotted):
-    node = cfg
-    for k in dotted.split("."):
-        node = node[k]
-    return node
-
-
 def parse_opts(opts):
     """['a.b', '1', 'c', 'x'] -> [('a.b', 1), ('c', 'x')]."""
     opts = list(opts or [])

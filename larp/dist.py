@@ -105,14 +105,6 @@ def all_gather_object(obj):
     return out
 
 
-def broadcast_object(obj, src=0):
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def cleanup():
     if is_dist():
         dist.destroy_process_group()

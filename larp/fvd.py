@@ -468,9 +468,3 @@ def compute_stats(detector, batches, total=None, desc="I3D features", stats=None
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, dynamic_ncols=True):
         stats.add(detector(_video_batch(batch)))
     return stats
-
-
-def fvd_from_videos(detector, real_batches, fake_batches):
-    """Convenience: FVD between two iterables of video batches."""
-    return frechet_distance(compute_stats(detector, real_batches, desc="real features"),
-                            compute_stats(detector, fake_batches, desc="fake features"))

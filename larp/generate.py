@@ -12,6 +12,8 @@ batch neighbours, which makes sharded sampling reproducible.
 """
 import torch
 
+from larp.nar_order import nar_plan, raster_plan
+
 
 # ---- sampling utilities --------------------------------------------------------------------------
 def make_uniforms(batch, num_tokens, seeds=None, generator=None, device="cpu"):
@@ -74,46 +76,6 @@ def new_kv_cache(model, batch, dtype, device):
     shape = (batch, att.n_kv_head, seq, att.head_dim)
     return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in model.layers]
-
-
-# ---- decoding plan ---------------------------------------------------------------------------------
-def nar_plan(model):
-    """Per-step index tensors for NAR (built once per model and device).
-
-    Step s feeds sequence positions [start, end) (the condition, then plane s-1) and samples the raster
-    `targets` of plane s, fed next at abs_pe `rows`; `heads` are local to the fed chunk."""
-    device = model.pred_R.device
-    cache = model.__dict__.setdefault("_nar_plan", {})
-    if device not in cache:
-        with torch.inference_mode(False):
-            cache[device] = _build_nar_plan(model)
-    return cache[device]
-
-
-def _build_nar_plan(model):
-    from larp.ar import head_plan
-    C = model.cls_token_num
-    preds = (model.pred_R, model.pred_D, model.pred_B)
-    steps, start, end, done = [], 0, C, 0
-    for n in model.plane_sizes.tolist():
-        targets = model.decode_order[done:done + n]  # (M,) raster indices on this plane
-        steps.append({"start": start, "end": end, "targets": targets, "rows": targets + C,
-                      "heads": head_plan(preds, targets, start), "count": model.count[targets]})
-        start, end, done = end, end + n, done + n
-    return steps
-
-
-def raster_plan(model):
-    """Steps of raster decoding: step s feeds token s-1 (prefill: the condition) and samples token s."""
-    cache = model.__dict__.setdefault("_raster_plan", None)
-    if cache is not None:
-        return cache
-    C, N = model.cls_token_num, model.num_tokens
-    steps = [{"start": 0, "end": C, "targets": slice(0, 1), "rows": slice(C, C + 1)}]
-    steps += [{"start": C + s - 1, "end": C + s, "targets": slice(s, s + 1), "rows": slice(C + s, C + s + 1)}
-              for s in range(1, N)]
-    model.__dict__["_raster_plan"] = steps
-    return steps
 
 
 def step_logits(model, x, caches, step):

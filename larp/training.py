@@ -120,12 +120,6 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def unwrap(model):
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
-
-
 def save_checkpoint(path, run, cfg, step, epoch):
     """Collect the per-rank RNG states (and under FSDP the full model / optimizer / EMA state; collective), then
     rank 0 writes the plain-dict checkpoint atomically. Both modes write the same format (see larp/fsdp.py)."""

@@ -1,0 +1,92 @@
+"""The NAR decoding order, shared by the model (teacher forcing, masks) and the sampler (one plane per pass).
+
+A (T, H, W) token grid is decoded plane by plane, plane c = t + h + w; within a plane in raster order. Each
+target is predicted from the heads of its existing predecessors: R at w-1, D at h-1, B at t-1 (target (0, 0, 0):
+all three heads at the last condition position). The raster plan (one token per pass) lives here too, so that
+the sampler needs nothing from the model's module.
+"""
+import torch
+
+
+def nar_layout(grid, C):
+    """Index tensors of the NAR order for a (T, H, W) grid after C condition positions.
+
+    Returns dict: decode_order (N,) raster indices in decode order (by plane, raster within a plane);
+    rank (C+N,) per sequence position (condition -C..-1, tokens their plane): q sees k iff rank[k] <= rank[q];
+    pred_R/D/B (N,) sequence position of each raster target's R/D/B predecessor (-1 = none; the
+    condition's last position for target 0); count (N,) predecessors (long, so .to(bf16) keeps it exact);
+    plane_sizes (P,) with P = T+H+W-2.
+    """
+    with torch.device("cpu"):  # index bookkeeping stays real even when the model is built on meta
+        return _nar_layout(grid, C)
+
+
+def _nar_layout(grid, C):
+    T, H, W = grid
+    t, h, w = (a.reshape(-1) for a in torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij"))
+    N = T * H * W
+    plane = t + h + w  # (N,)
+    order = torch.argsort(plane, stable=True)
+    pos = torch.empty(N, dtype=torch.long)
+    pos[order] = torch.arange(N) + C  # sequence position of each raster index
+    r = torch.arange(N)
+
+    def pred(ok, step):
+        p = torch.where(ok, pos[(r - step).clamp(min=0)], torch.full_like(r, -1))
+        p[0] = C - 1
+        return p
+
+    count = (w > 0).long() + (h > 0).long() + (t > 0).long()
+    count[0] = 3
+    return {"decode_order": order, "rank": torch.cat([torch.arange(C) - C, plane[order]]),
+            "pred_R": pred(w > 0, 1), "pred_D": pred(h > 0, W), "pred_B": pred(t > 0, H * W),
+            "count": count, "plane_sizes": torch.bincount(plane)}
+
+
+def head_plan(preds, targets, offset):
+    """For each head: (sel, src) = positions in `targets` that have this predecessor, and the
+    predecessor's position in the fed chunk (sequence position - offset)."""
+    out = []
+    for pred in preds:
+        g = pred[targets]
+        sel = torch.nonzero(g >= 0).flatten()
+        out.append((sel, g[sel] - offset))
+    return out
+
+
+def nar_plan(model):
+    """Per-step index tensors for NAR (built once per model and device).
+
+    Step s feeds sequence positions [start, end) (the condition, then plane s-1) and samples the raster
+    `targets` of plane s, fed next at abs_pe `rows`; `heads` are local to the fed chunk."""
+    device = model.pred_R.device
+    cache = model.__dict__.setdefault("_nar_plan", {})
+    if device not in cache:
+        with torch.inference_mode(False):
+            cache[device] = _build_nar_plan(model)
+    return cache[device]
+
+
+def _build_nar_plan(model):
+    C = model.cls_token_num
+    preds = (model.pred_R, model.pred_D, model.pred_B)
+    steps, start, end, done = [], 0, C, 0
+    for n in model.plane_sizes.tolist():
+        targets = model.decode_order[done:done + n]  # (M,) raster indices on this plane
+        steps.append({"start": start, "end": end, "targets": targets, "rows": targets + C,
+                      "heads": head_plan(preds, targets, start), "count": model.count[targets]})
+        start, end, done = end, end + n, done + n
+    return steps
+
+
+def raster_plan(model):
+    """Steps of raster decoding: step s feeds token s-1 (prefill: the condition) and samples token s."""
+    cache = model.__dict__.setdefault("_raster_plan", None)
+    if cache is not None:
+        return cache
+    C, N = model.cls_token_num, model.num_tokens
+    steps = [{"start": 0, "end": C, "targets": slice(0, 1), "rows": slice(C, C + 1)}]
+    steps += [{"start": C + s - 1, "end": C + s, "targets": slice(s, s + 1), "rows": slice(C + s, C + s + 1)}
+              for s in range(1, N)]
+    model.__dict__["_raster_plan"] = steps
+    return steps
