@@ -162,7 +162,8 @@ def training_curves(q, out_png):
 
     with open(os.path.join(q, "baselines.json")) as f:
         base = json.load(f)["mean_colour_psnr"]
-    panels = [("tokenizer: training loss", {"loss": column("tokenizer", "loss_avg")}, None),
+    panels = [("tokenizer: training loss (MSE + VQ + entropy + prior)", {"loss": column("tokenizer", "loss_avg")},
+               None),
               ("tokenizer: val PSNR (dB)", {"val PSNR": column("tokenizer", "val_psnr")},
                (f"mean colour {base:.1f}", base)),
               ("generators: training loss (nats/token)", {o: column(o, "loss_avg") for o in ("nar", "raster")}, None),
