@@ -205,6 +205,17 @@ def generate_videos(model, tokenizer, cond, eval_cfg, seeds):
 
 
 @torch.no_grad()
+def val_loss_ar(model, tokenizer, videos, cond, dtype="fp32"):
+    """Teacher-forced cross-entropy (nats/token) of held-out clips: the generators' validation curve."""
+    was_training = model.training
+    model.eval()
+    tokens, _ = encode_batch(tokenizer, videos, 0, dtype)
+    _, loss = model(tokens, cond, targets=tokens)
+    model.train(was_training)
+    return float(loss)
+
+
+@torch.no_grad()
 def eval_ar(model, tokenizer, cond, eval_cfg, png_path, real=None, labels=None):
     """Sample grid PNG: one generated video per condition (and its real clip above it, for frame prediction)."""
     from larp.visualize import save_video_grid_png

@@ -4,6 +4,7 @@
 `generator_loss` every step and `discriminator_loss` when `disc_active(step)`. Knobs (the YAML `loss:` section):
 
   l1_weight          weight of the mean absolute reconstruction error
+  l2_weight          weight of the mean squared reconstruction error (0 = off, as the reference)
   perceptual_weight  weight of LPIPS (VGG); 0 = no LPIPS (needs no pretrained weights)
   lpips_net          LPIPS backbone, "vgg" (default), "alex" or "squeeze"
   gan_weight         weight of the generator's adversarial term (active from disc_start_step)
@@ -96,11 +97,12 @@ class TokenizerLoss(nn.Module):
     def __init__(self, l1_weight=1.0, perceptual_weight=1.0, lpips_net="vgg", gan_weight=0.1, disc_start_step=0,
                  disc_update_freq=1, disc_lr_mult=1.0, label_smoothing=0.0, lecam_weight=0.001,
                  lecam_ema_decay=0.999, vq_weight=1.0, prior_weight=0.03, disc_dim=256, disc_depth=4,
-                 disc_num_heads=None, disc_patch_size=8, disc_temporal_patch_size=4, lpips_model=None):
+                 disc_num_heads=None, disc_patch_size=8, disc_temporal_patch_size=4, lpips_model=None, l2_weight=0.0):
         super().__init__()
         if disc_update_freq < 1:
             raise ValueError(f"disc_update_freq must be >= 1, got {disc_update_freq}")
-        self.l1_weight, self.perceptual_weight, self.gan_weight = l1_weight, perceptual_weight, gan_weight
+        self.l1_weight, self.l2_weight = l1_weight, l2_weight
+        self.perceptual_weight, self.gan_weight = perceptual_weight, gan_weight
         self.disc_start_step, self.disc_update_freq, self.disc_lr_mult = disc_start_step, disc_update_freq, disc_lr_mult
         self.label_smoothing, self.lecam_weight, self.lecam_ema_decay = label_smoothing, lecam_weight, lecam_ema_decay
         self.vq_weight, self.prior_weight = vq_weight, prior_weight
@@ -125,9 +127,12 @@ class TokenizerLoss(nn.Module):
     def generator_loss(self, x, out, global_step):
         """x (B, 3, T, H, W) in [0, 1], out = tokenizer forward dict -> (loss, logs of floats)."""
         rec = out["reconstruction"]
-        l1 = (rec.float() - x.float()).abs().mean()
+        err = rec.float() - x.float()
+        l1, l2 = err.abs().mean(), err.pow(2).mean()
         loss = self.l1_weight * l1 + self.vq_weight * out["loss_vq"] + self.prior_weight * out["loss_prior"]
-        logs = {"l1": _f(l1), "vq": _f(out["loss_vq"]), "prior": _f(out["loss_prior"]),
+        if self.l2_weight:
+            loss = loss + self.l2_weight * l2
+        logs = {"l1": _f(l1), "l2": _f(l2), "vq": _f(out["loss_vq"]), "prior": _f(out["loss_prior"]),
                 "prior_acc": _f(out.get("prior_acc", 0.0)), "codebook_usage": _f(out.get("codebook_usage", 0.0))}
         if self.lpips is not None:
             p = lpips_video(self.lpips, rec, x).mean().float()

@@ -32,7 +32,7 @@ class VectorQuantizer(nn.Module):
         self.cfg = cfg
         self.dim = dim
         self.embedding = nn.Embedding(cfg.codebook_size, dim)
-        nn.init.normal_(self.embedding.weight, std=1.0 / dim ** 0.5)
+        nn.init.kaiming_uniform_(self.embedding.weight)  # as the reference: U(±sqrt(6 / dim))
         self.eval_deterministic = False
 
     def codebook(self):
@@ -70,7 +70,11 @@ class VectorQuantizer(nn.Module):
         loss = self.cfg.commitment_loss_weight * commitment + self.cfg.codebook_loss_weight * codebook
         out = {"commitment_loss": commitment, "codebook_loss": codebook}
         if self.cfg.entropy_loss_weight > 0:
-            ent = entropy_loss(scores, self.cfg.entropy_loss_temperature)
+            # The reference computes the entropy on the affinity -||z - e||^2 (= 2 cos - 2 for unit vectors),
+            # from the distances of its deterministic branch: with stochastic VQ on, it fails (the distances are
+            # never computed). Here the same affinity is derived from the scores, so both branches work.
+            affinity = 2 * scores - 2 if self.cfg.l2_normalized else scores
+            ent = entropy_loss(affinity, self.cfg.entropy_loss_temperature)
             loss = loss + self.cfg.entropy_loss_weight * ent
             out["entropy_loss"] = ent
         z_st = z + (z_q - z).detach()  # straight-through
@@ -80,13 +84,14 @@ class VectorQuantizer(nn.Module):
         return out
 
 
-def entropy_loss(scores, temperature):
-    """Per-token entropy minus entropy of the batch-average distribution (sharp per token, diverse overall)."""
-    logp = torch.log_softmax(scores.reshape(-1, scores.shape[-1]) / temperature, dim=-1)
+def entropy_loss(affinity, temperature):
+    """Per-token entropy minus entropy of the batch-average distribution (sharp per token, diverse overall) of
+    softmax(affinity / temperature); affinity (..., V) is -squared distance to each code."""
+    logp = torch.log_softmax(affinity.reshape(-1, affinity.shape[-1]) / temperature, dim=-1)
     p = logp.exp()
     per_token = -(p * logp).sum(-1).mean()
     avg = p.mean(0)
-    batch = -(avg * torch.log(avg + 1e-8)).sum()
+    batch = -(avg * torch.log(avg + 1e-5)).sum()
     return per_token - batch
 
 

@@ -273,6 +273,8 @@ def ar_eval(run, step, preview_dir):
     out = {}
     if val["videos"] is not None:
         cond = _condition(run, val["videos"], val["labels"])
+        out["val_loss"] = engine.val_loss_ar(run["raw_model"], run["tokenizer"], val["videos"].to(run["device"]), cond,
+                                             cfg["vae"]["encode_dtype"])
         engine.eval_ar(run["raw_model"], run["tokenizer"], cond, ev, os.path.join(preview_dir, f"step_{step:07d}.png"),
                        real=val["videos"] if fp else None, labels=val["labels"])
     if ev["fvd_videos"]:

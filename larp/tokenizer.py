@@ -8,6 +8,7 @@ the released `hywang66/LARP-L-long-tokenizer` (see tests/fixtures/reference/toke
 Videos in and out are float (B, 3, T, H, W) with values in [0, 1]; the decoder output is not clamped.
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -48,17 +49,32 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x))
 
 
-class ParallelTransformer(nn.Module):
-    """`transformer_encoder_parallel`: run blocks over [context ; queries] and keep the query positions."""
+def local_query_mask(num_context, num_queries):
+    """(L+N, L+N) bool attention mask over [context ; queries], True = may attend. Context tokens see everything;
+    a query sees every query but only its own slice of the context (query i <-> context j when
+    j*N // L == i or i*L // N == j; with N == L, query i sees context token i). Not part of the reference."""
+    L, N = num_context, num_queries
+    i, j = torch.arange(N)[:, None], torch.arange(L)[None]
+    mask = torch.ones(L + N, L + N, dtype=torch.bool)
+    mask[L:, :L] = (j * N // L == i) | (i * L // N == j)
+    return mask
 
-    def __init__(self, dim, depth, num_heads):
+
+class ParallelTransformer(nn.Module):
+    """`transformer_encoder_parallel`: run blocks over [context ; queries] and keep the query positions.
+
+    With `local_mask` = (L, N), queries attend only to their own slice of the context (`local_query_mask`)."""
+
+    def __init__(self, dim, depth, num_heads, local_mask=None):
         super().__init__()
         self.blocks = nn.ModuleList([vit_block(dim, num_heads) for _ in range(depth)])
+        # not persistent: the state dict stays the released one
+        self.register_buffer("mask", local_query_mask(*local_mask) if local_mask else None, persistent=False)
 
     def forward(self, context, queries):  # (B, L, D), (B, N, D)
         x = torch.cat([context, queries], dim=1)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=self.mask)
         return x[:, context.shape[1]:]  # (B, N, D)
 
 
@@ -82,11 +98,14 @@ class LARPTokenizer(nn.Module):
                  learned_decoder_latent_pe=False, learned_decoder_patch_query_embed=False,
                  use_encoder_patch_token_type_embed=False, use_encoder_latent_query_token_type_embed=False,
                  use_decoder_latent_token_type_embed=False, use_decoder_patch_query_token_type_embed=True,
-                 encoder_query_gaussian_init=True):
+                 encoder_query_gaussian_init=True, input_centering=False, local_query_attention=False):
         super().__init__()
         bottleneck = copy.deepcopy(bottleneck or _DEFAULT_BOTTLENECK)
         prior_model = copy.deepcopy(prior_model or {"name": "none"})
         self.config = {k: copy.deepcopy(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        for k in ("input_centering", "local_query_attention"):  # not in the reference: saved only when on
+            if not self.config[k]:
+                del self.config[k]
         if transformer_name != "transformer_encoder_parallel":
             raise ValueError(f"transformer_name '{transformer_name}' is not supported")
         for which, name in (("encoder_name", encoder_name), ("decoder_name", decoder_name)):
@@ -99,6 +118,11 @@ class LARPTokenizer(nn.Module):
         self.input_size, self.frame_num, self.in_channels = input_size, frame_num, in_channels
         self.decoder_temporal_patch_size, self.decoder_patch_size = decoder_temporal_patch_size, decoder_patch_size
         self.query_init_std, self.encoder_query_gaussian_init = query_init_std, encoder_query_gaussian_init
+        # Two options that are not in the reference (default off = the reference; the CPU quickstart turns them on):
+        # input_centering feeds the encoder 2x - 1 instead of x in [0, 1] (the decoder target stays in [0, 1]);
+        # local_query_attention lets each latent query see only its own slice of the patch grid (and each decoder
+        # patch query only its own latents), so tokens start out local instead of all pooling the same average.
+        self.input_centering = input_centering
         De, Dd = encoder_hidden_size, decoder_hidden_size
 
         # encoder side: patch grid of the input
@@ -111,7 +135,9 @@ class LARPTokenizer(nn.Module):
             self.encoder_patch_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
         if use_encoder_latent_query_token_type_embed:
             self.encoder_latent_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
-        self.encoder = ParallelTransformer(De, encoder_depth, encoder_num_heads)
+        L = gt * gh * gh
+        self.encoder = ParallelTransformer(De, encoder_depth, encoder_num_heads,
+                                           (L, N) if local_query_attention else None)
 
         self.bottleneck = Bottleneck(De, out_size=Dd, **bottleneck.get("args", {}))
         self.codebook_size = self.bottleneck.regularizer.cfg.codebook_size
@@ -126,7 +152,8 @@ class LARPTokenizer(nn.Module):
             self.decoder_latent_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
         if use_decoder_patch_query_token_type_embed:
             self.decoder_patch_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder = ParallelTransformer(Dd, decoder_depth, decoder_num_heads)
+        self.decoder = ParallelTransformer(Dd, decoder_depth, decoder_num_heads,
+                                           (N, math.prod(self.dec_grid)) if local_query_attention else None)
         self.final_layer = FinalLayer(Dd, decoder_temporal_patch_size * decoder_patch_size ** 2 * in_channels)
 
         self.prior_cfg = None
@@ -136,11 +163,15 @@ class LARPTokenizer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Xavier Linear/conv, zero-init token-type embeds, gaussian latent queries; the prior keeps its own."""
+        """As the reference: xavier Linear/conv, gaussian latent queries and token-type embeds, a zero output
+        layer (the decoder starts by predicting 0 everywhere); the codebook (kaiming-uniform, quantizer.py) and
+        the prior keep their own init."""
         for name, m in self.named_modules():
             if not name.startswith("prior_model"):
                 init_linear_xavier(m)
         conv_xavier_(self.x_embedder.proj)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
         q = self.encoder_latent_query_embed
         if isinstance(q, nn.Parameter) and self.encoder_query_gaussian_init:
             nn.init.normal_(q, std=self.query_init_std)
@@ -166,7 +197,7 @@ class LARPTokenizer(nn.Module):
         """x: (B, 3, T, H, W) in [0, 1] -> dict: encoded (B, N, D) for `decode`, bottleneck_rep (B, N) tokens,
         regularized_z (B, N, d) code vectors, loss (VQ), commitment/codebook losses, codebook_usage."""
         self._check_input(x)
-        p = self.x_embedder(x) + self.encoder_patch_pe  # (B, L, D)
+        p = self.x_embedder(x * 2 - 1 if self.input_centering else x) + self.encoder_patch_pe  # (B, L, D)
         if hasattr(self, "encoder_patch_token_type_embed"):
             p = p + self.encoder_patch_token_type_embed
         z = self.encoder(p, self.latent_query.expand(x.shape[0], -1, -1).to(p.dtype))  # (B, N, D)

@@ -114,3 +114,58 @@ def save_video_grid_gif(videos, path, nrow=None, fps=8, scale=None, row_labels=N
     _atomic_save(frames[0], path, format="GIF", save_all=True, append_images=frames[1:],
                  duration=max(20, int(round(1000 / fps))), loop=0)
     return path
+
+
+CURVE_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def curves_image(panels, width=420, height=260):
+    """PIL image of line plots side by side. panels: list of (title, {label: (xs, ys)}, hline or None); each
+    panel has its own y range, a dashed gray `hline` (a baseline) if given, and a legend of its labels."""
+    font = ImageFont.load_default()
+    left, right, top, bottom = 52, 10, 22, 30
+    image = Image.new("RGB", (width * len(panels), height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for k, (title, series, hline) in enumerate(panels):
+        x0, x1, y0, y1 = k * width + left, (k + 1) * width - right, top, height - bottom
+        xs = [x for sx, _ in series.values() for x in sx]
+        ys = [y for _, sy in series.values() for y in sy if np.isfinite(y)] + ([hline[1]] if hline else [])
+        if not xs or not ys:
+            continue
+        xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
+        ymin, ymax = min(ys), max(ys)
+        pad = 0.05 * (ymax - ymin or 1.0)
+        ymin, ymax = ymin - pad, ymax + pad
+
+        def px(x, y):
+            return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
+
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        draw.text(((x0 + x1) / 2, 4), title, fill=(0, 0, 0), font=font, anchor="mt")
+        for frac in (0.0, 0.5, 1.0):
+            yv, xv = ymin + frac * (ymax - ymin), xmin + frac * (xmax - xmin)
+            draw.text((x0 - 4, px(xmin, yv)[1]), f"{yv:.3g}", fill=(0, 0, 0), font=font, anchor="rm")
+            draw.text((px(xv, ymin)[0], y1 + 4), f"{xv:.0f}", fill=(0, 0, 0), font=font, anchor="mt")
+        draw.text(((x0 + x1) / 2, height - 4), "step", fill=(0, 0, 0), font=font, anchor="mb")
+        legend = list(series.items())
+        if hline:
+            label, value = hline
+            yy = px(xmin, value)[1]
+            for xa in range(int(x0), int(x1), 8):
+                draw.line([(xa, yy), (min(xa + 4, x1), yy)], fill=(128, 128, 128))
+            draw.text((x1 - 4, yy - 2), label, fill=(100, 100, 100), font=font, anchor="rb")
+        for i, (label, (sx, sy)) in enumerate(legend):
+            color = CURVE_COLORS[i % len(CURVE_COLORS)]
+            pts = [px(x, y) for x, y in zip(sx, sy) if np.isfinite(y)]
+            if len(pts) > 1:
+                draw.line(pts, fill=color, width=2)
+            for p in pts if len(pts) < 30 else []:
+                draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
+            draw.text((x0 + 6, y0 + 4 + 12 * i), label, fill=color, font=font)
+    return image
+
+
+def save_curves_png(panels, path, width=420, height=260):
+    """Save `curves_image(panels)` as a PNG, atomically."""
+    _atomic_save(curves_image(panels, width, height), path, format="PNG")
+    return path

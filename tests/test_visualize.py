@@ -47,3 +47,15 @@ def test_gif_grid(tmp_path):
     tile = frame[PAD + 96 + PAD:PAD + 96 + PAD + 96:6, PAD:PAD + 96:6]  # video 2 (row 1, col 0), frame 3
     assert np.abs(tile - v[2, 3]).mean() < 20  # GIF palette quantization
     assert np.abs(tile - v[1, 3]).mean() > 50
+
+
+def test_curves_png(tmp_path):
+    from larp.visualize import CURVE_COLORS, save_curves_png
+    path = save_curves_png([("loss", {"a": ([0, 10, 20], [3.0, 2.0, 1.5]), "b": ([0, 20], [2.5, 2.4])}, None),
+                            ("psnr", {"val": ([5, 10], [20.0, 25.0])}, ("baseline", 21.0))],
+                           str(tmp_path / "c.png"), width=200, height=150)
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == (150, 400, 3)
+    for k, color in enumerate(CURVE_COLORS[:2]):  # both series of the first panel are drawn in it
+        assert (image[:, :200] == color).all(-1).sum() > 20, k
+    assert (image[:, 200:] == CURVE_COLORS[0]).all(-1).sum() > 20
