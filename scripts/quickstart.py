@@ -26,7 +26,7 @@ NUM_SAMPLES = 128          # per generator; val has 96 videos x 2 eight-frame cl
 # one CPU core per 8-frame clip, so it scores the first FVD_CLIPS samples of each generator against the FVD_CLIPS
 # real val clips they were conditioned on (sample.py's own FVD, in fvd_report.csv, uses the cheap random:32 I3D)
 FVD_CLIPS = 32
-# cfg 4 + top-k 10: oracle accuracy 0.65 against 0.27 with cfg 2, top-k 0 on the same NAR (README, quickstart results)
+# cfg 4 + top-k 10: oracle accuracy 0.65 against 0.27 with cfg 2, top-k 0 on one 600-step NAR (README)
 SAMPLE_ARGS = ["--cfg_scale", "4.0", "--temperature", "1.0", "--top_k", "10", "--top_p", "1.0",
                "--sample_batch_size", "64", "--i3d", "random:32"]
 
@@ -176,14 +176,28 @@ def class_preview(sample_dir, out_png, out_gif, per_class=4):
     save_video_grid_png(firsts, out_png, row_labels=labels[::per_class])
 
 
-def clip_stack(csv_path, frames):
-    """(B, T, H, W, 3) float in [0, 1]: the first `frames` frames of every video of a CSV, and its labels."""
+def clip_stack(csv_path, frames, all_windows=False):
+    """(B, T, H, W, 3) float in [0, 1]: the first `frames` frames of every video of a CSV (every non-overlapping
+    window with all_windows), and their labels."""
     import numpy as np
     from larp.data.dataset import read_video_csv
     from larp.data.video_io import read_frames
     df = read_video_csv(csv_path)
-    videos = np.stack([read_frames(p)[:frames] for p in df["path"]]).astype(np.float32) / 255
-    return videos, df["label"].to_numpy().astype(int)
+    videos, labels = [], []
+    for path, label in zip(df["path"], df["label"]):
+        v = read_frames(path)
+        for k in range(len(v) // frames if all_windows else 1):
+            videos.append(v[k * frames:(k + 1) * frames])
+            labels.append(int(label))
+    return np.stack(videos).astype(np.float32) / 255, np.array(labels)
+
+
+def nearest_rms(videos, reference):
+    """Mean over `videos` of the RMS pixel difference to the nearest clip of `reference` (memorisation check)."""
+    import numpy as np
+    a, b = (v.reshape(len(v), -1).astype(np.float64) for v in (videos, reference))
+    d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
+    return float(np.sqrt(np.clip(d2, 0, None).min(1) / a.shape[1]).mean())
 
 
 def within_class_spread(videos, labels):
@@ -267,11 +281,13 @@ def main(args):
         class_preview(os.path.join(samples, order), os.path.join(q, f"preview_{order}.png"),
                       os.path.join(q, f"preview_{order}.gif"))
     real, real_labels = clip_stack(os.path.join(data, "val.csv"), 8)
+    train_clips, _ = clip_stack(os.path.join(data, "train.csv"), 8, all_windows=True)
     stats = {"mean_colour_psnr": mean_colour_psnr(real), "spread": {"real videos (val)": within_class_spread(
-        real, real_labels)}}
+        real, real_labels)}, "nearest_train": {"real videos (val)": nearest_rms(real, train_clips)}}
     for order in ("nar", "raster"):
         fake, fake_labels = clip_stack(os.path.join(samples, order, "samples.csv"), 8)
         stats["spread"][f"{order.upper()} samples"] = within_class_spread(fake, fake_labels)
+        stats["nearest_train"][f"{order.upper()} samples"] = nearest_rms(fake, train_clips)
     with open(os.path.join(q, "baselines.json"), "w") as f:
         json.dump(stats, f, indent=2)
     training_curves(q, os.path.join(q, "training_curves.png"))
@@ -336,9 +352,13 @@ def write_report(q, acc, times, total_s, stats):
               "The mean-colour column is what predicting every pixel of a clip as that clip's mean colour scores "
               "(a tokenizer that learned nothing). Input (rows `real`) and reconstruction (rows `recon`): "
               "![tokenizer](tokenizer_recon.png)", "",
-              "## Within-class diversity (mean RMS pixel difference between two videos of the same class)", "",
-              "| videos | spread |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in stats["spread"].items()]
+              "## Within-class diversity and memorisation", "",
+              "Spread: mean RMS pixel difference between two videos of the same class. Nearest training clip: mean "
+              "RMS pixel difference to the closest 8-frame training clip (a generator that copies training clips "
+              "token for token sits near the tokenizer's own reconstruction error, "
+              f"{(tok['mse']) ** 0.5:.4f}).", "",
+              "| videos | spread | nearest training clip |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.4f} | {stats['nearest_train'][k]:.4f} |" for k, v in stats["spread"].items()]
     lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
               "## Sampling speed (generation only, same batch size and settings)", "",
               "| generator | forward passes / video | seconds | videos/s |", "|---|---|---|---|"]
