@@ -13,19 +13,17 @@ preloaded (every non-overlapping 8-frame window), so the numbers measure optimis
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from larp import engine  # noqa: E402
-from larp.data.dataset import VideoDataset  # noqa: E402
-from larp.losses import TokenizerLoss  # noqa: E402
-from larp.metrics import psnr  # noqa: E402
-from larp.tokenizer import LARPTokenizer  # noqa: E402
+from larp import engine
+from larp.data.dataset import VideoDataset
+from larp.errors import run_cli
+from larp.losses import TokenizerLoss
+from larp.metrics import psnr
+from larp.tokenizer import LARPTokenizer
 
 
 def load_clips(csv, cfg, limit=None):
@@ -113,4 +111,4 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--variant", action="append", required=True)
-    main(p.parse_args())
+    run_cli(main, p.parse_args())
