@@ -203,15 +203,20 @@ def resolve_hub_id(name):
             f"directory, or set HF_HUB_OFFLINE=1 with a warm cache") from e
 
 
+def local_path(spec):
+    """`spec` as an existing local path: itself, or the snapshot folder of a hub id (`owner/name`)."""
+    path = os.fspath(spec)
+    if os.path.exists(path):
+        return path
+    if path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith((".pth", ".pt", ".json")):
+        return resolve_hub_id(path)
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
 def peek_checkpoint(spec):
     """The config dict of a checkpoint without reading the tensors of a hub-style folder (its weights files are
     checked for truncation: header / zip directory); training *.pth files are read whole. Raises CheckpointError."""
-    path = os.fspath(spec)
-    if not os.path.exists(path):
-        if path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith((".pth", ".pt", ".json")):
-            path = resolve_hub_id(path)
-        else:
-            raise CheckpointError(f"{path}: no such file or directory")
+    path = local_path(spec)
     jsons = sorted(p for p in os.listdir(path) if p.endswith(".json")) if os.path.isdir(path) else []
     if not (os.path.isdir(path) and ("config.json" in jsons or len(jsons) == 1)):
         return read_checkpoint(path)[0]
@@ -231,12 +236,7 @@ def read_checkpoint(spec):
     size name is returned as config["__name__"] when present. Every failure is a CheckpointError naming the file
     and what was expected.
     """
-    spec = os.fspath(spec)
-    if not os.path.exists(spec):
-        if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith((".pth", ".pt", ".json")):
-            spec = resolve_hub_id(spec)
-        else:
-            raise CheckpointError(f"{spec}: no such file or directory")
+    spec = local_path(spec)
     if os.path.isdir(spec):
         cfg_path = os.path.join(spec, "config.json")
         st_path = os.path.join(spec, "model.safetensors")

@@ -9,6 +9,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # file comes from); a clone needs nothing beside it.
 REFERENCE = ROOT / "tests" / "fixtures" / "reference"
 GOLDEN = REFERENCE / "golden" / "tiny"
+# (manifest, size, order) of the released generators whose state-dict manifests are in REFERENCE
+RELEASED_GENERATORS = [
+    ("nar_llama-abs-L.state_dict.tsv", "llama-abs-L", "nar"),
+    ("nar_llama-abs-LP.state_dict.tsv", "llama-abs-LP", "nar"),
+    ("raster_ar_llama-abs-LP.state_dict.tsv", "llama-abs-LP", "raster"),
+]
 
 # Tiny models are dispatch-bound, and on a busy 2-core machine two OpenMP threads stall at barriers (10-30x
 # slower in spot checks): the whole suite runs on one thread, and so do the subprocesses it starts.

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import read_manifest
+from conftest import RELEASED_GENERATORS, read_manifest
 from larp.ar import AR_MODELS, Generator, ModelArgs, build_generator, load_generator, proximity_block_mask
 from larp.checkpoint import CheckpointError, atomic_save
 
@@ -23,11 +23,7 @@ def tiny(order="nar", **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("manifest,size,order", [
-    ("nar_llama-abs-L.state_dict.tsv", "llama-abs-L", "nar"),
-    ("nar_llama-abs-LP.state_dict.tsv", "llama-abs-LP", "nar"),
-    ("raster_ar_llama-abs-LP.state_dict.tsv", "llama-abs-LP", "raster"),
-])
+@pytest.mark.parametrize("manifest,size,order", RELEASED_GENERATORS)
 def test_state_dict_matches_release_manifest(reference_dir, manifest, size, order):
     want = read_manifest(reference_dir / manifest)
     with torch.device("meta"):

@@ -5,15 +5,11 @@ import math
 import pytest
 
 from benchmarks import memory_table
-from conftest import ROOT, read_manifest
+from conftest import RELEASED_GENERATORS, ROOT, read_manifest
 
 
 
-@pytest.mark.parametrize("manifest,size,order", [
-    ("nar_llama-abs-L.state_dict.tsv", "llama-abs-L", "nar"),
-    ("nar_llama-abs-LP.state_dict.tsv", "llama-abs-LP", "nar"),
-    ("raster_ar_llama-abs-LP.state_dict.tsv", "llama-abs-LP", "raster"),
-])
+@pytest.mark.parametrize("manifest,size,order", RELEASED_GENERATORS)
 def test_parameter_counts_match_released_checkpoints(reference_dir, manifest, size, order):
     rows = read_manifest(reference_dir / manifest)
     released = sum(math.prod(shape) for kind, shape in rows.values() if kind == "param")
