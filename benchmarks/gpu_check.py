@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-from larp.checkpoint import atomic_write_text
+from larp.io import atomic_write_text
 from larp.utils import autocast, get_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

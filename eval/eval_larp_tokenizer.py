@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp.checkpoint import CheckpointError, atomic_write_text, expect_kind, read_checkpoint
+from larp.checkpoint import CheckpointError, expect_kind, read_checkpoint
+from larp.io import atomic_write_text
 from larp.data.video_io import VideoReadError
 from larp.errors import LarpError, UsageError, run_cli
 from larp.metrics import psnr, ssim

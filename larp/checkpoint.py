@@ -8,47 +8,16 @@ A hub id (owner/name) is resolved to a layout-1 directory with huggingface_hub.
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import torch
 
 from larp.errors import LarpError
+from larp.io import atomic_write, atomic_write_text
 
 
 class CheckpointError(LarpError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or keys."""
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temp file beside `path` (same suffix), then rename it over `path`.
-
-    Readers never see a half-written file, and a failed write leaves the old file untouched.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def atomic_save(obj, path):
-    """torch.save, atomically."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    return atomic_write(path, write)
 
 
 def strip_prefixes(sd):

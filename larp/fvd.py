@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from larp.checkpoint import atomic_write
+from larp.io import atomic_write
 from larp.i3d import RANDOM_SEED, InceptionI3d, fuse_batchnorm, random_i3d
 from larp.i3d_weights import (INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, I3DError,
                               kinetics400_available, kinetics400_state_dict, state_dict_sha256)

@@ -10,9 +10,40 @@ Randomness is one uniform per (sample, token), drawn up front from torch.Generat
 into a token by inverse-CDF sampling: sample i depends only on (seeds[i], cond[i], settings), not on its
 batch neighbours, which makes sharded sampling reproducible.
 """
+from dataclasses import dataclass
+
 import torch
 
 from larp.nar_order import nar_plan, raster_plan
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The knobs of one sampling run, carried unchanged from the command line (or the training config's eval
+    section) to `generate`, the run settings and the report.
+
+    cfg_scale: classifier-free guidance scale (1 = off; class-conditional only); cfg_interval: guide only the
+    first this many forward passes (-1: all); temperature, top_k (0 = off), top_p (1 = off): the filters.
+    """
+    cfg_scale: float = 1.0
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        for name, kind in (("cfg_scale", float), ("cfg_interval", int), ("temperature", float), ("top_k", int),
+                           ("top_p", float)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise ValueError(f"{name}: expected a{'n integer' if kind is int else ' number'}, got {value!r}")
+            object.__setattr__(self, name, kind(value))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
 
 
 # ---- sampling utilities --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from larp.checkpoint import atomic_write
+from larp.io import atomic_write
 from larp.errors import LarpError
 from larp.i3d import state_dict_from_flax
 

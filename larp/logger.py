@@ -11,7 +11,7 @@ import secrets
 import sys
 import time
 
-from larp.checkpoint import atomic_write_text
+from larp.io import atomic_write_text
 
 
 def _has_wandb_credentials():

@@ -15,7 +15,7 @@ import re
 import numpy as np
 from filelock import FileLock
 
-from larp.checkpoint import atomic_write, atomic_write_text
+from larp.io import atomic_write, atomic_write_text
 from larp.errors import LarpError
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from larp.checkpoint import (CheckpointError, atomic_write, atomic_write_text, checkpoint_kind, describe_checkpoint,
-                             peek_checkpoint)
+from larp.checkpoint import CheckpointError, checkpoint_kind, describe_checkpoint, peek_checkpoint
+from larp.io import atomic_write, atomic_write_text
 from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, claim_output_dir, finalize,
                                 find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths,
                                 write_csv)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from larp import dist, engine
-from larp.checkpoint import atomic_save
+from larp.io import atomic_save
 from larp.errors import LarpError
 
 

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from larp import dist, engine, fsdp
 from larp.ar import generator_from_state
-from larp.checkpoint import (CheckpointError, atomic_save, atomic_write_text, check_state_dict, check_weights_file,
-                             strip_prefixes)
+from larp.checkpoint import CheckpointError, check_state_dict, check_weights_file, strip_prefixes
+from larp.io import atomic_save, atomic_write_text
 from larp.config import dump_yaml
 from larp.data.video_io import VideoReadError
 from larp.errors import one_line

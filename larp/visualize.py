@@ -8,7 +8,7 @@ upscaled with nearest-neighbour so 32x32 videos stay visible and sharp.
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from larp.checkpoint import atomic_write
+from larp.io import atomic_write, to_uint8
 
 PAD = 2
 MIN_FRAME_PX = 96
@@ -28,8 +28,7 @@ def to_uint8_videos(videos):
     v = v[None] if v.ndim == 4 else v
     if v.ndim != 5 or v.shape[1] != 3:
         raise ValueError(f"float videos must be (B,3,T,H,W) in [0,1], got {v.shape}")
-    v = np.clip(np.nan_to_num(v.astype(np.float32)), 0, 1)
-    return np.round(v.transpose(0, 2, 3, 4, 1) * 255).astype(np.uint8)  # (B, T, H, W, 3)
+    return to_uint8(v)  # (B, T, H, W, 3)
 
 
 def _scale_for(h, w, scale):

@@ -6,7 +6,8 @@ import torch
 
 from conftest import RELEASED_GENERATORS, read_manifest
 from larp.ar import AR_MODELS, Generator, ModelArgs, build_generator, load_generator, proximity_block_mask
-from larp.checkpoint import CheckpointError, atomic_save
+from larp.checkpoint import CheckpointError
+from larp.io import atomic_save
 
 GOLDEN = "golden/tiny"
 

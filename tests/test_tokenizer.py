@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, read_manifest
-from larp.checkpoint import CheckpointError, atomic_save
+from larp.checkpoint import CheckpointError
+from larp.io import atomic_save
 from larp.tokenizer import LARPTokenizer
 
 TINY_PRIOR = {"name": "gptc-tiny", "n_rounds": 2, "use_mix_ss": True, "mix_ss_max_ratio": 0.5,

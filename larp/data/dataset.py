@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from larp.checkpoint import atomic_write_text
+from larp.io import atomic_write_text
 from larp.data.video_io import VideoReadError, count_frames, read_clip
 from larp.errors import LarpError
 

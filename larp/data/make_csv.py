@@ -19,7 +19,7 @@ import re
 
 import pandas as pd
 
-from larp.checkpoint import atomic_write_text
+from larp.io import atomic_write_text
 from larp.data.dataset import CSV_COLUMNS, METADATA_DIR, PROJECT_ROOT, read_video_csv
 from larp.data.video_io import VIDEO_EXTENSIONS
 from larp.errors import UsageError, run_cli

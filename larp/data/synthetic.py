@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from larp.checkpoint import atomic_write_text
+from larp.io import atomic_write_text
 from larp.data.video_io import write_video
 from larp.errors import UsageError, run_cli
 

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from larp.checkpoint import atomic_write
+from larp.io import atomic_write
 from larp.errors import LarpError
 
 try:
