@@ -54,7 +54,7 @@ def main(args):
     if args.check is not None:
         for line in preflight(cfg, run_dir, args.check, replace=args.replace):
             print(f"train.py --check: {line}", flush=True)
-        print(f"train.py --check: ok ({cfg['stage']} stage, global batch {cfg['batch_size']} over {args.check} "
+        print(f"train.py --check: ok ({cfg.stage} stage, global batch {cfg.batch_size} over {args.check} "
               f"process(es))", flush=True)
         return None
     info = dist.init_distributed(args.device)

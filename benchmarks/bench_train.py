@@ -1,4 +1,4 @@
-"""Training step time of each stage: the engine's full optimizer step (forward, backward, clipping, AdamW; the
+"""Training step time of each stage: the stage's full optimizer step (forward, backward, clipping, AdamW; the
 tokenizer's discriminator update too when its GAN is on) on random inputs, so data loading is not included.
 
     python benchmarks/bench_train.py --threads 1                                  # the quickstart configs on CPU
@@ -15,9 +15,10 @@ from types import SimpleNamespace
 
 import torch
 
-from larp import engine, stages
+from larp.ar_stage import ARStage, build_ar_model
 from larp.config import build_config
 from larp.errors import run_cli
+from larp.tokenizer_stage import TokenizerStage
 from larp.utils import get_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,45 +33,33 @@ def sync(device):
 
 
 def make_stepper(cfg, device, batch):
-    """(step(i) -> logs, params in M) for the stage of `cfg`, with random inputs of its clip / token shape."""
-    tc = cfg["train"]
-    if cfg["stage"] == "tokenizer":
-        from larp.losses import TokenizerLoss
-        from larp.tokenizer import LARPTokenizer
-        loss_cfg = dict(cfg["loss"], perceptual_weight=0.0, disc_start_step=0)  # LPIPS needs VGG weights
-        model = LARPTokenizer(**cfg["model"]).to(device).train()
-        loss_fn = TokenizerLoss(**loss_cfg).to(device)
-        opt = engine.build_optimizer(model.parameters(), cfg["optimizer"])
-        d_opt = engine.build_optimizer(loss_fn.discriminator.parameters(), cfg["disc_optimizer"]) \
-            if loss_fn.discriminator is not None else None
-        scaler, d_scaler = engine.make_scaler(tc["amp"], device), engine.make_scaler(tc["amp"], device)
-        x = torch.rand(batch, 3, model.frame_num, model.input_size, model.input_size, device=device)
-
-        def step(i):
-            logs, out = engine.tokenizer_generator_step(model, loss_fn, x, i, 1000, opt, scaler, tc["grad_clip"],
-                                                        tc["amp"], device)
-            if d_opt is not None:
-                logs.update(engine.tokenizer_discriminator_step(loss_fn, x, out["reconstruction"], i, d_opt,
-                                                                d_scaler, tc["grad_clip"], tc["amp"], device))
-            return logs
-        extra = "+ D" if d_opt is not None else ""
+    """(step(i) -> logs, params in M) for the stage of `cfg`, built without a dataset, with random inputs of its
+    clip / token shape."""
+    if cfg.stage == "tokenizer":
+        cfg.loss.update(perceptual_weight=0.0, disc_start_step=0)  # LPIPS needs VGG weights
+        stage = TokenizerStage(cfg, device)
+        stage.model.train()
+        d = cfg.data
+        batch_data = {"video": torch.rand(batch, 3, d.frame_num, d.input_size, d.input_size, device=device)}
+        extra = "+ D" if stage.disc_optimizer is not None else ""
     else:
-        n = math.prod(cfg["model"]["latent_shape"])
+        m = cfg.model
+        n = math.prod(m.latent_shape)
         vocab = VOCAB["quickstart" if n <= 64 else "larp"]
-        model = stages.build_ar_model(cfg, SimpleNamespace(bottleneck_token_num=n, codebook_size=vocab)).to(device)
-        model.train()
-        opt = engine.build_optimizer(model.parameters(), cfg["optimizer"])
-        scaler = engine.make_scaler(tc["amp"], device)
-        if tc["compile"]:
-            model = torch.compile(model)
-        tokens = torch.randint(vocab, (batch, n), device=device)
-        cond = torch.randint(vocab, (batch, n), device=device) if cfg["model"]["frame_prediction"] \
-            else torch.randint(cfg["model"]["num_classes"], (batch,), device=device)
-
-        def step(i):
-            return engine.ar_step(model, tokens, cond, i, opt, scaler, tc["grad_clip"], tc["amp"], device)
+        model = build_ar_model(m, SimpleNamespace(bottleneck_token_num=n, codebook_size=vocab)).to(device)
+        stage = ARStage(cfg, model.train(), None, device)
+        if cfg.train.compile:
+            stage.wrapped = torch.compile(model)
+        batch_data = {"tokens": torch.randint(vocab, (batch, n), device=device)}
+        if m.frame_prediction:
+            batch_data["cond"] = torch.randint(vocab, (batch, n), device=device)
+        else:
+            batch_data["label"] = torch.randint(m.num_classes, (batch,), device=device)
         extra = ""
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+
+    def step(i):
+        return stage.step(batch_data, i, 1000)
+    params = sum(p.numel() for p in stage.model.parameters()) / 1e6
     return step, params, extra
 
 
@@ -98,13 +87,13 @@ def main(args):
         if args.compile:
             opts += ["train.compile", "true"]
         cfg = build_config(os.path.join(ROOT, "cfgs", name + ".yaml"), opts=opts)
-        batch = args.batch_size or cfg["batch_size"]
+        batch = args.batch_size or cfg.batch_size
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         med, best, params, extra = bench(cfg, device, batch, args.steps, args.warmup)
         mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}" if device.type == "cuda" else "-"
-        what = cfg["model"]["order"] if cfg["stage"] == "ar" else "tokenizer" + (f" {extra}" if extra else "")
-        rows.append(f"| {name} | {what} | {params:.2f} | {batch} | {cfg['train']['amp']} | {1000 * med:.0f} | "
+        what = cfg.model.order if cfg.stage == "ar" else "tokenizer" + (f" {extra}" if extra else "")
+        rows.append(f"| {name} | {what} | {params:.2f} | {batch} | {cfg.train.amp} | {1000 * med:.0f} | "
                     f"{1000 * best:.0f} | {batch / med:.1f} | {mem} |")
         print(rows[-1], flush=True)
     print("\n| config | model | M params | batch | amp | median ms/step | best ms/step | clips/s | peak GiB |")

@@ -34,6 +34,9 @@ from types import SimpleNamespace
 
 import torch
 
+from larp import dist, fsdp, training
+from larp.ar_stage import ARStage, build_ar_model
+from larp.config import build_config
 from larp.io import atomic_write_text
 from larp.utils import autocast, get_device
 
@@ -160,8 +163,6 @@ def section_i3d(args, rec):
 
 def section_train(args, rec, parallel):
     """Under torchrun (one process per GPU): NAR steps on random tokens through the real wrap + step code."""
-    from larp import dist, engine, fsdp, stages, training
-    from larp.config import build_config
     info = dist.init_distributed(args.device)
     device = info.device
     fsdp.ensure_process_group(device)  # DDP on a single rank needs a process group too
@@ -172,21 +173,20 @@ def section_train(args, rec, parallel):
     cfg = build_config(os.path.join(ROOT, "cfgs", cfg_name + ".yaml"),
                        opts=["train.amp", amp, "train.parallel", parallel])
     torch.manual_seed(0)
-    raw = stages.build_ar_model(cfg, SimpleNamespace(bottleneck_token_num=n, codebook_size=vocab)).to(device).train()
+    raw = build_ar_model(cfg.model, SimpleNamespace(bottleneck_token_num=n, codebook_size=vocab)).to(device).train()
+    stage = ARStage(cfg, raw, None, device)
     if parallel == "fsdp":
-        model = training.wrap_model(raw, cfg, info)
+        stage.wrapped = training.wrap_model(raw, cfg.train, info)
+        stage.build_optimizer()  # over the DTensor shards, as train() does
     else:
         # training.wrap_model leaves a single process unwrapped; wrap it here so DDP's buckets count in the peak
         ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
-    opt = engine.build_optimizer(raw.parameters(), cfg["optimizer"])
-    scaler = engine.make_scaler(amp, device)
-    tokens = torch.randint(vocab, (batch, n), device=device)
-    labels = torch.randint(cfg["model"]["num_classes"], (batch,), device=device)
-    tc = cfg["train"]
+        stage.wrapped = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
+    batch_data = {"tokens": torch.randint(vocab, (batch, n), device=device),
+                  "label": torch.randint(cfg.model.num_classes, (batch,), device=device)}
     if info.is_main:
-        rec["settings"] = {"model": cfg["model"]["name"] if not args.tiny else "quickstart_nar dims",
-                           "order": cfg["model"]["order"], "parallel": parallel, "amp": amp, "batch_per_gpu": batch,
+        rec["settings"] = {"model": cfg.model.name if not args.tiny else "quickstart_nar dims",
+                           "order": cfg.model.order, "parallel": parallel, "amp": amp, "batch_per_gpu": batch,
                            "tokens": n, "world_size": info.world_size,
                            "params_M": sum(p.numel() for p in raw.parameters()) / 1e6}
     if device.type == "cuda":
@@ -195,7 +195,7 @@ def section_train(args, rec, parallel):
     for i in range(2 + args.train_steps):  # 2 warm-up steps (the first compiles FlexAttention on CUDA)
         sync(device)
         t = time.perf_counter()
-        logs = engine.ar_step(model, tokens, labels, i, opt, scaler, tc["grad_clip"], amp, device)
+        logs = stage.step(batch_data, i, 2 + args.train_steps)
         sync(device)
         times.append(time.perf_counter() - t)
         losses.append(logs["loss"])

@@ -12,18 +12,19 @@ preloaded (every non-overlapping 8-frame window), so the numbers measure optimis
 """
 import argparse
 import copy
+import dataclasses
 import os
 import time
 
 import torch
 import yaml
 
-from larp import engine
+from larp.config import from_dict
 from larp.data.dataset import VideoDataset
 from larp.errors import run_cli
-from larp.losses import TokenizerLoss
 from larp.metrics import psnr
-from larp.tokenizer import LARPTokenizer
+from larp.optim import lr_at
+from larp.tokenizer_stage import TokenizerStage
 
 
 def load_clips(csv, cfg, limit=None):
@@ -54,21 +55,19 @@ def run_variant(name, overrides, base, train, val, steps, device, eval_every, se
         for part in path:
             node = node[part]
         node[last] = v
+    cfg = from_dict(cfg, where=name)
+    cfg.train.amp = "fp32"
     torch.manual_seed(seed)
-    model = LARPTokenizer(**cfg["model"]).to(device)
-    loss_fn = TokenizerLoss(**cfg["loss"]).to(device)
-    opt = engine.build_optimizer(model.parameters(), cfg["optimizer"])
-    scaler = engine.make_scaler("fp32", device)
+    stage = TokenizerStage(cfg, device)
     g = torch.Generator().manual_seed(seed)
-    bs, lr = cfg["batch_size"], cfg["optimizer"]["args"]["lr"]
+    bs, lr, schedule = cfg.batch_size, cfg.optimizer.args["lr"], dataclasses.asdict(cfg.lr_schedule)
     t0, curve = time.perf_counter(), []
     for step in range(steps):
-        engine.set_lr(opt, engine.lr_at(step, lr, steps, cfg["lr_schedule"]))
+        stage.set_lr(lr_at(step, lr, steps, **schedule))
         x = train[torch.randint(len(train), (bs,), generator=g)].to(device)
-        logs, _ = engine.tokenizer_generator_step(model, loss_fn, x, step, steps, opt, scaler,
-                                                  cfg["train"]["grad_clip"], "fp32", device)
+        logs = stage.step({"video": x}, step, steps)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            p, used = val_psnr(model, val)
+            p, used = val_psnr(stage.model, val)
             curve.append((step + 1, p))
             print(f"{name:>16} step {step + 1:5d}  val PSNR {p:6.2f} dB  codes used {used:4d}  "
                   f"l1 {logs['l1']:.4f}  {time.perf_counter() - t0:6.1f} s", flush=True)

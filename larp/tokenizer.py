@@ -205,6 +205,13 @@ class LARPTokenizer(nn.Module):
         out["encoded"] = out.pop("output")
         return out
 
+    def encode_condition(self, video, num_cond):
+        """Tokens (B, N) of the first `num_cond` frames of `video` with the last of them repeated to the clip
+        length: the condition of a frame-prediction generator."""
+        t = video.shape[2]
+        last = video[:, :, num_cond - 1:num_cond].expand(-1, -1, t - num_cond, -1, -1)
+        return self.encode(torch.cat([video[:, :, :num_cond], last], dim=2))["bottleneck_rep"]  # (B, N)
+
     def decode(self, z):
         """z: (B, N, D) (the `encoded` output) -> (B, 3, T, H, W), not clamped."""
         z = z + self.decoder_latent_pe

@@ -38,13 +38,13 @@ def test_parse_value_yaml_types(text, value):
 
 def test_reference_command_line():
     args, cfg = cfg_from_cmdline(shlex.split(REFERENCE_CMD))
-    assert cfg["stage"] == "ar"
-    assert cfg["seed"] == 66667 and cfg["tag"] == "default" and cfg["batch_size"] == 64
-    assert cfg["data"]["csv"] == "ucf101_train.csv" and cfg["data"]["num_workers"] == 8
-    assert (cfg["data"]["frame_num"], cfg["data"]["input_size"]) == (16, 128)
-    assert cfg["model"]["name"] == "llama-abs-L"
-    assert cfg["optimizer"]["args"]["lr"] == 0.0006 and isinstance(cfg["optimizer"]["args"]["lr"], float)
-    assert cfg["vae"]["checkpoint"] == "hywang66/LARP-L-long-tokenizer"
+    assert cfg.stage == "ar"
+    assert cfg.seed == 66667 and cfg.tag == "default" and cfg.batch_size == 64
+    assert cfg.data.csv == "ucf101_train.csv" and cfg.data.num_workers == 8
+    assert (cfg.data.frame_num, cfg.data.input_size) == (16, 128)
+    assert cfg.model.name == "llama-abs-L"
+    assert cfg.optimizer.args["lr"] == 0.0006 and isinstance(cfg.optimizer.args["lr"], float)
+    assert cfg.vae.checkpoint == "hywang66/LARP-L-long-tokenizer"
     assert (args.out_path, args.name, args.replace, args.wandb_upload) == ("save/", "larp_ar", False, False)
 
 
@@ -53,14 +53,14 @@ def test_opts_nested_types_and_lists():
         "model.latent_shape", "[1, 4, 8]", "optimizer.args.betas", "[0.8, 0.9]", "train.max_steps", "7",
         "model.args.dim", "96", "model.frame_prediction", "true", "optimizer.args.lr", "1", "eval.fvd_size", "64",
         "optimizer.args.eps", "1e-6", "lr_schedule.milestones", "[10, 20]", "vae.checkpoint", "some/dir"])
-    assert cfg["model"]["latent_shape"] == [1, 4, 8]
-    assert cfg["optimizer"]["args"]["betas"] == [0.8, 0.9]
-    assert cfg["train"]["max_steps"] == 7 and cfg["model"]["args"]["dim"] == 96
-    assert cfg["model"]["frame_prediction"] is True
-    lr = cfg["optimizer"]["args"]["lr"]
+    assert cfg.model.latent_shape == [1, 4, 8]
+    assert cfg.optimizer.args["betas"] == [0.8, 0.9]
+    assert cfg.train.max_steps == 7 and cfg.model.args["dim"] == 96
+    assert cfg.model.frame_prediction is True
+    lr = cfg.optimizer.args["lr"]
     assert lr == 1.0 and isinstance(lr, float)  # an int where the config had a float stays a float
-    assert cfg["optimizer"]["args"]["eps"] == 1e-6  # a new key accepted by AdamW
-    assert cfg["lr_schedule"]["milestones"] == [10, 20] and cfg["eval"]["fvd_size"] == 64
+    assert cfg.optimizer.args["eps"] == 1e-6  # a new key accepted by AdamW
+    assert cfg.lr_schedule.milestones == [10, 20] and cfg.eval.fvd_size == 64
 
 
 @pytest.mark.parametrize("cfg_file,key", [
@@ -98,22 +98,22 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 def test_tokenizer_geometry_follows_flags():
     _, cfg = cfg_from_cmdline(["--cfg", "cfgs/quickstart_tokenizer.yaml", "--frame_num", "16", "--input_size", "64"])
-    assert (cfg["model"]["frame_num"], cfg["model"]["input_size"]) == (16, 64)
-    assert (cfg["data"]["frame_num"], cfg["data"]["input_size"]) == (16, 64)
+    assert (cfg.data.frame_num, cfg.data.input_size) == (16, 64)
+    assert "frame_num" not in cfg.model and cfg.tokenizer_kwargs()["frame_num"] == 16  # stored once, in data
     cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"))
-    assert (cfg["data"]["frame_num"], cfg["data"]["input_size"]) == (8, 32)  # from the model section
+    assert (cfg.data.frame_num, cfg.data.input_size) == (8, 32)  # from the model section
 
 
 def test_larp_tokenizer_yaml_is_the_released_config(reference_dir):
     released = json.loads((reference_dir / "tokenizer_larp_L_long.config.json").read_text())
     cfg = build_config(str(ROOT / "cfgs/larp_tokenizer.yaml"))
-    assert cfg["model"] == released
+    assert cfg.tokenizer_kwargs() == released
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "cfgs" / "*.yaml"))), ids=os.path.basename)
 def test_every_config_parses(path):
     cfg = build_config(path)
-    assert cfg["stage"] in ("tokenizer", "ar")
+    assert cfg.stage in ("tokenizer", "ar")
 
 
 FAKE_TORCHRUN = """#!{python}
@@ -154,9 +154,9 @@ def test_every_script_command_parses(script, tmp_path):
         nproc = next(a.split("=", 1)[1] for a in argv[:i] if a.startswith("--nproc_per_node"))
         assert check[:3] == ["train.py", "--check", nproc] and check[3:] == argv[i + 1:]
         args, cfg = cfg_from_cmdline(argv[i + 1:])
-        assert cfg["batch_size"] == args.batch_size
-        if cfg["stage"] == "ar":
-            assert cfg["vae"]["checkpoint"]
+        assert cfg.batch_size == args.batch_size
+        if cfg.stage == "ar":
+            assert cfg.vae.checkpoint
 
 
 def test_reference_configs_build_the_released_layouts(reference_dir):
@@ -166,7 +166,7 @@ def test_reference_configs_build_the_released_layouts(reference_dir):
 
     import torch
 
-    from larp import stages
+    from larp.ar_stage import build_ar_model
     from larp.tokenizer import LARPTokenizer
     from tests.conftest import read_manifest
 
@@ -177,8 +177,8 @@ def test_reference_configs_build_the_released_layouts(reference_dir):
         return {k: s for k, (_, s) in read_manifest(reference_dir / name).items()}
 
     with torch.device("meta"):
-        ar = stages.build_ar_model(build_config(str(ROOT / "cfgs/larp_ar.yaml")),
+        ar = build_ar_model(build_config(str(ROOT / "cfgs/larp_ar.yaml")).model,
                                    SimpleNamespace(bottleneck_token_num=1024, codebook_size=8192))
-        tok = LARPTokenizer(**build_config(str(ROOT / "cfgs/larp_tokenizer.yaml"))["model"])
+        tok = LARPTokenizer(**build_config(str(ROOT / "cfgs/larp_tokenizer.yaml")).tokenizer_kwargs())
     assert shapes(ar) == manifest("nar_llama-abs-L.state_dict.tsv")
     assert shapes(tok) == manifest("tokenizer_larp_L_long.state_dict.tsv")

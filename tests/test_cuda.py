@@ -3,14 +3,22 @@ a bf16 training step, and one FSDP step. Skipped without CUDA; benchmarks/gpu_ch
 import pytest
 import torch
 
-from larp import engine
 from larp.ar import load_generator
+from larp.ar_stage import ARStage
+from larp.config import ARConfig
 from larp.tokenizer import LARPTokenizer
 from test_ar import GOLDEN, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA (benchmarks/gpu_check.sh runs these on a GPU machine)")
 CUDA = torch.device("cuda")
+
+
+def ar_stage(model, amp, lr):
+    """A training stage around a built generator, with AdamW(lr) and grad clipping at 1 (no data, no tokenizer)."""
+    cfg = ARConfig()
+    cfg.train.amp, cfg.train.grad_clip, cfg.optimizer.args = amp, 1.0, {"lr": lr}
+    return ARStage(cfg, model, None, CUDA)
 
 
 @pytest.fixture(autouse=True)
@@ -66,14 +74,12 @@ def test_bf16_training_step_reaches_every_parameter():
     """bf16 autocast through the compiled FlexAttention forward and backward: finite loss, a gradient for every
     parameter, and the loss goes down over a few steps on one batch."""
     model = tiny("nar", dim=64).to(CUDA).train()  # head dim 16: the smallest the FlexAttention kernel takes
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = engine.make_scaler("bf16", CUDA)
-    tokens = torch.randint(0, 40, (4, 24), device=CUDA)
-    labels = torch.tensor([0, 1, 2, 3], device=CUDA)
-    first = engine.ar_step(model, tokens, labels, 0, opt, scaler, 1.0, "bf16", CUDA)
+    stage = ar_stage(model, "bf16", 1e-2)
+    batch = {"tokens": torch.randint(0, 40, (4, 24), device=CUDA), "label": torch.tensor([0, 1, 2, 3], device=CUDA)}
+    first = stage.step(batch, 0, 10)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     for step in range(1, 10):
-        last = engine.ar_step(model, tokens, labels, step, opt, scaler, 1.0, "bf16", CUDA)
+        last = stage.step(batch, step, 10)
     assert last["loss"] < first["loss"] - 0.5
 
 
@@ -86,14 +92,13 @@ def test_fsdp_step_equals_plain_step_on_cuda():
     started = not dist.is_initialized()
     try:
         fsdp.shard_generator(sharded, "fp32", CUDA)
-        tokens = torch.randint(0, 40, (4, 24), device=CUDA)
-        labels = torch.tensor([0, 1, 2, 3], device=CUDA)
+        batch = {"tokens": torch.randint(0, 40, (4, 24), device=CUDA),
+                 "label": torch.tensor([0, 1, 2, 3], device=CUDA)}
         logs = []
         for model in (plain, sharded):
             torch.manual_seed(1)  # the same label drops (class_dropout_prob) for both models
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            scaler = engine.make_scaler("fp32", CUDA)
-            logs.append([engine.ar_step(model, tokens, labels, s, opt, scaler, 1.0, "fp32", CUDA) for s in range(3)])
+            stage = ar_stage(model, "fp32", 1e-2)
+            logs.append([stage.step(batch, s, 3) for s in range(3)])
         for a, b in zip(*logs):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -75,7 +75,7 @@ def free_port():
 # ---------------------------------------------------------------------------------------------- config
 def test_fsdp_config_refusals():
     cfg = build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["train.parallel", "fsdp"])
-    assert cfg["train"]["parallel"] == "fsdp"
+    assert cfg.train.parallel == "fsdp"
     with pytest.raises(ConfigError, match="train.parallel: 'zero' is not ddp or fsdp"):
         build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["train.parallel", "zero"])
     with pytest.raises(ConfigError, match="train.parallel: fsdp shards the generator"):
@@ -113,13 +113,13 @@ def test_fsdp_matches_ddp_and_exports_the_same_layout(runs):
 
 
 KILLER = """import os, runpy, signal, sys
-from larp import stages
-real_step = stages.ar_step
-def ar_step(run, batch, step):  # rank 0 has written the step-5 checkpoint before it starts step index 5
+from larp.ar_stage import ARStage
+real_step = ARStage.step
+def step(stage, batch, step, total_steps):  # rank 0 has written the step-5 checkpoint before it starts step index 5
     if step == 5 and os.environ["RANK"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_step(run, batch, step)
-stages.ar_step = ar_step
+    return real_step(stage, batch, step, total_steps)
+ARStage.step = step
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

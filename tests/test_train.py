@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from larp import engine, stages, training
+from larp import optim, resume
+from larp.ar_stage import ARStage
 from larp.errors import run_cli
 from larp.data.synthetic import make_synthetic_dataset
 from tests.conftest import ROOT
@@ -51,28 +53,28 @@ def subprocess_env():
 # ---------------------------------------------------------------------------------------------- units
 def test_lr_schedules():
     sched = {"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}
-    assert engine.lr_at(0, 1.0, 110, sched) == pytest.approx(0.1)
-    assert engine.lr_at(9, 1.0, 110, sched) == pytest.approx(1.0)
-    assert engine.lr_at(60, 1.0, 110, sched) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: mean of max and floor
-    assert engine.lr_at(110, 1.0, 110, sched) == pytest.approx(0.1)
+    assert optim.lr_at(0, 1.0, 110, **sched) == pytest.approx(0.1)
+    assert optim.lr_at(9, 1.0, 110, **sched) == pytest.approx(1.0)
+    assert optim.lr_at(60, 1.0, 110, **sched) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: mean of max and floor
+    assert optim.lr_at(110, 1.0, 110, **sched) == pytest.approx(0.1)
     step = {"name": "step", "warmup_steps": 0, "milestones": [5, 8], "gamma": 0.5}
-    assert [engine.lr_at(s, 2.0, 10, step) for s in (0, 4, 5, 7, 8, 9)] == [2.0, 2.0, 1.0, 1.0, 0.5, 0.5]
+    assert [optim.lr_at(s, 2.0, 10, **step) for s in (0, 4, 5, 7, 8, 9)] == [2.0, 2.0, 1.0, 1.0, 0.5, 0.5]
 
 
 def test_sampler_ranks_partition_the_global_batch_and_skip():
-    one = list(training.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2))
-    two = [list(training.ResumableBatchSampler(30, 6, r, 2, seed=5, epoch=2)) for r in range(2)]
+    one = list(resume.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2))
+    two = [list(resume.ResumableBatchSampler(30, 6, r, 2, seed=5, epoch=2)) for r in range(2)]
     assert len(one) == 5
     for b in range(5):
         assert two[0][b] + two[1][b] == one[b]
     assert sorted(i for b in one for i, _ in b) == list(range(30))
-    assert list(training.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2, start_batch=3)) == one[3:]
-    assert list(training.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=3)) != one
+    assert list(resume.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2, start_batch=3)) == one[3:]
+    assert list(resume.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=3)) != one
 
 
 def test_seeded_items_are_reproducible(synth):
     from larp.data.dataset import VideoDataset
-    ds = training.SeededItems(VideoDataset(synth[0], num_frames=8, size=32, train=True, hflip=True))
+    ds = resume.SeededItems(VideoDataset(synth[0], num_frames=8, size=32, train=True, hflip=True))
     a = ds[(3, 1234)]["video"]
     torch.rand(100)  # the global stream moves on; the item does not
     assert torch.equal(ds[(3, 1234)]["video"], a)
@@ -83,10 +85,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from larp.ar import ModelArgs, build_generator
     model = build_generator(ModelArgs(dim=32, n_layer=1, n_head=2, vocab_size=16, max_seq_len=8,
                                       latent_shape=(2, 2, 2), num_classes=2), order="raster")
-    run = {"raw_model": model, "model_name": "tiny", "optimizer": torch.optim.AdamW(model.parameters()),
-           "scaler": engine.make_scaler("fp32", "cpu"), "ema": None}
+    stage = SimpleNamespace(model=model, model_name="tiny", optimizer=torch.optim.AdamW(model.parameters()),
+                            state_dict=lambda: {"scaler": optim.make_scaler("fp32", "cpu").state_dict()})
     path = tmp_path / "ckpt_latest.pth"
-    training.save_checkpoint(str(path), run, {"seed": 0}, step=1, epoch=0)
+    resume.save_checkpoint(str(path), stage, None, {"seed": 0}, step=1, epoch=0)
     before = path.read_bytes()
 
     def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
@@ -96,7 +98,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(str(path), run, {"seed": 0}, step=2, epoch=0)
+        resume.save_checkpoint(str(path), stage, None, {"seed": 0}, step=2, epoch=0)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt_latest.pth"]
     monkeypatch.undo()
@@ -106,7 +108,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- AR runs
 def test_ema_update_matches_formula():
     model = torch.nn.Linear(3, 2)
-    ema = engine.EMA(model, decay=0.75)
+    ema = optim.EMA(model, decay=0.75)
     w0 = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -179,17 +181,17 @@ def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_pat
     step-4 checkpoint and is restarted repeats the uninterrupted losses exactly."""
     steps, extra = 8, ["train.latest_interval", "4", "data.hflip", "true"]
     full = run_main(ar_argv(synth, reference_dir, tmp_path, "full", steps, extra, cache=False))
-    real_step = stages.ar_step
+    real_step = ARStage.step
 
-    def crash_at_6th(run, batch, step):
+    def crash_at_6th(stage, batch, step, total_steps):
         if step == 5:
             raise RuntimeError("simulated crash")
-        return real_step(run, batch, step)
+        return real_step(stage, batch, step, total_steps)
 
-    monkeypatch.setattr(stages, "ar_step", crash_at_6th)
+    monkeypatch.setattr(ARStage, "step", crash_at_6th)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_main(ar_argv(synth, reference_dir, tmp_path, "crashed", steps, extra, cache=False))
-    monkeypatch.setattr(stages, "ar_step", real_step)
+    monkeypatch.setattr(ARStage, "step", real_step)
     run_main(ar_argv(synth, reference_dir, tmp_path, "crashed", steps, extra, cache=False))
     a, b = train_rows(full["run_dir"]), train_rows(tmp_path / "crashed")
     assert sorted(b) == list(range(1, steps + 1))

@@ -1,0 +1,119 @@
+"""Small training helpers: the LR schedule, optimizers, EMA, the AMP grad scaler, the finiteness check and one
+optimizer step (backward, clip, step). Both stages and the loop in larp/training.py use them."""
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from larp.dist import all_reduce_grads, all_reduce_mean
+from larp.errors import LarpError
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+class NonFiniteLossError(LarpError, FloatingPointError):
+    """Raised on every rank together (the loss is averaged over ranks first); names the step."""
+
+    def __init__(self, step, name, value):
+        super().__init__(f"non-finite {name} ({value}) at step {step}: stopping (lower the lr, enable grad "
+                         f"clipping or use bf16 instead of fp16)")
+        self.step = step  # 1-based, as the step column of metrics.csv
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def lr_at(step, base_lr, total_steps, name="cosine", warmup_steps=0, min_lr_ratio=0.0, milestones=(), gamma=0.1):
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine / step / constant."""
+    warm = int(warmup_steps or 0)
+    if warm > 0 and step < warm:
+        return base_lr * (step + 1) / warm
+    if name == "constant":
+        return base_lr
+    if name == "step":
+        return base_lr * gamma ** sum(step >= m for m in milestones)
+    floor = base_lr * min_lr_ratio
+    progress = min(max(step - warm, 0) / max(total_steps - warm, 1), 1.0)
+    return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    """Set every group's lr to lr * group['lr_mult'] (groups without it: 1)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def build_optimizer(params, name, args):
+    """Optimizer `name` (a key of OPTIMIZERS) over the trainable `params` with keyword arguments `args`."""
+    kwargs = dict(args)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return OPTIMIZERS[name]([p for p in params if p.requires_grad], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers (kept in fp32)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                       for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.is_floating_point():
+                s.mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+            else:
+                s.copy_(v)
+
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, sd):
+        for k in self.shadow:
+            self.shadow[k].copy_(sd[k])
+
+    def weights_like(self, model):
+        """The EMA weights cast to the model's dtypes, as a state dict for load_state_dict."""
+        own = model.state_dict()
+        return {k: self.shadow[k].to(own[k].dtype) for k in own}
+
+
+# ---------------------------------------------------------------------------------------------- optimization
+def make_scaler(amp, device):
+    """A GradScaler for fp16 on CUDA; disabled otherwise (bf16/fp32 need none, CPU fp16 falls back to fp32)."""
+    enabled = amp == "fp16" and torch.device(device).type == "cuda"
+    return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+
+
+def check_finite(loss, step, name="loss"):
+    """Mean of `loss` over ranks as a float; raises NonFiniteLossError naming the step (on every rank).
+
+    `step` is the 0-based global step being computed; the message names it 1-based like metrics.csv."""
+    value = float(all_reduce_mean(loss.detach().float()))
+    if not math.isfinite(value):
+        raise NonFiniteLossError(step + 1, name, value)
+    return value
+
+
+def optimizer_step(loss, optimizer, scaler, params, grad_clip, sync_grads=False):
+    """backward, (all-reduce for modules outside DDP), unscale, clip, step. Returns the grad norm (float)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    params = [p for p in params if p.grad is not None]
+    if sync_grads:
+        all_reduce_grads(params)
+    scaler.unscale_(optimizer)
+    if params and isinstance(params[0].grad, DTensor):  # FSDP shards: the norm is reduced over ranks
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()
+        if grad_clip and grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    elif grad_clip and grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])) \
+            if params else torch.zeros(())
+    scaler.step(optimizer)
+    scaler.update()
+    return float(norm)
