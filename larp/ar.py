@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from larp.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
-from larp.generate import generate
+from larp.generate import SamplingParams, generate
 from larp.nar_order import head_plan, nar_layout
 
 ORDERS = ("nar", "raster")
@@ -375,11 +375,10 @@ class Generator(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
-    def generate(self, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                 seeds=None, return_nll=False, generator=None):
-        """Sample (B, N) tokens in raster order (see larp.generate.generate); runs in eval mode."""
-        return generate(self, cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, return_nll=return_nll, generator=generator)
+    def generate(self, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None):
+        """Sample (B, N) tokens in raster order with the knobs `params` (see larp.generate.generate); runs in
+        eval mode."""
+        return generate(self, cond, params=params, seeds=seeds, return_nll=return_nll, generator=generator)
 
 
 def _sincos_pe(length, dim):
