@@ -66,7 +66,7 @@ def video_dataset(spec, kind, num_frames, size, num_clips=0, seed=42, skip_bad=F
     else:
         from larp.data.dataset import VideoDataset, select_fvd_clips
         try:
-            ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False, skip_bad=skip_bad)
+            ds = VideoDataset(spec, frame_num=num_frames, input_size=size, train=False, skip_bad=skip_bad)
         except VideoReadError as e:
             raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
         if ds.num_bad:

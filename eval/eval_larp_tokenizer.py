@@ -121,7 +121,7 @@ def main(args):
         raise CheckpointError(f"--tokenizer: {e}") from None
     model = model.to(device).set_vq_eval_deterministic(args.det)
     try:
-        ds = VideoDataset(args.dataset_csv, num_frames=args.num_frames, size=args.input_size, train=False,
+        ds = VideoDataset(args.dataset_csv, frame_num=args.num_frames, input_size=args.input_size, train=False,
                           skip_bad=args.skip_bad)
     except VideoReadError as e:
         raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
