@@ -120,19 +120,19 @@ def read_model_config(spec, flag, want):
 
 def check_models(job, tok_cfg, ar_cfg):
     """Config-level consistency of tokenizer, generator and job; returns (frame_num, input_size)."""
-    frames, size = tok_cfg.get("frame_num"), tok_cfg.get("input_size")
-    for flag, want, have in (("num_frames", frames, job.frame_num), ("input_size", size, job.input_size)):
+    frame_num, input_size = tok_cfg.get("frame_num"), tok_cfg.get("input_size")
+    for flag, want, have in (("num_frames", frame_num, job.frame_num), ("input_size", input_size, job.input_size)):
         if have is not None and want is not None and have != want:
             raise SampleError(f"--{flag} {have} does not match the tokenizer ({want})")
-    frames, size = job.frame_num or frames, job.input_size or size
-    if frames is None or size is None:
+    frame_num, input_size = job.frame_num or frame_num, job.input_size or input_size
+    if frame_num is None or input_size is None:
         raise SampleError("the tokenizer config has no frame_num/input_size; pass --num_frames/--input_size")
     fp = bool(ar_cfg.get("frame_prediction", ar_cfg.get("model_type") == "frame_pred"))
     if fp != bool(job.frame_prediction):
         raise SampleError(f"--ar_model is a {'frame-prediction' if fp else 'class-conditional'} generator; "
                           f"{'add' if fp else 'remove'} --frame_prediction")
-    if job.frame_prediction and not 1 <= job.num_cond_frames < frames:
-        raise SampleError(f"--num_cond_frames {job.num_cond_frames} must be in [1, {frames})")
+    if job.frame_prediction and not 1 <= job.num_cond_frames < frame_num:
+        raise SampleError(f"--num_cond_frames {job.num_cond_frames} must be in [1, {frame_num})")
     shape, n_tok = ar_cfg.get("latent_shape"), tok_cfg.get("bottleneck_token_num")
     if shape and n_tok and int(np.prod(shape)) != n_tok:
         raise SampleError(f"generator grid {list(shape)} has {int(np.prod(shape))} tokens but the tokenizer "
@@ -144,7 +144,7 @@ def check_models(job, tok_cfg, ar_cfg):
     if reg.get("codebook_size") and ar_cfg.get("vocab_size") and reg["codebook_size"] != ar_cfg["vocab_size"]:
         raise SampleError(f"generator vocab_size {ar_cfg['vocab_size']} != tokenizer codebook_size "
                           f"{reg['codebook_size']}")
-    return int(frames), int(size)
+    return int(frame_num), int(input_size)
 
 
 def run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec):

@@ -1,7 +1,8 @@
 """Sharded sampling with FVD on completion: the work behind `sample.py`.
 
-One output folder holds one run (one set of settings, `run_settings`); shards of it may run in any order, on any
-machines, at the same time:
+One output folder holds one run (one set of settings, `larp.sample_job.run_settings`); shards of it may run in any
+order, on any machines, at the same time. `run(job)` takes a `larp.sample_job.SampleJob` (sample.py builds it from
+the flags), checks it with `prepare` before any model loads, then samples and finalizes. The folder:
 
   run_config.json                    the run's settings; a later call with other settings is refused
   shards.json                        the shard ranges [a, b) used so far; a different overlapping range is refused

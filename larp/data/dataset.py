@@ -139,18 +139,19 @@ def check_videos_exist(df, csv):
                              f"({bad[0][1]})")
 
 
-def transform_frames(frames, size):
-    """uint8 (T,H,W,3) -> float32 (3,T,size,size) in [0,1]: short side resized to `size` (antialias), center crop."""
+def transform_frames(frames, input_size):
+    """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: short side resized to S (antialias), center
+    crop."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
     h, w = x.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if min(h, w) != input_size:
+        scale = input_size / min(h, w)
+        new_h, new_w = max(input_size, round(h * scale)), max(input_size, round(w * scale))
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         h, w = new_h, new_w
-    top, left = (h - size) // 2, (w - size) // 2
-    x = x[:, :, top:top + size, left:left + size].clamp_(0, 1)
-    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
+    top, left = (h - input_size) // 2, (w - input_size) // 2
+    x = x[:, :, top:top + input_size, left:left + input_size].clamp_(0, 1)
+    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
 
 
 def select_fvd_clips(num_clips, num_samples_total, seed=42):
