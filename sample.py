@@ -9,12 +9,17 @@ Parallel shards (any order, any machines, same --output_dir); the last one to fi
   torchrun --nproc_per_node 8 sample.py ...   (ranks split this process's range)
 Frame prediction (K600, 5 conditioning frames, FVD at 64x64): add --frame_prediction (and --cfg_scale 1).
 
-Outputs, resuming and the seeding rule are described in larp/sampling.py.
+Outputs, resuming and the seeding rule are described in larp/sampling.py; the checks made before any model loads
+in larp/sample_job.py.
 """
 import argparse
 
 from larp import sampling
 from larp.errors import run_cli
+from larp.generate import SamplingParams
+from larp.sample_folder import SampleError
+from larp.sample_job import SampleJob
+from larp.utils import DTYPES
 
 
 def build_parser():
@@ -32,7 +37,7 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--dtype", default="fp32", choices=sorted(sampling.DTYPE_NAMES), help="autocast dtype")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype")
     p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
     p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
     p.add_argument("--frame_prediction", action="store_true")
@@ -56,8 +61,27 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def make_job(args):
+    """The typed SampleJob of the parsed flags: argparse stays here, the library sees typed values only."""
+    try:
+        params = SamplingParams(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:  # "temperature: must be > 0, got 0.0"
+        raise SampleError(f"--{e}") from None
+    return SampleJob(ar_model=args.ar_model, tokenizer=args.tokenizer, output_dir=args.output_dir,
+                     dataset_csv=args.dataset_csv, num_samples=args.num_samples,
+                     num_samples_total=args.num_samples_total, starting_index=args.starting_index, params=params,
+                     seed=args.seed, dtype=args.dtype, dataset_split_seed=args.dataset_split_seed,
+                     frame_prediction=args.frame_prediction, num_cond_frames=args.num_cond_frames,
+                     frame_num=args.num_frames, input_size=args.input_size, fvd_size=args.fvd_size,
+                     sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
+                     num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,
+                     device=args.device)
+
+
 def main(args):
-    return sampling.run(args)
+    """Sample and score one shard; returns the FVD once the whole run is covered, else None."""
+    return sampling.run(make_job(args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from larp.ar import AR_MODELS, Generator, ModelArgs
 from larp.errors import run_cli
+from larp.generate import SamplingParams
 from larp.utils import autocast, get_device, get_dtype
 
 
@@ -72,7 +73,8 @@ def bench_model(model, args, device):
 
     def gen():
         with ctx:
-            model.generate(labels, cfg_scale=args.cfg, temperature=1.0, top_k=args.top_k, seeds=seeds)
+            model.generate(labels, SamplingParams(cfg_scale=args.cfg, temperature=1.0, top_k=args.top_k),
+                           seeds=seeds)
 
     nb = args.batch * (2 if args.cfg != 1.0 else 1)
     tokens = torch.randint(0, args.vocab, (nb, model.num_tokens), device=device)

@@ -37,6 +37,7 @@ import torch
 from larp import dist, fsdp, training
 from larp.ar_stage import ARStage, build_ar_model
 from larp.config import build_config
+from larp.generate import SamplingParams
 from larp.io import atomic_write_text
 from larp.utils import autocast, get_device
 
@@ -110,7 +111,8 @@ def section_sampling(args, rec):
         for order, model, warmup, repeats in (("nar", nar, 1, 3), ("raster", raster, 0, 1)):
             def gen():
                 with autocast(device, dtype):
-                    model.generate(labels, cfg_scale=1.25, temperature=1.0, top_k=0, seeds=list(range(batch)))
+                    model.generate(labels, SamplingParams(cfg_scale=1.25, temperature=1.0, top_k=0),
+                                   seeds=list(range(batch)))
             for _ in range(warmup):
                 gen()
             seconds, _ = timed(gen, device, repeats)

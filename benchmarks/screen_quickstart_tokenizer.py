@@ -28,7 +28,7 @@ from larp.tokenizer_stage import TokenizerStage
 
 
 def load_clips(csv, cfg, limit=None):
-    ds = VideoDataset(csv, num_frames=cfg["data"]["frame_num"], size=cfg["data"]["input_size"], train=False)
+    ds = VideoDataset(csv, frame_num=cfg["data"]["frame_num"], input_size=cfg["data"]["input_size"], train=False)
     idx = range(len(ds)) if limit is None else torch.linspace(0, len(ds) - 1, limit).round().long().tolist()
     return torch.stack([ds[i]["video"] for i in idx])  # (B, 3, T, S, S) in [0, 1]
 

@@ -17,31 +17,31 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from larp.data.video_io import VideoReadError
+from larp.data.dataset import CSVNotFoundError, VideoDataset, resolve_csv, select_fvd_clips, transform_frames
+from larp.data.video_io import VideoReadError, read_frames
 from larp.errors import UsageError, run_cli
 from larp.fvd import FeatureStats, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
+from larp.utils import get_device
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
 STATS_EXTS = (".pkl", ".npz")
 
 
 class VideoFolder(Dataset):
-    """The first `num_frames` frames of each video in a folder -> {"video": (3, T, S, S) float in [0, 1]}."""
+    """The first `frame_num` frames of each video in a folder -> {"video": (3, T, S, S) float in [0, 1]}."""
 
-    def __init__(self, folder, num_frames=16, size=128):
+    def __init__(self, folder, frame_num=16, input_size=128):
         self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VIDEO_EXTS))
         if not self.paths:
             raise ValueError(f"no videos ({', '.join(VIDEO_EXTS)}) in folder '{folder}'")
-        self.num_frames, self.size = num_frames, size
+        self.frame_num, self.input_size = frame_num, input_size
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from larp.data.dataset import transform_frames
-        from larp.data.video_io import read_frames
-        frames = read_frames(self.paths[index], range(self.num_frames))  # (T, H, W, 3) uint8
-        return {"video": transform_frames(frames, self.size), "index": index}
+        frames = read_frames(self.paths[index], range(self.frame_num))  # (T, H, W, 3) uint8
+        return {"video": transform_frames(frames, self.input_size), "index": index}
 
 
 def source_kind(spec):
@@ -52,7 +52,6 @@ def source_kind(spec):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"stats file not found: '{spec}'")
         return "stats"
-    from larp.data.dataset import CSVNotFoundError, resolve_csv
     try:
         resolve_csv(spec)
     except CSVNotFoundError as e:
@@ -60,13 +59,12 @@ def source_kind(spec):
     return "csv"
 
 
-def video_dataset(spec, kind, num_frames, size, num_clips=0, seed=42, skip_bad=False):
+def video_dataset(spec, kind, frame_num, input_size, num_clips=0, seed=42, skip_bad=False):
     if kind == "folder":
-        ds = VideoFolder(spec, num_frames, size)
+        ds = VideoFolder(spec, frame_num, input_size)
     else:
-        from larp.data.dataset import VideoDataset, select_fvd_clips
         try:
-            ds = VideoDataset(spec, num_frames=num_frames, size=size, train=False, skip_bad=skip_bad)
+            ds = VideoDataset(spec, frame_num=frame_num, input_size=input_size, train=False, skip_bad=skip_bad)
         except VideoReadError as e:
             raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
         if ds.num_bad:
@@ -93,7 +91,6 @@ def compute_fvd(args):
     detector = None
     if any(k != "stats" for k in kinds.values()):
         check_i3d_spec(args.i3d)
-        from larp.utils import get_device
         detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size,
                             precision=args.i3d_precision)
     stats = {}

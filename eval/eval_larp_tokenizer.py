@@ -19,11 +19,16 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from larp.checkpoint import CheckpointError, expect_kind, read_checkpoint
-from larp.io import atomic_write_text
+from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
 from larp.data.video_io import VideoReadError
 from larp.errors import LarpError, UsageError, run_cli
+from larp.fvd import FeatureStats, I3DError, check_i3d_spec, frechet_distance, fvd_label, load_i3d
+from larp.io import atomic_write_text
+from larp.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
 from larp.metrics import psnr, ssim
+from larp.tokenizer import LARPTokenizer
 from larp.utils import autocast, get_device
+from larp.visualize import save_video_grid_png
 
 
 def reconstruct(model, x, amp):
@@ -36,12 +41,10 @@ def reconstruct(model, x, amp):
 
 def evaluate(model, loader, device, amp=False, detector=None, lpips_model=None, num_preview=8, progress=True):
     """Metric sums over all clips -> dict of means (+ FVD when a detector is given) and preview videos."""
-    from larp.losses import lpips_video
     sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count, codes, preview = 0, set(), []
     real_stats = fake_stats = None
     if detector is not None:
-        from larp.fvd import FeatureStats
         real_stats, fake_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
     for batch in tqdm(loader, desc="reconstruct", disable=not progress, dynamic_ncols=True):
         x = batch["video"].to(device)  # (B, 3, T, H, W)
@@ -65,13 +68,11 @@ def evaluate(model, loader, device, amp=False, detector=None, lpips_model=None, 
     metrics["num_clips"] = count
     metrics["codebook_usage"] = len(codes) / model.codebook_size
     if detector is not None:
-        from larp.fvd import frechet_distance
         metrics["fvd"] = frechet_distance(real_stats, fake_stats)
     return metrics, preview
 
 
 def save_preview(preview, path):
-    from larp.visualize import save_video_grid_png
     videos, labels = [], []
     for i, (x, r) in enumerate(preview):
         videos += [x, r]
@@ -81,7 +82,6 @@ def save_preview(preview, path):
 
 def check_args(args):
     """One clear error for each bad flag before any video is read; returns the tokenizer checkpoint."""
-    from larp.data.dataset import read_video_csv
     try:
         ckpt = read_checkpoint(args.tokenizer)  # (config, state dict, layout)
         expect_kind(ckpt[0], "tokenizer", args.tokenizer)
@@ -99,7 +99,6 @@ def check_args(args):
         elif want is not None and getattr(args, flag) != want:
             raise UsageError(f"--{flag} {getattr(args, flag)} does not match the tokenizer's {key}={want}")
     if not args.no_fvd:
-        from larp.fvd import I3DError, check_i3d_spec
         try:
             args.i3d = check_i3d_spec(args.i3d)
         except I3DError as e:
@@ -111,9 +110,6 @@ def check_args(args):
 
 def main(args):
     config, sd, _ = check_args(args)
-    from larp.data.dataset import VideoDataset, select_fvd_clips
-    from larp.losses import build_lpips, lpips_available, lpips_backbone_path
-    from larp.tokenizer import LARPTokenizer
     device = get_device(args.device)
     try:
         model = LARPTokenizer.from_config_and_state_dict(config, sd, source=str(args.tokenizer))
@@ -121,7 +117,7 @@ def main(args):
         raise CheckpointError(f"--tokenizer: {e}") from None
     model = model.to(device).set_vq_eval_deterministic(args.det)
     try:
-        ds = VideoDataset(args.dataset_csv, num_frames=args.num_frames, size=args.input_size, train=False,
+        ds = VideoDataset(args.dataset_csv, frame_num=args.num_frames, input_size=args.input_size, train=False,
                           skip_bad=args.skip_bad)
     except VideoReadError as e:
         raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
@@ -137,7 +133,6 @@ def main(args):
         lpips_model = build_lpips(args.lpips_net).to(device)
     detector = None
     if not args.no_fvd:
-        from larp.fvd import load_i3d
         detector = load_i3d(args.i3d, device, batch_size=args.batch_size)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
@@ -157,7 +152,6 @@ def main(args):
     else:
         print(f"lpips: not computed (no {args.lpips_net} weights at {lpips_backbone_path(args.lpips_net)})")
     if detector is not None:
-        from larp.fvd import fvd_label
         print(fvd_label(detector))
         print(f"fvd={metrics['fvd']:.4f}")
     print(f"wrote {out}/metrics.json and {out}/preview.png")

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from larp.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
-from larp.generate import generate
+from larp.checkpoint import (CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir,
+                             strip_prefixes)
+from larp.generate import SamplingParams, generate
 from larp.nar_order import head_plan, nar_layout
 
 ORDERS = ("nar", "raster")
@@ -120,7 +121,7 @@ def flex_attention_fn(device_type):
     """FlexAttention kernel: compiled on CUDA (fused, skips fully masked blocks); the eager reference on
     other devices (used by the CPU test only). None when this torch / machine cannot provide it."""
     if device_type not in _FLEX:
-        try:
+        try:  # lazy: FlexAttention and torch's private triton probe are missing from some torch builds
             from torch.nn.attention.flex_attention import flex_attention
             if device_type == "cuda":
                 from torch.utils._triton import has_triton
@@ -138,6 +139,7 @@ _FLEX = {}
 
 def proximity_block_mask(rank, device):
     """FlexAttention BlockMask of `q sees k iff rank[k] <= rank[q]` over len(rank) positions."""
+    # lazy, like flex_attention_fn: only called where that found FlexAttention in this torch
     from torch.nn.attention.flex_attention import create_block_mask
     rank = rank.to(device)
     L = rank.shape[0]
@@ -375,11 +377,10 @@ class Generator(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
-    def generate(self, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                 seeds=None, return_nll=False, generator=None):
-        """Sample (B, N) tokens in raster order (see larp.generate.generate); runs in eval mode."""
-        return generate(self, cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seeds=seeds, return_nll=return_nll, generator=generator)
+    def generate(self, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None):
+        """Sample (B, N) tokens in raster order with the knobs `params` (see larp.generate.generate); runs in
+        eval mode."""
+        return generate(self, cond, params=params, seeds=seeds, return_nll=return_nll, generator=generator)
 
 
 def _sincos_pe(length, dim):
@@ -416,7 +417,6 @@ def args_from_config(cfg):
 
 def load_generator(spec, device="cpu"):
     """Generator in eval() mode from a hub dir / hub id / training checkpoint; order inferred from keys."""
-    from larp.checkpoint import strip_prefixes
     cfg, sd, _layout = read_checkpoint(spec)
     expect_kind(cfg, "generator", os.fspath(spec))
     sd = strip_prefixes(sd)

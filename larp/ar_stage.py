@@ -141,9 +141,7 @@ class ARStage:
         """Sample tokens with the eval settings and decode them: (B, 3, T, H, W) in [0, 1]."""
         was_training = model.training
         model.eval()
-        p = self.sampling
-        tokens = model.generate(cond, cfg_scale=p.cfg_scale, temperature=p.temperature, top_k=p.top_k,
-                                top_p=p.top_p, seeds=seeds)
+        tokens = model.generate(cond, self.sampling, seeds=seeds)
         model.train(was_training)
         return self.tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)
 

@@ -11,6 +11,8 @@ import os
 import zipfile
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from larp.errors import LarpError
 from larp.io import atomic_write, atomic_write_text
@@ -69,7 +71,6 @@ TRUNCATED_HINT = "truncated or corrupt (an interrupted download, copy or write?)
 
 
 def load_safetensors(path):
-    from safetensors.torch import load_file
     path = os.fspath(path)
     try:
         return load_file(path)
@@ -82,7 +83,6 @@ def check_weights_file(path):
     the whole file; a torch.save zip archive must have its central directory (both fail when truncated)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
         try:
             with safe_open(path, "pt") as f:
                 f.keys()
@@ -150,7 +150,6 @@ def expect_kind(cfg, want, source):
 
 def save_hub_dir(directory, config, state_dict):
     """Write the hub-mixin layout: config.json + model.safetensors (atomically)."""
-    from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(sd, tmp))
@@ -159,7 +158,7 @@ def save_hub_dir(directory, config, state_dict):
 
 def resolve_hub_id(name):
     """Download (or find in the offline cache) a hub repo; return its local directory."""
-    try:
+    try:  # lazy: a slow import (network stack) needed only for hub ids
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover
         raise CheckpointError(f"{name}: not a local path, and huggingface_hub is not installed") from e

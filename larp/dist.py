@@ -60,6 +60,16 @@ def get_world_size():
     return dist.get_world_size() if is_dist() else 1
 
 
+def dist_info():
+    """(rank, world size, local rank) from an initialised process group, else from the torchrun environment:
+    ranks that never join a group (sharded sampling) still know their place. A plain process is (0, 1, 0)."""
+    if is_dist():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
 def is_main_process():
     return get_rank() == 0
 

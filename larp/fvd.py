@@ -24,8 +24,10 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+from larp.checkpoint import CheckpointError, load_state_dict_strict, strip_prefixes
 from larp.io import atomic_write
 from larp.i3d import RANDOM_SEED, InceptionI3d, fuse_batchnorm, random_i3d
 from larp.i3d_weights import (INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, I3DError,
@@ -238,10 +240,8 @@ def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp
 
 
 def _load_our_i3d(path):
-    from larp.checkpoint import CheckpointError, load_state_dict_strict, strip_prefixes
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)

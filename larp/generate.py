@@ -23,7 +23,7 @@ class SamplingParams:
     section) to `generate`, the run settings and the report.
 
     cfg_scale: classifier-free guidance scale (1 = off; class-conditional only); cfg_interval: guide only the
-    first this many forward passes (-1: all); temperature, top_k (0 = off), top_p (1 = off): the filters.
+    first this many forward passes (-1: all); temperature (0 = greedy), top_k (0 = off; 1 = greedy), top_p (1 = off).
     """
     cfg_scale: float = 1.0
     cfg_interval: int = -1
@@ -38,8 +38,8 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
                 raise ValueError(f"{name}: expected a{'n integer' if kind is int else ' number'}, got {value!r}")
             object.__setattr__(self, name, kind(value))
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -93,7 +93,7 @@ def sample_logits(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     return sample_inverse_cdf(torch.softmax(logits, dim=-1), u)
 
 
-def apply_cfg(logits, scale):
+def apply_guidance(logits, scale):
     """Doubled batch [cond ; uncond] (2B, M, V) -> uncond + scale * (cond - uncond) (B, M, V)."""
     cond, uncond = logits.chunk(2, dim=0)
     return uncond + scale * (cond - uncond)
@@ -127,38 +127,39 @@ def _cache_dtype(model, device):
     return model.abs_pe.dtype
 
 
-def generate(model, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-             seeds=None, return_nll=False, generator=None):
+def generate(model, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None):
     """Sample tokens (B, N) in raster order; with return_nll also the mean NLL per token (B,) of the
     sampled tokens under the guided distribution at temperature 1 (before top-k/p).
 
-    cond: (B,) labels or (B, Nc) condition tokens. CFG (cfg_scale != 1, class-conditional only) doubles the
-    batch with the null class and uses uncond + scale * (cond - uncond), on the first `cfg_interval`
-    forward passes (-1: all); afterwards only the conditional half is run. `seeds`: one int per sample.
-    Runs in eval mode (no label/token dropout while sampling) and restores the model's mode.
+    cond: (B,) labels or (B, Nc) condition tokens. Guidance (params.cfg_scale != 1, class-conditional only)
+    doubles the batch with the null class and uses uncond + scale * (cond - uncond), on the first
+    `params.cfg_interval` forward passes (-1: all); afterwards only the conditional half is run.
+    `seeds`: one int per sample. Runs in eval mode (no label/token dropout while sampling) and restores the
+    model's mode.
     """
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _generate(model, cond, cfg_scale, cfg_interval, temperature, top_k, top_p, seeds,
-                             return_nll, generator)
+            return _generate(model, cond, params, seeds, return_nll, generator)
     finally:
         model.train(was_training)
 
 
-def _generate(model, cond, cfg_scale, cfg_interval, temperature, top_k, top_p, seeds, return_nll, generator):
+def _generate(model, cond, params, seeds, return_nll, generator):
     device = model.abs_pe.device
     cond = torch.as_tensor(cond, device=device).long()
     B, N = cond.shape[0], model.num_tokens
-    use_cfg = float(cfg_scale) != 1.0
-    if use_cfg and model.frame_prediction:
+    guided = params.cfg_scale != 1.0
+    if guided and model.frame_prediction:
         raise ValueError("classifier-free guidance needs a class-conditional generator (cfg_scale must be 1.0)")
-    if use_cfg:
+    if guided:
         cond = torch.cat([cond, torch.full_like(cond, model.args.num_classes)])  # [cond ; null]
 
-    def cfg_at(s):
-        return use_cfg and (cfg_interval < 0 or s < cfg_interval)
+    def guided_at(s):
+        return guided and (params.cfg_interval < 0 or s < params.cfg_interval)
 
     steps = nar_plan(model) if model.order == "nar" else raster_plan(model)
     u = make_uniforms(B, N, seeds, generator, device)  # (B, N)
@@ -167,16 +168,16 @@ def _generate(model, cond, cfg_scale, cfg_interval, temperature, top_k, top_p, s
     nll = torch.zeros(B, device=device) if return_nll else None
     x = model.embed_condition(cond)  # (B or 2B, C, D)
     for s, step in enumerate(steps):
-        if cfg_at(s):
-            logits = apply_cfg(step_logits(model, x, caches, step), cfg_scale)  # (B, M, V)
+        if guided_at(s):
+            logits = apply_guidance(step_logits(model, x, caches, step), params.cfg_scale)  # (B, M, V)
         else:
             logits = step_logits(model, x[:B], caches, step)
-        tok = sample_logits(logits, u[:, step["targets"]], temperature, top_k, top_p)  # (B, M)
+        tok = sample_logits(logits, u[:, step["targets"]], params.temperature, params.top_k, params.top_p)  # (B, M)
         out[:, step["targets"]] = tok
         if return_nll:
             nll -= torch.log_softmax(logits, -1).gather(-1, tok[..., None]).sum((1, 2))
         if s + 1 < len(steps):
             x = model.embed_tokens(tok, step["rows"])  # (B, M, D)
-            if cfg_at(s + 1):
+            if guided_at(s + 1):
                 x = torch.cat([x, x])
     return (out, nll / N) if return_nll else out

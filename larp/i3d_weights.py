@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from larp.io import atomic_write
 from larp.errors import LarpError
@@ -127,7 +128,6 @@ def kinetics400_state_dict(ckpt=None, cache_dir=None):
     """
     cache = os.path.join(cache_dir or default_cache_dir(), CACHE_NAME)
     if ckpt is None and os.path.isfile(cache):
-        from safetensors.torch import load_file
         try:
             sd = load_file(cache)
             if state_dict_sha256(sd) == KINETICS400_STATE_SHA256:
@@ -153,7 +153,6 @@ def kinetics400_state_dict(ckpt=None, cache_dir=None):
 
 
 def save_converted(sd, path):
-    from safetensors.torch import save_file
     meta = {"network": "Kinetics-400 I3D (TF-Hub deepmind/i3d-kinetics-400/1)", "source": PACKAGE,
             "source_sha256": CKPT_SHA256, "state_sha256": state_dict_sha256(sd)}
     return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))

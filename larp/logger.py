@@ -86,7 +86,7 @@ class RunLogger:
             self.log("wandb: no API key (WANDB_API_KEY or ~/.netrc); logging offline instead")
             mode = "offline"
         try:
-            import wandb
+            import wandb  # lazy: optional, slow to import, and only for runs that log to wandb
             settings = wandb.Settings(init_timeout=60, silent=True)
             id_file = os.path.join(self.run_dir, "wandb_id.txt")
             if os.path.exists(id_file):
@@ -106,7 +106,7 @@ class RunLogger:
     def image(self, key, path, step):
         if self.wandb_run is not None:
             try:
-                import wandb
+                import wandb  # lazy, as in init_wandb
                 self.wandb_run.log({key: wandb.Image(path)}, step=step)
             except Exception as e:
                 self.log(f"wandb: could not log image {path} ({e})")

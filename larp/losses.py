@@ -19,10 +19,12 @@
 """
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision import models
 
 from larp.discriminator import VideoDiscriminator
 from larp.errors import LarpError
@@ -34,7 +36,6 @@ class PerceptualWeightsMissing(LarpError, FileNotFoundError):
 
 def lpips_backbone_path(net="vgg"):
     """Where torchvision looks for the LPIPS backbone weights ($TORCH_HOME/hub/checkpoints/<file>)."""
-    from torchvision import models
     weights = {"vgg": models.VGG16_Weights.IMAGENET1K_V1, "alex": models.AlexNet_Weights.IMAGENET1K_V1,
                "squeeze": models.SqueezeNet1_1_Weights.IMAGENET1K_V1}
     if net not in weights:
@@ -50,8 +51,7 @@ def build_lpips(net="vgg", random_backbone=False):
     """The frozen LPIPS module. Checks the backbone file first so a missing one never starts a download.
 
     random_backbone=True builds a randomly initialised backbone (meaningless values, for wiring tests)."""
-    import lpips
-    import warnings
+    import lpips  # lazy: optional weights package, slow to import, only when the perceptual loss is on
     if not random_backbone and not lpips_available(net):
         path = lpips_backbone_path(net)
         raise PerceptualWeightsMissing(

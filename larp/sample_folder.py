@@ -4,6 +4,7 @@ Kept apart from `larp.sampling` (which generates) so the bookkeeping that makes 
 on any machines, at the same time can be read on its own. The folder layout is described in `larp.sampling`.
 """
 import csv
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -15,12 +16,14 @@ import re
 import numpy as np
 from filelock import FileLock
 
-from larp.io import atomic_write, atomic_write_text
 from larp.errors import LarpError
+from larp.fvd import FeatureStats, frechet_distance
+from larp.generate import SamplingParams
+from larp.io import atomic_write, atomic_write_text
 
-REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
-                  "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction",
-                  "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
+REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total",
+                  *(f.name for f in dataclasses.fields(SamplingParams)),  # cfg_scale, cfg_interval, temperature, ...
+                  "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
 
@@ -95,8 +98,6 @@ def remove_ranges(output_dir, a, b):
                     os.remove(p)
 
 
-
-
 def write_csv(path, rows, columns):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -163,7 +164,6 @@ def finalize(output_dir, settings, replace=False, log=print):
     Returns {"fvd": float or None, "computed": bool, "covered": int}. With `replace`, an existing row of this run
     is recomputed and replaced (never duplicated).
     """
-    from larp.fvd import FeatureStats, frechet_distance
     total = settings["num_samples_total"]
     with FileLock(os.path.join(output_dir, ".fvd.lock")):
         ranges = finished_ranges(output_dir)

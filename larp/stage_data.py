@@ -8,7 +8,7 @@ from larp.data.dataset import VideoDataset
 
 def clip_dataset(data, csv, train):
     """VideoDataset of `csv` with the geometry and options of `data` (random crops / flips only when `train`)."""
-    return VideoDataset(csv, num_frames=data.frame_num, size=data.input_size, train=train,
+    return VideoDataset(csv, frame_num=data.frame_num, input_size=data.input_size, train=train,
                         hflip=data.hflip if train else False, skip_bad=data.skip_bad, cache_dir=data.cache_dir)
 
 

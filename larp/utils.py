@@ -9,6 +9,7 @@ from larp.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def get_device(name=None):
@@ -30,6 +31,12 @@ def get_dtype(name):
     if name not in DTYPES:
         raise UsageError(f"unknown dtype '{name}', expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def dtype_name(name):
+    """The canonical spelling ("fp32", "bf16" or "fp16") of a dtype or of any of its names in DTYPES, so that
+    settings spelled differently compare equal."""
+    return SHORT_NAMES[get_dtype(name)]
 
 
 def autocast(device, dtype):

@@ -136,7 +136,7 @@ def same_real_clips(q, sample_dir, n):
     when random.sample's first n draws do not depend on how many are drawn, true for the quickstart's sizes)."""
     from larp.data.dataset import VideoDataset, select_fvd_clips
     frames, size = clip_shape(q)
-    ds = VideoDataset(os.path.join(q, "data", "val.csv"), num_frames=frames, size=size, train=False)
+    ds = VideoDataset(os.path.join(q, "data", "val.csv"), frame_num=frames, input_size=size, train=False)
     real = {(str(ds.clips[i][0]), int(ds.clips[i][1])) for i in select_fvd_clips(len(ds), n)}
     return real == {(r["clip_path"], int(r["clip_start"])) for r in first_samples(sample_dir, n)}
 

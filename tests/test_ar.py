@@ -7,6 +7,7 @@ import torch
 from conftest import RELEASED_GENERATORS, read_manifest
 from larp.ar import AR_MODELS, Generator, ModelArgs, build_generator, load_generator, proximity_block_mask
 from larp.checkpoint import CheckpointError
+from larp.generate import SamplingParams
 from larp.io import atomic_save
 
 GOLDEN = "golden/tiny"
@@ -61,7 +62,7 @@ def test_golden_greedy_samples_and_pass_count(reference_dir, golden_cases, order
     model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     for cfg in ("1.0", "2.0"):
         calls.clear()
-        out = model.generate(golden_cases["ar.labels"], cfg_scale=float(cfg), top_k=1)
+        out = model.generate(golden_cases["ar.labels"], SamplingParams(cfg_scale=float(cfg), top_k=1))
         assert torch.equal(out, golden_cases[f"{order}.greedy_samples_cfg{cfg}"]), cfg
         assert len(calls) == model.num_decode_steps()
     T, H, W = model.latent_shape

@@ -6,6 +6,7 @@ import torch
 from larp.ar import load_generator
 from larp.ar_stage import ARStage
 from larp.config import ARConfig
+from larp.generate import SamplingParams
 from larp.tokenizer import LARPTokenizer
 from test_ar import GOLDEN, tiny
 
@@ -46,7 +47,7 @@ def test_golden_teacher_forced_on_cuda(reference_dir, golden_cases, order):
 def test_golden_greedy_samples_on_cuda(reference_dir, golden_cases, order):
     model = load_generator(reference_dir / GOLDEN / order, device="cuda")
     for cfg in ("1.0", "2.0"):
-        out = model.generate(golden_cases["ar.labels"].to(CUDA), cfg_scale=float(cfg), top_k=1)
+        out = model.generate(golden_cases["ar.labels"].to(CUDA), SamplingParams(cfg_scale=float(cfg), top_k=1))
         assert torch.equal(out.cpu(), golden_cases[f"{order}.greedy_samples_cfg{cfg}"]), cfg
 
 
@@ -56,8 +57,8 @@ def test_seeded_sampling_cuda_matches_cpu(order):
     (up to rare near-ties of the CDF)."""
     model = tiny(order)
     labels = torch.tensor([0, 1, 2, 3])
-    cpu = model.generate(labels, cfg_scale=1.5, seeds=[0, 1, 2, 3])
-    gpu = model.to(CUDA).generate(labels.to(CUDA), cfg_scale=1.5, seeds=[0, 1, 2, 3]).cpu()
+    cpu = model.generate(labels, SamplingParams(cfg_scale=1.5), seeds=[0, 1, 2, 3])
+    gpu = model.to(CUDA).generate(labels.to(CUDA), SamplingParams(cfg_scale=1.5), seeds=[0, 1, 2, 3]).cpu()
     assert (cpu == gpu).float().mean().item() >= 0.99
 
 

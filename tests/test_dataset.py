@@ -52,7 +52,7 @@ def test_resolve_and_join(tmp_path, monkeypatch, video_dir):
     joined = read_video_csv("part1+part2.csv")
     assert list(joined.columns) == ["id", "path", "action", "label"]
     assert [os.path.realpath(p) for p in joined.path] == [os.path.realpath(d / p) for p in df.path]
-    assert len(VideoDataset("part1+part2", num_frames=8, size=16, train=True)) == 4
+    assert len(VideoDataset("part1+part2", frame_num=8, input_size=16, train=True)) == 4
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve_csv("part1+nope")
 
@@ -65,7 +65,7 @@ def test_relative_to_project_root(tmp_path):
 
 def test_eval_clip_enumeration(video_dir, tmp_path):
     d, lengths = video_dir
-    ds = VideoDataset(str(d / "all.csv"), num_frames=16, size=32, train=False, cache_dir=str(tmp_path))
+    ds = VideoDataset(str(d / "all.csv"), frame_num=16, input_size=32, train=False, cache_dir=str(tmp_path))
     expected = []
     for name in sorted(lengths):  # sorted paths, every non-overlapping clip from frame 0, len // T each
         label = list(lengths).index(name)
@@ -79,13 +79,13 @@ def test_eval_clip_enumeration(video_dir, tmp_path):
 
 def test_clip_index_cached(video_dir, tmp_path, monkeypatch):
     d, _ = video_dir
-    first = VideoDataset(str(d / "all.csv"), num_frames=8, size=32, train=False, cache_dir=str(tmp_path))
+    first = VideoDataset(str(d / "all.csv"), frame_num=8, input_size=32, train=False, cache_dir=str(tmp_path))
     assert len(list(tmp_path.glob("*.cache"))) == 1
 
     def fail(path):
         raise AssertionError("frame counting should come from the cache")
     monkeypatch.setattr(ds_mod, "count_frames", fail)
-    again = VideoDataset(str(d / "all.csv"), num_frames=8, size=32, train=False, cache_dir=str(tmp_path))
+    again = VideoDataset(str(d / "all.csv"), frame_num=8, input_size=32, train=False, cache_dir=str(tmp_path))
     assert again.clips == first.clips and len(first) == 5 + 4 + 0 + 2
     monkeypatch.undo()
     df = pd.read_csv(d / "all.csv")
@@ -93,19 +93,19 @@ def test_clip_index_cached(video_dir, tmp_path, monkeypatch):
     with open(tmp_path / "all.csv", "a") as f:
         f.write(f"new,{tmp_path / 'new.mp4'},x,9\n")
     counter_video(tmp_path / "new.mp4", 24)
-    other = VideoDataset(str(tmp_path / "all.csv"), num_frames=8, size=32, train=False, cache_dir=str(tmp_path))
+    other = VideoDataset(str(tmp_path / "all.csv"), frame_num=8, input_size=32, train=False, cache_dir=str(tmp_path))
     assert len(other) == 5 + 3 and (str(d / "c.mp4"), 0, 0) in other.clips
     assert len(list(tmp_path.glob("all-*.frames-*.cache"))) == 2  # same CSV name, other folder: own index
     counter_video(tmp_path / "new.mp4", 32)  # a video rewritten: recounted, its stale index replaced
-    recounted = VideoDataset(str(tmp_path / "all.csv"), num_frames=8, size=32, train=False, cache_dir=str(tmp_path))
+    recounted = VideoDataset(str(tmp_path / "all.csv"), frame_num=8, input_size=32, train=False, cache_dir=str(tmp_path))
     assert len(recounted) == 5 + 4 and len(list(tmp_path.glob("all-*.frames-*.cache"))) == 2
-    assert VideoDataset(str(d / "all.csv"), num_frames=8, size=32, train=False, cache_dir=str(tmp_path)).clips == first.clips
+    assert VideoDataset(str(d / "all.csv"), frame_num=8, input_size=32, train=False, cache_dir=str(tmp_path)).clips == first.clips
 
 
 def test_train_items(video_dir):
     d, lengths = video_dir
     torch.manual_seed(0)
-    ds = VideoDataset(str(d / "all.csv"), num_frames=8, size=24, train=True)
+    ds = VideoDataset(str(d / "all.csv"), frame_num=8, input_size=24, train=True)
     assert len(ds) == 4
     starts = set()
     for _ in range(6):
@@ -146,10 +146,10 @@ def test_hflip(video_dir, tmp_path):
     write_video(tmp_path / "band.mp4", frames)
     pd.DataFrame([{"id": "band", "path": "band.mp4", "action": "a", "label": 0}]).to_csv(tmp_path / "b.csv", index=False)
     torch.manual_seed(0)
-    ds = VideoDataset(str(tmp_path / "b.csv"), num_frames=4, size=32, train=True, hflip=True)
+    ds = VideoDataset(str(tmp_path / "b.csv"), frame_num=4, input_size=32, train=True, hflip=True)
     lefts = {bool(ds[0]["video"][:, :, :, :5].mean() > 0.5) for _ in range(12)}
     assert lefts == {True, False}
-    plain = VideoDataset(str(tmp_path / "b.csv"), num_frames=4, size=32, train=True)
+    plain = VideoDataset(str(tmp_path / "b.csv"), frame_num=4, input_size=32, train=True)
     assert all(plain[0]["video"][:, :, :, :5].mean() > 0.5 for _ in range(4))
 
 
@@ -166,15 +166,15 @@ def bad_csv(tmp_path):
 def test_corrupt_file_raises(bad_csv):
     csv = str(bad_csv / "bad.csv")
     with pytest.raises(VideoReadError, match="broken.mp4"):
-        VideoDataset(csv, num_frames=8, size=32, train=False, cache_dir=str(bad_csv))
-    ds = VideoDataset(csv, num_frames=8, size=32, train=True)
+        VideoDataset(csv, frame_num=8, input_size=32, train=False, cache_dir=str(bad_csv))
+    ds = VideoDataset(csv, frame_num=8, input_size=32, train=True)
     with pytest.raises(VideoReadError, match="broken.mp4"):
         ds[1]
 
 
 def test_skip_bad(bad_csv):
     csv = str(bad_csv / "bad.csv")
-    ds = VideoDataset(csv, num_frames=8, size=32, train=True, skip_bad=True)
+    ds = VideoDataset(csv, frame_num=8, input_size=32, train=True, skip_bad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         items = [ds[i] for i in [0, 1, 2, 1, 1]]
@@ -183,7 +183,7 @@ def test_skip_bad(bad_csv):
     assert len([w for w in caught if "broken.mp4" in str(w.message)]) == 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ev = VideoDataset(csv, num_frames=8, size=32, train=False, skip_bad=True, cache_dir=str(bad_csv))
+        ev = VideoDataset(csv, frame_num=8, input_size=32, train=False, skip_bad=True, cache_dir=str(bad_csv))
     assert [c[0] for c in ev.clips] == [str(bad_csv / n) for n in ["ok1.mp4", "ok1.mp4", "ok2.mp4", "ok2.mp4"]]
     assert ev.num_bad == 1 and len(caught) == 1
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import larp.generate as gen
+from larp.generate import SamplingParams
 from test_ar import tiny
 
 
@@ -40,7 +41,7 @@ def guided_forward(model, tokens, cond, cfg_scale):
 def test_cached_generation_equals_teacher_forced(monkeypatch, order, cfg_scale, kv):
     model = tiny(order, n_kv_head=kv)
     labels = torch.tensor([0, 3, 4])
-    (tokens, nll), used = record_generate(model, monkeypatch, labels, cfg_scale=cfg_scale, seeds=[1, 2, 3],
+    (tokens, nll), used = record_generate(model, monkeypatch, labels, params=SamplingParams(cfg_scale=cfg_scale), seeds=[1, 2, 3],
                                           return_nll=True)
     assert tokens.shape == (3, 24) and tokens.dtype == torch.long
     ref = guided_forward(model, tokens, labels, cfg_scale)
@@ -53,7 +54,8 @@ def test_cached_generation_equals_teacher_forced(monkeypatch, order, cfg_scale, 
 def test_cfg_interval_guides_only_the_first_passes(monkeypatch, order):
     model = tiny(order)
     labels = torch.tensor([1, 2])
-    tokens, used = record_generate(model, monkeypatch, labels, cfg_scale=3.0, cfg_interval=3, seeds=[5, 6])
+    tokens, used = record_generate(model, monkeypatch, labels, params=SamplingParams(cfg_scale=3.0, cfg_interval=3),
+                                   seeds=[5, 6])
     guided, plain = guided_forward(model, tokens, labels, 3.0), guided_forward(model, tokens, labels, 1.0)
     plan = gen.nar_plan(model) if order == "nar" else gen.raster_plan(model)
     for s, step in enumerate(plan):
@@ -65,16 +67,16 @@ def test_cfg_interval_guides_only_the_first_passes(monkeypatch, order):
 def test_frame_prediction_generation(monkeypatch, order):
     model = tiny(order, frame_prediction=True, cls_token_num=7)
     cond = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
-    tokens, used = record_generate(model, monkeypatch, cond, seeds=[0, 1], top_k=10)
+    tokens, used = record_generate(model, monkeypatch, cond, seeds=[0, 1], params=SamplingParams(top_k=10))
     assert (used - model(tokens, cond)[0]).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match="class-conditional"):
-        model.generate(cond, cfg_scale=2.0)
+        model.generate(cond, SamplingParams(cfg_scale=2.0))
 
 
 @pytest.mark.parametrize("order", ["nar", "raster"])
 def test_sample_depends_only_on_its_seed(order):
     model = tiny(order)
-    kw = dict(cfg_scale=1.75, temperature=1.3, top_k=20, top_p=0.9)
+    kw = dict(params=SamplingParams(cfg_scale=1.75, temperature=1.3, top_k=20, top_p=0.9))
     batch = model.generate(torch.tensor([4, 1, 2, 0]), seeds=[11, 12, 13, 14], **kw)
     alone = model.generate(torch.tensor([2]), seeds=[13], **kw)
     assert torch.equal(alone[0], batch[2])
@@ -87,11 +89,11 @@ def test_forward_pass_counts_and_bf16():
     calls = []
     model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(torch.tensor([0, 1]), cfg_scale=1.5)
+        out = model.generate(torch.tensor([0, 1]), SamplingParams(cfg_scale=1.5))
     assert len(calls) == 3 + 2 + 4 - 2 == model.num_decode_steps()
     assert out.shape == (2, 24) and out.min() >= 0 and out.max() < 40
     raster = tiny("raster").to(torch.bfloat16)
-    out = raster.generate(torch.tensor([0]), top_p=0.8)
+    out = raster.generate(torch.tensor([0]), SamplingParams(top_p=0.8))
     assert out.shape == (1, 24) and raster.num_decode_steps() == 24
 
 
@@ -147,9 +149,9 @@ def test_sampling_benchmark_runs_and_shares_weights():
 
 def test_generate_runs_in_eval_mode_and_restores_it():
     model = tiny("nar", class_dropout_prob=1.0, token_dropout_p=0.5).train()
-    a = model.generate(torch.tensor([1, 2]), cfg_scale=2.0, seeds=[3, 4])
+    a = model.generate(torch.tensor([1, 2]), SamplingParams(cfg_scale=2.0), seeds=[3, 4])
     assert model.training
-    b = model.eval().generate(torch.tensor([1, 2]), cfg_scale=2.0, seeds=[3, 4])
+    b = model.eval().generate(torch.tensor([1, 2]), SamplingParams(cfg_scale=2.0), seeds=[3, 4])
     assert torch.equal(a, b)
     with torch.inference_mode():
         model.eval()(torch.randint(0, 40, (1, 24)), torch.tensor([0]))  # first forward builds cached indices

@@ -241,10 +241,10 @@ def test_condition_tokens_depend_on_first_frames_only():
     tok.set_vq_eval_deterministic(True)
     g = torch.Generator().manual_seed(0)
     video = torch.rand(2, 3, 8, 32, 32, generator=g)
-    base = sampling.condition_tokens(tok, video, 3)
+    base = tok.encode_condition(video, 3)
     later = video.clone()
     later[:, :, 3:] = torch.rand(2, 3, 5, 32, 32, generator=g)
-    assert torch.equal(sampling.condition_tokens(tok, later, 3), base)
+    assert torch.equal(tok.encode_condition(later, 3), base)
     held = video.clone()
     held[:, :, 3:] = video[:, :, 2:3]  # what the condition video is: last conditioning frame held
     assert torch.equal(tok.encode(held)["bottleneck_rep"], base)

@@ -6,6 +6,7 @@ import pytest
 
 import sample
 from larp import sampling
+from larp.sample_job import prepare
 from tests.conftest import patch_everywhere
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +41,10 @@ def args(csv, out, **kw):
     for k, v in flags.items():
         argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     return sample.parse_args(argv)
+
+
+def job(csv, out, **kw):
+    return sample.make_job(args(csv, out, **kw))
 
 
 def fails(a, pattern):
@@ -85,22 +90,22 @@ def test_bad_flags(name, data_csv, tmp_path):
 
 def test_overlapping_shard_refused(data_csv, tmp_path):
     out = tmp_path / "out"
-    sampling.prepare(args(data_csv, out, num_samples=6, num_samples_total=10))  # claims [0, 6)
+    prepare(job(data_csv, out, num_samples=6, num_samples_total=10))  # claims [0, 6)
     shards = (out / "shards.json").read_text()
     fails(args(data_csv, out, num_samples=4, num_samples_total=10, starting_index=4), "overlaps shard [0, 6)")
     fails(args(data_csv, out, num_samples=2, num_samples_total=10, starting_index=2, replace=True),
           "overlaps shard [0, 6)")
     assert (out / "shards.json").read_text() == shards
-    sampling.prepare(args(data_csv, out, num_samples=4, num_samples_total=10, starting_index=6))  # disjoint: fine
-    sampling.prepare(args(data_csv, out, num_samples=6, num_samples_total=10))  # the same range again: fine
+    prepare(job(data_csv, out, num_samples=4, num_samples_total=10, starting_index=6))  # disjoint: fine
+    prepare(job(data_csv, out, num_samples=6, num_samples_total=10))  # the same range again: fine
     assert json.loads((out / "shards.json").read_text()) == [[0, 6], [6, 10]]
 
 
 def test_settings_mismatch_refused_even_with_replace(data_csv, tmp_path):
     out = tmp_path / "out"
-    sampling.prepare(args(data_csv, out, num_samples=2, num_samples_total=10, dtype="bfloat16"))
+    prepare(job(data_csv, out, num_samples=2, num_samples_total=10, dtype="bfloat16"))
     assert json.loads((out / "run_config.json").read_text())["dtype"] == "bf16"
-    sampling.prepare(args(data_csv, out, num_samples=2, num_samples_total=10, dtype="bf16",
+    prepare(job(data_csv, out, num_samples=2, num_samples_total=10, dtype="bf16",
                           sample_batch_size=7))  # same settings spelled differently, other batch size: accepted
     config = (out / "run_config.json").read_text()
     fails(args(data_csv, out, num_samples=2, num_samples_total=10, dtype="bf16", cfg_scale=2.0, replace=True),

@@ -227,7 +227,7 @@ def test_eval_script_end_to_end(golden_dir, golden_model, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["num_clips"] == 4
     # independent check of the MSE on the same 4 clips (seed-42 selection of the FVD protocol clips)
     import random
-    ds = VideoDataset(str(val_csv), num_frames=8, size=32, train=False)
+    ds = VideoDataset(str(val_csv), frame_num=8, input_size=32, train=False)
     idx = random.Random(42).sample(range(len(ds)), 4)
     x = torch.stack([ds[i]["video"] for i in idx])
     with torch.no_grad():

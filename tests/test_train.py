@@ -74,7 +74,7 @@ def test_sampler_ranks_partition_the_global_batch_and_skip():
 
 def test_seeded_items_are_reproducible(synth):
     from larp.data.dataset import VideoDataset
-    ds = resume.SeededItems(VideoDataset(synth[0], num_frames=8, size=32, train=True, hflip=True))
+    ds = resume.SeededItems(VideoDataset(synth[0], frame_num=8, input_size=32, train=True, hflip=True))
     a = ds[(3, 1234)]["video"]
     torch.rand(100)  # the global stream moves on; the item does not
     assert torch.equal(ds[(3, 1234)]["video"], a)
@@ -147,7 +147,7 @@ def test_frame_prediction_ema_save_epoch_and_replace(synth, reference_dir, tmp_p
     run_dir = summary["run_dir"]
     cache = torch.load(os.path.join(run_dir, "token_cache.pt"), weights_only=False)
     from larp.data.dataset import VideoDataset
-    clip = VideoDataset(synth[0], num_frames=8, size=32, train=False)[5]["video"][None]  # (1, 3, 8, 32, 32)
+    clip = VideoDataset(synth[0], frame_num=8, input_size=32, train=False)[5]["video"][None]  # (1, 3, 8, 32, 32)
     cond_video = torch.cat([clip[:, :, :3]] + [clip[:, :, 2:3]] * 5, dim=2)
     tok = LARPTokenizer.from_pretrained(reference_dir / "golden/tiny/tokenizer").set_vq_eval_deterministic(True)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Video CSVs (`id,path,action,label`) and the clip dataset used for training and FVD evaluation.
 
-Training mode: one item per video, a random `num_frames` window at the native frame rate.
+Training mode: one item per video, a random `frame_num` window at the native frame rate.
 Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted,
 each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
 videos is slow, so the per-video frame counts are cached to disk, keyed on the listed paths and their
@@ -139,18 +139,19 @@ def check_videos_exist(df, csv):
                              f"({bad[0][1]})")
 
 
-def transform_frames(frames, size):
-    """uint8 (T,H,W,3) -> float32 (3,T,size,size) in [0,1]: short side resized to `size` (antialias), center crop."""
+def transform_frames(frames, input_size):
+    """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: short side resized to S (antialias), center
+    crop."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
     h, w = x.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if min(h, w) != input_size:
+        scale = input_size / min(h, w)
+        new_h, new_w = max(input_size, round(h * scale)), max(input_size, round(w * scale))
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         h, w = new_h, new_w
-    top, left = (h - size) // 2, (w - size) // 2
-    x = x[:, :, top:top + size, left:left + size].clamp_(0, 1)
-    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, size, size)
+    top, left = (h - input_size) // 2, (w - input_size) // 2
+    x = x[:, :, top:top + input_size, left:left + input_size].clamp_(0, 1)
+    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
 
 
 def select_fvd_clips(num_clips, num_samples_total, seed=42):
@@ -216,14 +217,14 @@ class VideoDataset(Dataset):
     """Clips of the videos listed in `csv` (see module docstring); items are
     {"video": float (3,T,S,S) in [0,1], "label": int, "index": int}.
 
-    A video shorter than `num_frames` is padded by repeating its last frame in training; in evaluation it gives
+    A video shorter than `frame_num` is padded by repeating its last frame in training; in evaluation it gives
     no clip (`len // T`, the FVD protocol).
     `skip_bad=True` replaces an unreadable video by the next readable item, counts it in `num_bad` and warns once.
     The eval-mode clip index is cached in `cache_dir` (default: the folder of the first CSV).
     """
 
-    def __init__(self, csv, num_frames=16, size=128, train=True, hflip=False, skip_bad=False, cache_dir=None):
-        self.csv, self.num_frames, self.size = csv, num_frames, size
+    def __init__(self, csv, frame_num=16, input_size=128, train=True, hflip=False, skip_bad=False, cache_dir=None):
+        self.csv, self.frame_num, self.input_size = csv, frame_num, input_size
         self.train, self.hflip, self.skip_bad = train, hflip, skip_bad
         self.df = read_video_csv(csv)
         if len(self.df) == 0:
@@ -237,7 +238,7 @@ class VideoDataset(Dataset):
             self.clips = self._enumerate_clips(cache_dir)
             self.items = self.clips
             if not self.clips:
-                raise CSVError(f"no {num_frames}-frame clips in {csv}: every video is shorter than {num_frames} frames")
+                raise CSVError(f"no {frame_num}-frame clips in {csv}: every video is shorter than {frame_num} frames")
 
     def _enumerate_clips(self, cache_dir):
         order = sorted(range(len(self.df)), key=lambda i: self.df["path"][i])
@@ -257,8 +258,8 @@ class VideoDataset(Dataset):
             self._warn(f"{bad} unreadable video(s) in {self.csv} left out of the clip index")
         clips = []
         for path, label, n in zip(paths, labels, counts):
-            for k in range((n or 0) // self.num_frames):
-                clips.append((path, k * self.num_frames, label))
+            for k in range((n or 0) // self.frame_num):
+                clips.append((path, k * self.frame_num, label))
         return clips
 
     def _warn(self, message):
@@ -271,8 +272,8 @@ class VideoDataset(Dataset):
 
     def _load(self, index):
         path, start, label = self.items[index]
-        frames, _ = read_clip(path, self.num_frames, start=start)  # (T, H, W, 3)
-        video = transform_frames(frames, self.size)  # (3, T, S, S)
+        frames, _ = read_clip(path, self.frame_num, start=start)  # (T, H, W, 3)
+        video = transform_frames(frames, self.input_size)  # (3, T, S, S)
         if self.train and self.hflip and torch.rand(()) < 0.5:
             video = video.flip(-1)
         return {"video": video, "label": label, "index": index}

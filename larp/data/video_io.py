@@ -8,6 +8,7 @@ import fractions
 import os
 
 import numpy as np
+import torch
 
 from larp.io import atomic_write
 from larp.errors import LarpError
@@ -63,7 +64,7 @@ class _PyAVReader:
     """Decodes sequentially (robust for any container); frames are decoded once and kept."""
 
     def __init__(self, path):
-        import av
+        import av  # lazy: loads the FFmpeg libraries, needed only without decord and for writing
         self.path = path
         try:
             with av.open(path) as container:
@@ -124,20 +125,19 @@ def read_frames(path, indices=None):
     return _get_checked(reader, indices)
 
 
-def read_clip(path, num_frames, start=None, generator=None):
-    """`num_frames` consecutive frames from `start` (random when None), opening the file once.
+def read_clip(path, frame_num, start=None, generator=None):
+    """`frame_num` consecutive frames from `start` (random when None), opening the file once.
 
     Videos shorter than the window are padded by repeating their last frame. Returns (frames (T,H,W,3), start).
     """
     reader = open_video(path)
     n = len(reader)
     if start is None:
-        import torch
-        high = max(n - num_frames, 0) + 1
+        high = max(n - frame_num, 0) + 1
         start = int(torch.randint(high, (1,), generator=generator).item())
     if start >= n:
         raise VideoReadError(f"cannot read video {path}: clip start {start} past the end ({n} frames)")
-    indices = [min(start + i, n - 1) for i in range(num_frames)]
+    indices = [min(start + i, n - 1) for i in range(frame_num)]
     return _get_checked(reader, indices), start
 
 
@@ -146,7 +146,7 @@ def write_video(path, frames, fps=8, crf=10):
 
     H and W must be even (yuv420p). `crf` is the x264 quality (0 = lossless luma, 23 = x264 default).
     """
-    import av
+    import av  # lazy, as in _PyAVReader
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video expects uint8 (T,H,W,3) frames, got shape {frames.shape}")

@@ -1,0 +1,196 @@
+"""What one call of `sample.py` asks for (`SampleJob`) and the checks and plan made before any model loads.
+
+`sample.py` parses the flags and builds a `SampleJob`; `prepare(job)` validates it against the checkpoints' configs,
+the CSV and the output folder, and returns a `SamplePlan`: the run settings (recorded in run_config.json and hashed
+into the run id), the dataset and its FVD clip selection. Every problem is a `SampleError` naming the flag, raised
+before any model or detector loads.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from larp.checkpoint import CheckpointError, checkpoint_kind, describe_checkpoint, peek_checkpoint
+from larp.data.dataset import (CSVError, CSVNotFoundError, VideoDataset, check_labels, read_video_csv, resolve_csv,
+                               select_fvd_clips)
+from larp.data.video_io import VideoReadError
+from larp.fvd import I3DError, check_i3d_spec
+from larp.generate import SamplingParams
+from larp.sample_folder import SampleError, claim_output_dir
+from larp.utils import DTYPES, dtype_name
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One sampling call as typed values (the flags of `sample.py`, same names where they exist).
+
+    The shard is [starting_index, starting_index + num_samples) of the run's [0, num_samples_total)
+    (num_samples_total None: num_samples). frame_num / input_size None: the tokenizer's; fvd_size None: input_size
+    (64 for frame prediction); i3d None: the default detector (larp.fvd.check_i3d_spec). `dtype` is stored in its
+    canonical spelling (fp32, bf16, fp16).
+    """
+    ar_model: str
+    tokenizer: str
+    output_dir: str
+    dataset_csv: str = "ucf101_train.csv"
+    num_samples: int = 10000
+    num_samples_total: Optional[int] = None
+    starting_index: int = 0
+    params: SamplingParams = SamplingParams()
+    seed: int = 0
+    dtype: str = "fp32"
+    dataset_split_seed: int = 42
+    frame_prediction: bool = False
+    num_cond_frames: int = 5
+    frame_num: Optional[int] = None
+    input_size: Optional[int] = None
+    fvd_size: Optional[int] = None
+    sample_batch_size: int = 32
+    chunk_size: int = 256
+    num_workers: int = 2
+    i3d: Optional[str] = None
+    replace: bool = False
+    stats_only: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise SampleError(f"--dtype {self.dtype}: expected one of {sorted(DTYPES)}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if self.num_samples_total is None:
+            object.__setattr__(self, "num_samples_total", self.num_samples)
+        total = self.num_samples_total
+        if self.num_samples < 1 or self.sample_batch_size < 1 or self.chunk_size < 1:
+            raise SampleError("--num_samples, --sample_batch_size and --chunk_size must be >= 1")
+        if self.starting_index < 0 or self.starting_index >= total:
+            raise SampleError(f"--starting_index {self.starting_index} is outside [0, {total}) "
+                              f"(--num_samples_total {total})")
+        if self.starting_index + self.num_samples > total:
+            raise SampleError(f"--starting_index {self.starting_index} + --num_samples {self.num_samples} "
+                              f"exceeds --num_samples_total {total}")
+        if self.frame_prediction and self.params.cfg_scale != 1.0:
+            raise SampleError(f"--cfg_scale {self.params.cfg_scale} with --frame_prediction: classifier-free "
+                              f"guidance needs a class condition; use --cfg_scale 1")
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """What `prepare` found: the run settings, the clips to compare against and the sizes to use.
+
+    Global sample i is conditioned on (and compared with) clip `dataset[chosen[i]]`.
+    """
+    settings: dict
+    dataset: Dataset
+    chosen: list
+    class_names: dict
+    frame_num: int
+    input_size: int
+    fvd_size: int
+    i3d_spec: str
+
+
+def _spec_id(spec):
+    """A model/file spec as recorded in the settings: absolute path when local, else the hub id / keyword."""
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+def read_model_config(spec, flag, want):
+    """The config dict of a checkpoint, checked cheaply before any model is built (larp.checkpoint.peek_checkpoint)
+    and required to be a `want` ('tokenizer' or 'generator')."""
+    if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
+        raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either
+    try:
+        cfg = peek_checkpoint(spec)
+    except CheckpointError as e:
+        raise SampleError(f"--{flag}: {e}") from None
+    if checkpoint_kind(cfg) != want:
+        expected = "a LARP tokenizer" if want == "tokenizer" else "a generator (NAR or raster)"
+        found = describe_checkpoint(cfg)
+        if found is None:
+            raise SampleError(f"--{flag} {spec}: its config has neither tokenizer nor generator keys; expected "
+                              f"{expected}")
+        raise SampleError(f"--{flag} {spec}: holds {found}, expected {expected}; are --ar_model and --tokenizer "
+                          f"swapped?")
+    return cfg
+
+
+def check_models(job, tok_cfg, ar_cfg):
+    """Config-level consistency of tokenizer, generator and job; returns (frame_num, input_size)."""
+    frame_num, input_size = tok_cfg.get("frame_num"), tok_cfg.get("input_size")
+    for flag, want, have in (("num_frames", frame_num, job.frame_num), ("input_size", input_size, job.input_size)):
+        if have is not None and want is not None and have != want:
+            raise SampleError(f"--{flag} {have} does not match the tokenizer ({want})")
+    frame_num, input_size = job.frame_num or frame_num, job.input_size or input_size
+    if frame_num is None or input_size is None:
+        raise SampleError("the tokenizer config has no frame_num/input_size; pass --num_frames/--input_size")
+    fp = bool(ar_cfg.get("frame_prediction", ar_cfg.get("model_type") == "frame_pred"))
+    if fp != bool(job.frame_prediction):
+        raise SampleError(f"--ar_model is a {'frame-prediction' if fp else 'class-conditional'} generator; "
+                          f"{'add' if fp else 'remove'} --frame_prediction")
+    if job.frame_prediction and not 1 <= job.num_cond_frames < frame_num:
+        raise SampleError(f"--num_cond_frames {job.num_cond_frames} must be in [1, {frame_num})")
+    shape, n_tok = ar_cfg.get("latent_shape"), tok_cfg.get("bottleneck_token_num")
+    if shape and n_tok and int(np.prod(shape)) != n_tok:
+        raise SampleError(f"generator grid {list(shape)} has {int(np.prod(shape))} tokens but the tokenizer "
+                          f"makes {n_tok}")
+    if fp and shape and ar_cfg.get("cls_token_num") and ar_cfg["cls_token_num"] != int(np.prod(shape)) + 1:
+        raise SampleError(f"frame-prediction generator has cls_token_num {ar_cfg['cls_token_num']}, "
+                          f"expected {int(np.prod(shape)) + 1} (condition tokens + separator)")
+    reg = tok_cfg.get("bottleneck", {}).get("args", {}).get("regularizer", {}).get("args", {})
+    if reg.get("codebook_size") and ar_cfg.get("vocab_size") and reg["codebook_size"] != ar_cfg["vocab_size"]:
+        raise SampleError(f"generator vocab_size {ar_cfg['vocab_size']} != tokenizer codebook_size "
+                          f"{reg['codebook_size']}")
+    return int(frame_num), int(input_size)
+
+
+def run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec):
+    """Everything that changes the result: stored in run_config.json and hashed into the run id. The keys and
+    values are those of every earlier version, so an existing output folder is still accepted."""
+    s = {"ar_model": _spec_id(job.ar_model), "tokenizer": _spec_id(job.tokenizer),
+         "dataset_csv": "+".join(os.path.abspath(p) for p in csv_paths),
+         "dataset_split_seed": int(job.dataset_split_seed), "num_samples_total": int(job.num_samples_total),
+         **dataclasses.asdict(job.params),  # cfg_scale, cfg_interval, temperature, top_k, top_p
+         "dtype": dtype_name(job.dtype), "seed": int(job.seed), "frame_prediction": bool(job.frame_prediction),
+         "num_cond_frames": int(job.num_cond_frames) if job.frame_prediction else 0,
+         "num_frames": frame_num, "input_size": input_size, "fvd_size": int(fvd_size), "i3d": _spec_id(i3d_spec)}
+    return json.loads(json.dumps(s))
+
+
+def prepare(job):
+    """Validate the job against the checkpoints, the data and the output folder before any model loads; claim the
+    shard in the output folder. Returns the SamplePlan."""
+    total = job.num_samples_total
+    try:
+        csv_paths = resolve_csv(job.dataset_csv)
+    except CSVNotFoundError as e:
+        raise SampleError(f"--dataset_csv {job.dataset_csv}: {e}") from None
+    tok_cfg = read_model_config(job.tokenizer, "tokenizer", "tokenizer")
+    ar_cfg = read_model_config(job.ar_model, "ar_model", "generator")
+    frame_num, input_size = check_models(job, tok_cfg, ar_cfg)
+    try:
+        i3d_spec = check_i3d_spec(job.i3d)
+    except I3DError as e:
+        raise SampleError(f"--i3d: {e}") from None
+    fvd_size = job.fvd_size or (64 if job.frame_prediction else input_size)
+
+    try:
+        df = read_video_csv(job.dataset_csv)
+        if not job.frame_prediction and ar_cfg.get("num_classes"):
+            check_labels(df, ar_cfg["num_classes"], job.dataset_csv, f"the generator --ar_model {job.ar_model}")
+        dataset = VideoDataset(job.dataset_csv, frame_num=frame_num, input_size=input_size, train=False)
+    except (VideoReadError, CSVError) as e:  # the message names the CSV or the video
+        raise SampleError(f"--dataset_csv: {e}") from None
+    if total > len(dataset):
+        raise SampleError(f"--num_samples_total {total} exceeds the {len(dataset)} clips of "
+                          f"{frame_num} frames in {job.dataset_csv}")
+    chosen = select_fvd_clips(len(dataset), total, seed=job.dataset_split_seed)
+    class_names = {int(l): str(a) for l, a in zip(df["label"], df["action"])}
+
+    settings = run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
+    claim_output_dir(job.output_dir, settings, job.starting_index, job.starting_index + job.num_samples)
+    return SamplePlan(settings=settings, dataset=dataset, chosen=chosen, class_names=class_names,
+                      frame_num=frame_num, input_size=input_size, fvd_size=int(fvd_size), i3d_spec=i3d_spec)
