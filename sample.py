@@ -66,7 +66,7 @@ def make_job(args):
     try:
         params = SamplingParams(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    except ValueError as e:  # "temperature: must be > 0, got 0.0"
+    except ValueError as e:  # "temperature: must be >= 0 (0 = greedy), got -1.0"
         raise SampleError(f"--{e}") from None
     return SampleJob(ar_model=args.ar_model, tokenizer=args.tokenizer, output_dir=args.output_dir,
                      dataset_csv=args.dataset_csv, num_samples=args.num_samples,

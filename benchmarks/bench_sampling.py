@@ -73,10 +73,10 @@ def bench_model(model, args, device):
 
     def gen():
         with ctx:
-            model.generate(labels, SamplingParams(cfg_scale=args.cfg, temperature=1.0, top_k=args.top_k),
+            model.generate(labels, SamplingParams(cfg_scale=args.cfg_scale, temperature=1.0, top_k=args.top_k),
                            seeds=seeds)
 
-    nb = args.batch * (2 if args.cfg != 1.0 else 1)
+    nb = args.batch * (2 if args.cfg_scale != 1.0 else 1)
     tokens = torch.randint(0, args.vocab, (nb, model.num_tokens), device=device)
     tf_labels = torch.arange(nb, device=device) % args.num_classes
 
@@ -120,7 +120,7 @@ def run(args):
 def main(args):
     res = run(args)
     print(f"torch {torch.__version__}, device {args.device or 'auto'}, threads {torch.get_num_threads()}, "
-          f"dtype {args.dtype}, batch {args.batch}, cfg {args.cfg}, grid {'x'.join(map(str, args.grid))}, "
+          f"dtype {args.dtype}, batch {args.batch}, cfg {args.cfg_scale}, grid {'x'.join(map(str, args.grid))}, "
           f"model {args.size or f'dim{args.dim}-L{args.layers}-H{args.heads}'}, vocab {args.vocab}")
     print(f"{'order':8s} {'passes':>6s} {'generate s':>10s} {'(cpu s)':>8s} {'videos/s':>9s} {'TF fwd s':>9s} "
           f"{'(cpu s)':>8s} {'ovh/step ms':>11s}")
@@ -142,7 +142,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--num-classes", type=int, default=101)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--cfg_scale", "--cfg", type=float, default=1.5)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: cuda if available)")

@@ -98,7 +98,7 @@ def section_sampling(args, rec):
     else:
         grid, vocab, batch, dtype = (4, 16, 16), 8192, 32, "bf16"
         sizes = {"L": dict(size="llama-abs-L"), "LP": dict(size="llama-abs-LP")}
-    settings = dict(grid=list(grid), vocab=vocab, num_classes=101, batch=batch, cfg=1.25, top_k=0, dtype=dtype)
+    settings = dict(grid=list(grid), vocab=vocab, num_classes=101, batch=batch, cfg_scale=1.25, top_k=0, dtype=dtype)
     rec["settings"] = settings
     labels = torch.arange(batch, device=device) % 101
     rows = {}
@@ -111,7 +111,7 @@ def section_sampling(args, rec):
         for order, model, warmup, repeats in (("nar", nar, 1, 3), ("raster", raster, 0, 1)):
             def gen():
                 with autocast(device, dtype):
-                    model.generate(labels, SamplingParams(cfg_scale=1.25, temperature=1.0, top_k=0),
+                    model.generate(labels, SamplingParams(cfg_scale=settings["cfg_scale"], top_k=0),
                                    seeds=list(range(batch)))
             for _ in range(warmup):
                 gen()
@@ -320,7 +320,7 @@ def markdown(report):
     if r.get("rows"):
         st = r["settings"]
         lines += ["", f"**Sampling** (random weights, grid {'x'.join(map(str, st['grid']))}, batch {st['batch']}, "
-                  f"{st['dtype']}, cfg {st['cfg']}):", "",
+                  f"{st['dtype']}, cfg {st['cfg_scale']}):", "",
                   "| model | blocks | M params | forward passes | seconds | videos/s |", "|---|---|---|---|---|---|"]
         for k, v in r["rows"].items():
             lines.append(f"| {k} | {v['blocks']} | {v['params_M']:.4g} | {v['forward_passes']} | {v['seconds']:.3f} | "

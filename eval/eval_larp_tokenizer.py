@@ -81,7 +81,8 @@ def save_preview(preview, path):
 
 
 def check_args(args):
-    """One clear error for each bad flag before any video is read; returns the tokenizer checkpoint."""
+    """One clear error for each bad flag before any video is read. Returns the tokenizer checkpoint (config, state
+    dict, layout), the clip geometry (frame_num, input_size) and the detector spec (None with --no_fvd)."""
     try:
         ckpt = read_checkpoint(args.tokenizer)  # (config, state dict, layout)
         expect_kind(ckpt[0], "tokenizer", args.tokenizer)
@@ -92,24 +93,25 @@ def check_args(args):
         read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
     except LarpError as e:
         raise UsageError(f"--dataset_csv: {e}") from None
+    geometry = []
     for flag, key in (("num_frames", "frame_num"), ("input_size", "input_size")):
-        want = config.get(key)
-        if getattr(args, flag) is None:
-            setattr(args, flag, want)
-        elif want is not None and getattr(args, flag) != want:
-            raise UsageError(f"--{flag} {getattr(args, flag)} does not match the tokenizer's {key}={want}")
+        want, have = config.get(key), getattr(args, flag)
+        if have is not None and want is not None and have != want:
+            raise UsageError(f"--{flag} {have} does not match the tokenizer's {key}={want}")
+        geometry.append(want if have is None else have)
+    i3d = None
     if not args.no_fvd:
         try:
-            args.i3d = check_i3d_spec(args.i3d)
+            i3d = check_i3d_spec(args.i3d)
         except I3DError as e:
             raise I3DError(f"--i3d: {e} (or pass --no_fvd)") from None
     if args.max_clips < 0 or args.batch_size < 1:
         raise UsageError("--max_clips must be >= 0 and --batch_size >= 1")
-    return ckpt
+    return ckpt, tuple(geometry), i3d
 
 
 def main(args):
-    config, sd, _ = check_args(args)
+    (config, sd, _), (frame_num, input_size), i3d = check_args(args)
     device = get_device(args.device)
     try:
         model = LARPTokenizer.from_config_and_state_dict(config, sd, source=str(args.tokenizer))
@@ -117,7 +119,7 @@ def main(args):
         raise CheckpointError(f"--tokenizer: {e}") from None
     model = model.to(device).set_vq_eval_deterministic(args.det)
     try:
-        ds = VideoDataset(args.dataset_csv, frame_num=args.num_frames, input_size=args.input_size, train=False,
+        ds = VideoDataset(args.dataset_csv, frame_num=frame_num, input_size=input_size, train=False,
                           skip_bad=args.skip_bad)
     except VideoReadError as e:
         raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
@@ -132,8 +134,8 @@ def main(args):
     if lpips_available(args.lpips_net):
         lpips_model = build_lpips(args.lpips_net).to(device)
     detector = None
-    if not args.no_fvd:
-        detector = load_i3d(args.i3d, device, batch_size=args.batch_size)
+    if i3d is not None:
+        detector = load_i3d(i3d, device, batch_size=args.batch_size)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
 

@@ -182,3 +182,44 @@ def test_reference_configs_build_the_released_layouts(reference_dir):
         tok = LARPTokenizer(**build_config(str(ROOT / "cfgs/larp_tokenizer.yaml")).tokenizer_kwargs())
     assert shapes(ar) == manifest("nar_llama-abs-L.state_dict.tsv")
     assert shapes(tok) == manifest("tokenizer_larp_L_long.state_dict.tsv")
+
+
+def test_values_are_coerced_by_field_type_and_bad_types_name_the_key():
+    cfg = build_config(str(ROOT / "cfgs/quickstart_nar.yaml"),
+                       opts=["train.max_steps", "7.0", "eval.cfg_scale", "2", "tag", "12", "train.grad_clip", "0"])
+    assert cfg.train.max_steps == 7 and type(cfg.train.max_steps) is int
+    assert cfg.eval.cfg_scale == 2.0 and type(cfg.eval.cfg_scale) is float
+    assert cfg.tag == "12" and type(cfg.train.grad_clip) is float
+    for key, text in [("train.max_steps", "abc"), ("train.max_steps", "7.5"), ("train.compile", "1"),
+                      ("model.latent_shape", "3"), ("eval.top_k", "1.5"), ("data.hflip", "maybe")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=[key, text])
+
+
+def test_eval_sampling_knobs_are_one_sampling_params():
+    from larp.generate import SamplingParams
+    cfg = build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["eval.cfg_scale", "4", "eval.top_k", "10"])
+    assert cfg.eval.sampling == SamplingParams(cfg_scale=4.0, top_k=10)
+    with pytest.raises(ConfigError, match="eval.top_p"):
+        build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["eval.top_p", "0"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "cfgs" / "*.yaml"))), ids=os.path.basename)
+def test_config_round_trips_through_plain_data(path):
+    """Checkpoints and config.yaml store to_dict(cfg); reading that back gives the same config."""
+    import yaml
+
+    from larp.config import dump_yaml, from_dict, to_dict
+    cfg = build_config(path)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_tokenizer_geometry_is_stored_once(tmp_path):
+    text = (ROOT / "cfgs/quickstart_tokenizer.yaml").read_text()
+    cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"), opts=["model.input_size", "64"])
+    assert cfg.data.input_size == 64 and "input_size" not in cfg.model  # the released name sets data.*
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("  frame_num: 8\n  input_size: 32\n  hflip", "  frame_num: 16\n  input_size: 32\n  hflip"))
+    with pytest.raises(ConfigError, match="data.frame_num = 16 disagrees with model.frame_num = 8"):
+        build_config(str(bad))

@@ -105,6 +105,27 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 1
 
 
+def test_stages_build_and_step_without_a_dataset():
+    """A benchmark or test builds a stage from its config and a model alone, and steps it on random inputs."""
+    from larp.ar_stage import build_ar_model
+    from larp.config import build_config
+    from larp.tokenizer_stage import TokenizerStage
+    torch.manual_seed(0)
+    cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"))
+    tok = TokenizerStage(cfg, torch.device("cpu"))
+    assert tok.train_set is None and tok.val_videos is None
+    logs = tok.step({"video": torch.rand(2, 3, 8, 32, 32)}, 0, 10)
+    assert math.isfinite(logs["loss"]) and logs["grad_norm"] > 0
+    cfg = build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["model.num_classes", "4"])
+    model = build_ar_model(cfg.model, SimpleNamespace(bottleneck_token_num=32, codebook_size=64))
+    ar = ARStage(cfg, model, None, torch.device("cpu"))
+    batch = {"tokens": torch.randint(64, (4, 32)), "label": torch.tensor([0, 1, 2, 3])}
+    first = ar.step(batch, 0, 10)["loss"]
+    assert first == pytest.approx(math.log(64), abs=0.05)  # zero-initialised heads
+    ar.set_lr(1e-2)
+    assert all(ar.step(batch, s, 10)["loss"] < first for s in range(1, 4))
+
+
 # ---------------------------------------------------------------------------------------------- AR runs
 def test_ema_update_matches_formula():
     model = torch.nn.Linear(3, 2)

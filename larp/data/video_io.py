@@ -7,11 +7,12 @@ force the fallback. Any failure to read a file (missing, empty, corrupt, index p
 import fractions
 import os
 
+import av
 import numpy as np
 import torch
 
-from larp.io import atomic_write
 from larp.errors import LarpError
+from larp.io import atomic_write
 
 try:
     import decord
@@ -64,7 +65,6 @@ class _PyAVReader:
     """Decodes sequentially (robust for any container); frames are decoded once and kept."""
 
     def __init__(self, path):
-        import av  # lazy: loads the FFmpeg libraries, needed only without decord and for writing
         self.path = path
         try:
             with av.open(path) as container:
@@ -146,7 +146,6 @@ def write_video(path, frames, fps=8, crf=10):
 
     H and W must be even (yuv420p). `crf` is the x264 quality (0 = lossless luma, 23 = x264 default).
     """
-    import av  # lazy, as in _PyAVReader
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video expects uint8 (T,H,W,3) frames, got shape {frames.shape}")
