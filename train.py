@@ -10,7 +10,10 @@ global batch. A run resumes from <out_path>/<name>/ckpt_latest.pth unless --repl
 import argparse
 import os
 
+from larp import dist
+from larp.config import build_config
 from larp.errors import run_cli
+from larp.training import preflight, train
 
 
 def build_parser():
@@ -44,10 +47,6 @@ def build_parser():
 def main(args):
     """Train; returns the summary dict on rank 0 (None elsewhere). With --check, only the pre-flight checks.
     User errors raise LarpError subclasses, which the edge below prints as one line."""
-    from larp import dist
-    from larp.config import build_config
-    from larp.training import preflight, train
-
     cfg = build_config(args.cfg, flags=vars(args), opts=args.opts)
     name = args.name or os.path.splitext(os.path.basename(args.cfg))[0]
     run_dir = os.path.join(args.out_path, name)

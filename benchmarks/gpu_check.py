@@ -37,6 +37,7 @@ import torch
 from larp import dist, fsdp, training
 from larp.ar_stage import ARStage, build_ar_model
 from larp.config import build_config
+from larp.fvd import load_i3d
 from larp.generate import SamplingParams
 from larp.io import atomic_write_text
 from larp.utils import autocast, get_device
@@ -140,7 +141,6 @@ def section_tokenizer(args, rec):
 
 
 def section_i3d(args, rec):
-    from larp.fvd import load_i3d
     device = get_device(args.device)
     batch, frames, size, repeats = (1, 16, 32, 1) if args.tiny else (16, 16, 128, 3)
     rec["requested"] = args.i3d

@@ -8,7 +8,9 @@ predicting every pixel of a clip as that clip's mean colour, which a tokenizer t
 
 A variant is `name:key=value,...`; keys are dotted paths into the YAML (model.*, loss.*, optimizer.args.lr,
 batch_size, lr_schedule.*); values are parsed as YAML. Data: quickstart/data (made if missing). Clips are
-preloaded (every non-overlapping 8-frame window), so the numbers measure optimisation, not video decoding.
+preloaded (every non-overlapping 8-frame window), so the numbers measure optimisation, not video decoding. Each
+step is `TokenizerStage.step`, the training step itself (with the discriminator update when a variant turns the
+GAN on).
 """
 import argparse
 import copy
@@ -21,6 +23,7 @@ import yaml
 
 from larp.config import from_dict
 from larp.data.dataset import VideoDataset
+from larp.data.synthetic import make_synthetic_dataset
 from larp.errors import run_cli
 from larp.metrics import psnr
 from larp.optim import lr_at
@@ -78,7 +81,6 @@ def main(args):
     base = yaml.safe_load(open(args.cfg))
     data = args.data
     if not os.path.exists(os.path.join(data, "val.csv")):
-        from larp.data.synthetic import make_synthetic_dataset
         make_synthetic_dataset(data, progress=False)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))

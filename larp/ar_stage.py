@@ -11,7 +11,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -20,7 +19,7 @@ from larp.ar import AR_MODELS, build_generator, generator_from_state
 from larp.config import StageError
 from larp.data.dataset import select_fvd_clips
 from larp.fvd import FeatureStats, frechet_distance, load_i3d
-from larp.io import atomic_save
+from larp.io import atomic_save, resize_video
 from larp.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
 from larp.stage_data import clip_dataset, eval_clips
 from larp.tokenizer import LARPTokenizer
@@ -43,7 +42,8 @@ class ARStage:
         self.wrapped = model  # what `step` runs; the loop replaces it by its DDP / FSDP / compiled wrapper
         self.build_optimizer()
         self.scaler = make_scaler(self.amp, device)
-        self.train_set, self.val, self.detector = None, None, None
+        self.train_set, self.detector = None, None
+        self.val_videos, self.val_labels, self.val_dataset = None, None, None  # (rank 0) evaluation clips
 
     @classmethod
     def from_config(cls, cfg, info, run_dir, note):
@@ -62,9 +62,8 @@ class ARStage:
         if not m.frame_prediction and int(labels.max()) >= m.num_classes:
             raise StageError(f"the training CSV has label {int(labels.max())} but model.num_classes is "
                              f"{m.num_classes}")
-        if info.is_main and (cfg.eval.num_videos or cfg.eval.fvd_videos):
-            videos, labels, val_ds = eval_clips(cfg.data, cfg.eval.num_videos)
-            stage.val = {"videos": videos, "labels": labels, "dataset": val_ds}
+        if info.is_main and stage.evaluates:
+            stage.val_videos, stage.val_labels, stage.val_dataset = eval_clips(cfg.data, cfg.eval.num_videos)
         return stage
 
     def build_optimizer(self):
@@ -107,18 +106,18 @@ class ARStage:
 
     def evaluate(self, model, step, preview_dir):
         """Validation loss and a sample grid PNG on the evaluation clips; a small FVD when eval.fvd_videos > 0."""
-        if self.val is None:
+        if self.val_dataset is None:
             return {}
-        out, val = {}, self.val
-        if val["videos"] is not None:
-            cond = self.condition(val["videos"], val["labels"])
-            out["val_loss"] = self.val_loss(model, val["videos"].to(self.device), cond)
+        out = {}
+        if self.val_videos is not None:
+            cond = self.condition(self.val_videos, self.val_labels)
+            out["val_loss"] = self.val_loss(model, self.val_videos.to(self.device), cond)
             self.preview(model, cond, os.path.join(preview_dir, f"step_{step:07d}.png"),
-                         real=val["videos"] if self.num_cond_frames else None, labels=val["labels"])
+                         real=self.val_videos if self.num_cond_frames else None, labels=self.val_labels)
         if self.fvd_videos:
             if self.detector is None:
                 self.detector = load_i3d(self.i3d, device=self.device, verbose=False)
-            ds = val["dataset"]
+            ds = self.val_dataset
             items = [ds[i] for i in select_fvd_clips(len(ds), self.fvd_videos)]
             real = torch.stack([it["video"] for it in items]).to(self.device)
             cond = self.condition(real, torch.tensor([it["label"] for it in items], dtype=torch.long))
@@ -149,7 +148,7 @@ class ARStage:
         """Sample grid PNG: one generated video per condition (and its real clip above it, for frame prediction)."""
         fake = self.generate_videos(model, cond, seeds=list(range(cond.shape[0])))
         if real is not None:
-            rows = torch.stack([real.float(), fake], dim=1).flatten(0, 1)
+            rows = torch.stack([real.to(fake.device).float(), fake], dim=1).flatten(0, 1)
             row_labels = [("real" if i % 2 == 0 else "pred") for i in range(rows.shape[0])]
         else:
             rows, row_labels = fake, [f"class {int(c)}" for c in (labels if labels is not None else cond)]
@@ -163,10 +162,8 @@ class ARStage:
         for i in range(0, cond.shape[0], B):
             real = real_videos[i:i + B]
             fake = self.generate_videos(model, cond[i:i + B], seeds=list(range(i, i + real.shape[0])))
-            if size is not None and real.shape[-1] != size:
-                real, fake = (F.interpolate(v.transpose(1, 2).flatten(0, 1), size=(size, size), mode="bilinear",
-                                            antialias=True, align_corners=False)
-                              .unflatten(0, (v.shape[0], v.shape[2])).transpose(1, 2) for v in (real, fake))
+            if size is not None:
+                real, fake = resize_video(real, size), resize_video(fake, size)
             real_stats.add(self.detector(real))
             fake_stats.add(self.detector(fake))
         return frechet_distance(real_stats, fake_stats)
@@ -194,10 +191,20 @@ def load_frozen_tokenizer(spec, data, device):
     tok.set_vq_eval_deterministic(True)
     for p in tok.parameters():
         p.requires_grad_(False)
-    if (tok.frame_num, tok.input_size) != (data.frame_num, data.input_size):
-        raise StageError(f"vae.checkpoint {spec} encodes {tok.frame_num}-frame {tok.input_size}px clips but "
-                         f"data.frame_num/input_size are {data.frame_num}/{data.input_size}")
+    check_tokenizer_geometry(spec, tok.frame_num, tok.input_size, data)
     return tok
+
+
+def check_tokenizer_geometry(spec, frame_num, input_size, data):
+    if (frame_num, input_size) != (data.frame_num, data.input_size):
+        raise StageError(f"vae.checkpoint {spec} encodes {frame_num}-frame {input_size}px clips but "
+                         f"data.frame_num/input_size are {data.frame_num}/{data.input_size}")
+
+
+def check_token_count(latent_shape, num_tokens, spec="the tokenizer"):
+    if math.prod(latent_shape) != num_tokens:
+        raise StageError(f"model.latent_shape {latent_shape} has {math.prod(latent_shape)} cells but "
+                         f"{spec} gives {num_tokens} tokens per clip")
 
 
 def build_ar_model(m, tok):
@@ -205,9 +212,7 @@ def build_ar_model(m, tok):
     if m.name not in AR_MODELS:
         raise StageError(f"model.name: '{m.name}' is not one of {sorted(AR_MODELS)}")
     N = tok.bottleneck_token_num
-    if math.prod(m.latent_shape) != N:
-        raise StageError(f"model.latent_shape {m.latent_shape} has {math.prod(m.latent_shape)} cells but the "
-                         f"tokenizer gives {N} tokens per clip")
+    check_token_count(m.latent_shape, N)
     kw = dict(vocab_size=tok.codebook_size, latent_shape=tuple(m.latent_shape), max_seq_len=N,
               num_classes=m.num_classes, frame_prediction=m.frame_prediction,
               cls_token_num=N + 1 if m.frame_prediction else 1)

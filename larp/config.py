@@ -86,7 +86,7 @@ class EvalConfig:
     interval: int = 0          # steps between evaluations (0 = only at the end)
     num_videos: int = 8        # clips for PSNR / previews / sample grid
     fvd_videos: int = 0        # ar only: generated videos for a small FVD (0 = off)
-    i3d: str = "random:112"    # detector spec for the small FVD (see larp.fvd.load_i3d)
+    i3d: Optional[str] = "random:112"  # detector for the small FVD (larp.fvd.load_i3d; null: the default one)
     fvd_size: Optional[int] = None  # resize real and generated clips to this size for FVD (64 for K600)
     cfg_scale: float = 1.0     # the sampling knobs of the previews and the small FVD (see `sampling`)
     temperature: float = 1.0
@@ -111,7 +111,7 @@ class Config:
     """What both stages share; `TokenizerConfig` and `ARConfig` add their own sections."""
     stage: str = ""
     seed: int = 0
-    tag: str = "default"
+    tag: Optional[str] = "default"
     batch_size: int = 8        # GLOBAL batch, split evenly over ranks
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -247,8 +247,19 @@ def _fill(obj, data, stage, prefix=""):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{key}' is a section; give it a mapping, got {v!r}")
             _fill(current, v, stage, key + ".")
+        elif isinstance(current, dict) and isinstance(v, dict):  # merged into the defaults, e.g. optimizer.args
+            _merge_dict(current, v)
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _merge_dict(base, new):
+    """Merge the mapping `new` into `base` (recursively): what `new` leaves out keeps its default."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge_dict(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
 
 
 def set_dotted(cfg, dotted, value):
@@ -269,7 +280,7 @@ def set_dotted(cfg, dotted, value):
                               f"key '{k}')")
         child = getattr(node, k)
         if last:
-            if dataclasses.is_dataclass(child) or (isinstance(child, dict) and _is_section(cfg, keys)):
+            if dataclasses.is_dataclass(child) or (isinstance(child, dict) and _is_section(keys)):
                 names = [f.name for f in dataclasses.fields(child)] if dataclasses.is_dataclass(child) else list(child)
                 raise ConfigError(f"config key '{dotted}' is a section; set one of its keys ({', '.join(names)})")
             setattr(node, k, _coerce(value, typing.get_type_hints(type(node))[k], dotted))
@@ -279,7 +290,7 @@ def set_dotted(cfg, dotted, value):
         node = child
 
 
-def _is_section(cfg, keys):
+def _is_section(keys):
     """Whether the dict-valued field at `keys` is an open section (not a dict-valued setting)."""
     return keys in (["model"], ["loss"], ["model", "args"], ["optimizer", "args"], ["disc_optimizer", "args"])
 
@@ -297,7 +308,7 @@ def _set_open(cfg, node, keys, i, value, dotted):
     if section == ["model", "args"] and len(rest) == 1:
         if rest[0] not in {f.name for f in dataclasses.fields(ModelArgs)}:
             raise ConfigError(f"unknown config key '{dotted}' (not a ModelArgs field)")
-        node[rest[0]] = value
+        node[rest[0]] = _keep_kind(node.get(rest[0]), value)
         return
     for j, k in enumerate(rest):  # tokenizer model / loss: only keys the YAML has
         if not isinstance(node, dict) or k not in node:
@@ -374,6 +385,9 @@ def _check_model_args(args):
 def build_config(cfg_path, flags=None, opts=None):
     """YAML file -> defaults of its stage -> flags (dest: value, None = not given) -> `--opts`, validated."""
     cfg = from_dict(load_yaml(cfg_path), where=cfg_path)
+    opts = parse_opts(opts)
+    if cfg.stage == "tokenizer":
+        _check_geometry_overrides(flags or {}, opts)
     for dest, value in (flags or {}).items():
         if value is None or dest not in FLAG_KEYS:
             continue
@@ -382,13 +396,25 @@ def build_config(cfg_path, flags=None, opts=None):
                 raise ConfigError("--cache_tokens applies to the ar stage only")
             continue
         set_dotted(cfg, FLAG_KEYS[dest], value)
-    for key, value in parse_opts(opts):
+    for key, value in opts:
         set_dotted(cfg, key, value)
     return validate(cfg)
 
 
+def _check_geometry_overrides(flags, opts):
+    """The tokenizer geometry given twice in one command (--frame_num / data.* and model.*) must agree."""
+    for k in GEOMETRY:
+        given = {f"--{k}": flags.get(k)} if flags.get(k) is not None else {}
+        given.update({key: v for key, v in opts if key in (f"data.{k}", f"model.{k}")})
+        if len({str(v) for v in given.values()}) > 1:
+            raise ConfigError(f"the clip geometry is given twice with different values: "
+                              f"{', '.join(f'{key} {v}' for key, v in given.items())}")
+
+
 def validate(cfg):
     """Cross-field checks that would otherwise fail late."""
+    if "lr" not in cfg.optimizer.args:
+        raise ConfigError("optimizer.args.lr: the learning rate is not set")
     for name in ("optimizer", "disc_optimizer"):
         opt = getattr(cfg, name, None)
         if opt is not None:

@@ -1,10 +1,12 @@
-"""Small file and tensor plumbing used across the package: atomic file writes and the float-to-uint8 video
-conversion. Everything that writes a file a reader may see half-written goes through `atomic_write`."""
+"""Small file and tensor plumbing used across the package: atomic file writes, the float-to-uint8 video
+conversion and the per-frame resize of video batches. Everything that writes a file a reader may see half-written
+goes through `atomic_write`."""
 import os
 import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def atomic_write(path, write):
@@ -44,3 +46,13 @@ def to_uint8(videos):
         videos = videos.detach().float().cpu().numpy()
     v = np.clip(np.nan_to_num(np.asarray(videos, dtype=np.float32)), 0, 1)
     return np.round(v.transpose(0, 2, 3, 4, 1) * 255).astype(np.uint8)
+
+
+def resize_video(x, size):
+    """(B, 3, T, H, W) -> (B, 3, T, size, size), antialiased bilinear per frame (no-op at that size)."""
+    b, c, t, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return frames.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)

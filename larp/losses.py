@@ -1,6 +1,6 @@
 """Tokenizer training losses: L1 + LPIPS + adversarial (non-saturating, label smoothing, LeCam) + VQ + prior.
 
-`TokenizerLoss(**cfg["loss"])` owns the discriminator and the LPIPS network; the training loop calls
+`TokenizerLoss(**cfg.loss)` owns the discriminator and the LPIPS network; `TokenizerStage.step` calls
 `generator_loss` every step and `discriminator_loss` when `disc_active(step)`. Knobs (the YAML `loss:` section):
 
   l1_weight          weight of the mean absolute reconstruction error

@@ -4,7 +4,6 @@ Kept apart from `larp.sampling` (which generates) so the bookkeeping that makes 
 on any machines, at the same time can be read on its own. The folder layout is described in `larp.sampling`.
 """
 import csv
-import dataclasses
 import datetime
 import functools
 import hashlib
@@ -18,12 +17,10 @@ from filelock import FileLock
 
 from larp.errors import LarpError
 from larp.fvd import FeatureStats, frechet_distance
-from larp.generate import SamplingParams
 from larp.io import atomic_write, atomic_write_text
 
-REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total",
-                  *(f.name for f in dataclasses.fields(SamplingParams)),  # cfg_scale, cfg_interval, temperature, ...
-                  "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
+REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
+                  "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
 

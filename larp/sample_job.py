@@ -5,7 +5,6 @@ the CSV and the output folder, and returns a `SamplePlan`: the run settings (rec
 into the run id), the dataset and its FVD clip selection. Every problem is a `SampleError` naming the flag, raised
 before any model or detector loads.
 """
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -87,8 +86,6 @@ class SamplePlan:
     dataset: Dataset
     chosen: list
     class_names: dict
-    frame_num: int
-    input_size: int
     fvd_size: int
     i3d_spec: str
 
@@ -150,10 +147,12 @@ def check_models(job, tok_cfg, ar_cfg):
 def run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec):
     """Everything that changes the result: stored in run_config.json and hashed into the run id. The keys and
     values are those of every earlier version, so an existing output folder is still accepted."""
+    p = job.params
     s = {"ar_model": _spec_id(job.ar_model), "tokenizer": _spec_id(job.tokenizer),
          "dataset_csv": "+".join(os.path.abspath(p) for p in csv_paths),
          "dataset_split_seed": int(job.dataset_split_seed), "num_samples_total": int(job.num_samples_total),
-         **dataclasses.asdict(job.params),  # cfg_scale, cfg_interval, temperature, top_k, top_p
+         "cfg_scale": p.cfg_scale, "cfg_interval": p.cfg_interval, "temperature": p.temperature, "top_k": p.top_k,
+         "top_p": p.top_p,
          "dtype": dtype_name(job.dtype), "seed": int(job.seed), "frame_prediction": bool(job.frame_prediction),
          "num_cond_frames": int(job.num_cond_frames) if job.frame_prediction else 0,
          "num_frames": frame_num, "input_size": input_size, "fvd_size": int(fvd_size), "i3d": _spec_id(i3d_spec)}
@@ -193,4 +192,4 @@ def prepare(job):
     settings = run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
     claim_output_dir(job.output_dir, settings, job.starting_index, job.starting_index + job.num_samples)
     return SamplePlan(settings=settings, dataset=dataset, chosen=chosen, class_names=class_names,
-                      frame_num=frame_num, input_size=input_size, fvd_size=int(fvd_size), i3d_spec=i3d_spec)
+                      fvd_size=int(fvd_size), i3d_spec=i3d_spec)

@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from larp.ar import load_generator
@@ -47,7 +46,7 @@ from larp.checkpoint import CheckpointError
 from larp.data.video_io import write_video
 from larp.dist import dist_info
 from larp.fvd import FeatureStats, fvd_label, load_i3d
-from larp.io import atomic_write, atomic_write_text, to_uint8
+from larp.io import atomic_write, atomic_write_text, resize_video, to_uint8
 from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, finalize, find_tiling, finished_ranges, remove_partial,
                                 remove_ranges, run_id, stats_paths, write_csv)
 from larp.sample_job import prepare
@@ -76,16 +75,6 @@ def _clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def resize_video(x, size):
-    """(B, 3, T, H, W) -> (B, 3, T, size, size), antialiased bilinear per frame (no-op at that size)."""
-    b, c, t, h, w = x.shape
-    if (h, w) == (size, size):
-        return x
-    frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return frames.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)
 
 
 def load_models(tokenizer_spec, ar_model_spec, device):

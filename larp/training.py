@@ -3,7 +3,6 @@ with logging, periodic evaluation and checkpoints, resume, export. What differs 
 classes (larp/tokenizer_stage.py, larp/ar_stage.py); exact resume in larp/resume.py.
 """
 import dataclasses
-import math
 import os
 import time
 
@@ -11,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from larp import dist, fsdp, fvd
-from larp.ar_stage import ARStage
+from larp.ar_stage import ARStage, check_token_count, check_tokenizer_geometry
 from larp.checkpoint import CheckpointError, checkpoint_kind, describe_checkpoint, peek_checkpoint
-from larp.config import ConfigError, StageError, dump_yaml, to_dict
+from larp.config import ConfigError, StageError, dump_yaml, from_dict, to_dict
 from larp.data.dataset import check_labels, check_videos_exist, read_video_csv
 from larp.data.video_io import VideoReadError
 from larp.io import atomic_write_text
@@ -24,7 +23,7 @@ from larp.resume import (SKIP_HINT, batches, check_resume, clean_run_dir, export
 from larp.tokenizer_stage import TokenizerStage
 from larp.utils import seed_everything
 
-STAGES = {"tokenizer": TokenizerStage.from_config, "ar": ARStage.from_config}
+STAGE_FACTORIES = {"tokenizer": TokenizerStage.from_config, "ar": ARStage.from_config}
 
 
 def wrap_model(raw, train, info):
@@ -88,13 +87,11 @@ def check_frozen_tokenizer(spec, data, latent_shape):
         raise CheckpointError(f"vae.checkpoint {spec}: holds {describe_checkpoint(tok) or 'an unknown model'}, "
                               f"expected a LARP tokenizer")
     geometry = (tok.get("frame_num"), tok.get("input_size"))
-    if None not in geometry and geometry != (data.frame_num, data.input_size):
-        raise StageError(f"vae.checkpoint {spec} encodes {geometry[0]}-frame {geometry[1]}px clips but "
-                         f"data.frame_num/input_size are {data.frame_num}/{data.input_size}")
+    if None not in geometry:
+        check_tokenizer_geometry(spec, *geometry, data)
     n = tok.get("bottleneck_token_num")
-    if n and math.prod(latent_shape) != n:
-        raise StageError(f"model.latent_shape {latent_shape} has {math.prod(latent_shape)} cells but the "
-                         f"tokenizer {spec} gives {n} tokens per clip")
+    if n:
+        check_token_count(latent_shape, n, f"the tokenizer {spec}")
     return f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})"
 
 
@@ -118,7 +115,7 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
 
     pending = [n for n in notes if n.startswith("data.skip_bad")]
     try:
-        stage = STAGES[cfg.stage](cfg, info, run_dir, pending.append)
+        stage = STAGE_FACTORIES[cfg.stage](cfg, info, run_dir, pending.append)
     except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
         raise VideoReadError(f"{e}; {SKIP_HINT}") from e
     raw, sharded = stage.model, tc.parallel == "fsdp"
@@ -137,6 +134,7 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
         log.log(line)
     if resuming:
         log.log(f"resumed from {latest} at step {step}")
+        saved_cfg = _as_stored_now(saved_cfg)
         changed = sorted(k for k in plain if k != "seed" and plain.get(k) != saved_cfg.get(k))
         if changed:
             log.log(f"note: config differs from the checkpoint's in section(s) {changed}")
@@ -209,6 +207,14 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     if not info.is_main:
         return None
     return {"step": step, "last": last, "eval": final, "run_dir": run_dir, "export": export_dir}
+
+
+def _as_stored_now(saved):
+    """A checkpoint's config as this version stores it (older ones kept the tokenizer geometry in `model` too)."""
+    try:
+        return to_dict(from_dict(saved))
+    except ConfigError:
+        return saved
 
 
 def run_eval(stage, info, run_dir, step, log, sharded=False):

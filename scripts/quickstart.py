@@ -18,6 +18,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
+
+from larp.ar import load_generator
+from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
+from larp.data.synthetic import class_names
+from larp.data.video_io import read_frames
+from larp.visualize import save_curves_png, save_video_grid_gif, save_video_grid_png
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NUM_CLASSES = 8
@@ -134,7 +143,6 @@ def first_samples(sample_dir, n):
 def same_real_clips(q, sample_dir, n):
     """Whether `compute_fvd.py --num_clips n` scores the very val clips that samples 0..n-1 were drawn for (it does
     when random.sample's first n draws do not depend on how many are drawn, true for the quickstart's sizes)."""
-    from larp.data.dataset import VideoDataset, select_fvd_clips
     frames, size = clip_shape(q)
     ds = VideoDataset(os.path.join(q, "data", "val.csv"), frame_num=frames, input_size=size, train=False)
     real = {(str(ds.clips[i][0]), int(ds.clips[i][1])) for i in select_fvd_clips(len(ds), n)}
@@ -155,10 +163,6 @@ def first_samples_csv(sample_dir, out_csv, n):
 
 def class_preview(sample_dir, out_png, out_gif, per_class=4):
     """One row per class: the first `per_class` samples of each class, side by side (PNG frames + GIF)."""
-    import numpy as np
-    from larp.data.synthetic import class_names
-    from larp.data.video_io import read_frames
-    from larp.visualize import save_video_grid_gif, save_video_grid_png
     with open(os.path.join(sample_dir, "samples.csv")) as f:
         rows = list(csv.DictReader(f))
     names = class_names(NUM_CLASSES)
@@ -179,9 +183,6 @@ def class_preview(sample_dir, out_png, out_gif, per_class=4):
 def clip_stack(csv_path, frames, all_windows=False):
     """(B, T, H, W, 3) float in [0, 1]: the first `frames` frames of every video of a CSV (every non-overlapping
     window with all_windows), and their labels."""
-    import numpy as np
-    from larp.data.dataset import read_video_csv
-    from larp.data.video_io import read_frames
     df = read_video_csv(csv_path)
     videos, labels = [], []
     for path, label in zip(df["path"], df["label"]):
@@ -194,7 +195,6 @@ def clip_stack(csv_path, frames, all_windows=False):
 
 def nearest_rms(videos, reference):
     """Mean over `videos` of the RMS pixel difference to the nearest clip of `reference` (memorisation check)."""
-    import numpy as np
     a, b = (v.reshape(len(v), -1).astype(np.float64) for v in (videos, reference))
     d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
     return float(np.sqrt(np.clip(d2, 0, None).min(1) / a.shape[1]).mean())
@@ -202,7 +202,6 @@ def nearest_rms(videos, reference):
 
 def within_class_spread(videos, labels):
     """Mean over classes of the mean RMS pixel difference between two different videos of that class."""
-    import numpy as np
     spreads = []
     for c in np.unique(labels):
         v = videos[labels == c].reshape((labels == c).sum(), -1).astype(np.float64)
@@ -215,14 +214,12 @@ def within_class_spread(videos, labels):
 
 def mean_colour_psnr(videos):
     """PSNR of each clip against its own mean colour (what a tokenizer that learned nothing scores), mean."""
-    import numpy as np
     mse = ((videos - videos.mean((1, 2, 3), keepdims=True)) ** 2).reshape(len(videos), -1).mean(1)
     return float(np.mean(10 * np.log10(1 / mse)))
 
 
 def training_curves(q, out_png):
     """Loss and validation metric against step for the three training runs (their metrics.csv)."""
-    from larp.visualize import save_curves_png
 
     def column(name, key):
         with open(os.path.join(q, "runs", name, "metrics.csv")) as f:
@@ -309,8 +306,6 @@ def detector_line(path):
 
 
 def write_report(q, acc, times, total_s, stats):
-    import torch
-    from larp.ar import load_generator
     fvd, speed = {}, {}
     for order in ("nar", "raster"):
         d = os.path.join(q, "samples", order)

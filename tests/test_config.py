@@ -223,3 +223,21 @@ def test_tokenizer_geometry_is_stored_once(tmp_path):
     bad.write_text(text.replace("  frame_num: 8\n  input_size: 32\n  hflip", "  frame_num: 16\n  input_size: 32\n  hflip"))
     with pytest.raises(ConfigError, match="data.frame_num = 16 disagrees with model.frame_num = 8"):
         build_config(str(bad))
+
+
+def test_yaml_dict_settings_merge_into_their_defaults(tmp_path):
+    """A YAML `optimizer.args` naming only the lr keeps the default betas and weight decay (as it always did)."""
+    p = tmp_path / "partial.yaml"
+    p.write_text((ROOT / "cfgs/quickstart_nar.yaml").read_text().split("optimizer:")[0] +
+                 "optimizer:\n  name: adamw\n  args: {lr: 3.0e-4}\n")
+    cfg = build_config(str(p))
+    assert cfg.optimizer.args == {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.0}
+    p.write_text("stage: ar\noptimizer:\n  args: {weight_decay: 0.1}\n")
+    assert build_config(str(p)).optimizer.args == {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}
+
+
+def test_geometry_given_twice_must_agree():
+    with pytest.raises(ConfigError, match="given twice"):
+        build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"), opts=["data.frame_num", "4", "model.frame_num", "2"])
+    cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"), opts=["data.frame_num", "4", "model.frame_num", "4"])
+    assert cfg.data.frame_num == 4

@@ -1,4 +1,4 @@
-"""Training engine on CPU with tiny models and a tiny synthetic set: loss drops, exact resume after SIGKILL,
+"""Training on CPU with tiny models and a tiny synthetic set: loss drops, exact resume after SIGKILL,
 2-process torchrun equals 1 process, atomic checkpoints, non-finite loss stops, exports load."""
 import csv
 import math
