@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from larp import dist
 from larp.ar import AR_MODELS, build_generator, generator_from_state
+from larp.checkpoint import CheckpointError, describe_checkpoint, expect_kind, peek_checkpoint
 from larp.config import StageError
 from larp.data.dataset import select_fvd_clips
 from larp.fvd import FeatureStats, frechet_distance, load_i3d
@@ -73,18 +74,26 @@ class ARStage:
         set_lr(self.optimizer, lr)
 
     @torch.no_grad()
-    def encode(self, video):
-        """Frozen-tokenizer tokens (B, N) of a clip batch and, for frame prediction, its condition tokens (B, N)."""
+    def tokens(self, video):
+        """Frozen-tokenizer tokens (B, N) of a clip batch."""
         with autocast(video.device, self.encode_dtype):
-            tokens = self.tokenizer.encode(video)["bottleneck_rep"]
-            cond = self.tokenizer.encode_condition(video, self.num_cond_frames) if self.num_cond_frames else None
-        return tokens, cond
+            return self.tokenizer.encode(video)["bottleneck_rep"]
+
+    @torch.no_grad()
+    def condition_tokens(self, video):
+        """Frame prediction: the tokens (B, N) of the first frames of each clip, the last one repeated."""
+        with autocast(video.device, self.encode_dtype):
+            return self.tokenizer.encode_condition(video, self.num_cond_frames)
+
+    def encode(self, video):
+        """(tokens, condition tokens or None) of a clip batch."""
+        return self.tokens(video), (self.condition_tokens(video) if self.num_cond_frames else None)
 
     def condition(self, videos, labels):
         """The generator's condition for clips: their labels, or the tokens of their first frames."""
         if not self.num_cond_frames:
             return labels.to(self.device)
-        return self.encode(videos.to(self.device))[1]
+        return self.condition_tokens(videos.to(self.device))
 
     def step(self, batch, step, total_steps):
         """One teacher-forced update; `batch` holds cached tokens or clips to encode first."""
@@ -129,8 +138,7 @@ class ARStage:
         """Teacher-forced cross-entropy (nats/token) of held-out clips: the generators' validation curve."""
         was_training = model.training
         model.eval()
-        with autocast(videos.device, self.encode_dtype):
-            tokens = self.tokenizer.encode(videos)["bottleneck_rep"]
+        tokens = self.tokens(videos)
         _, loss = model(tokens, cond, targets=tokens)
         model.train(was_training)
         return float(loss)
@@ -182,11 +190,33 @@ class ARStage:
 
 
 # ---------------------------------------------------------------------------------------------- building
+def require_tokenizer_spec(spec):
+    if not spec:
+        raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or hub id>")
+
+
+def check_frozen_tokenizer(spec, data, latent_shape):
+    """Pre-flight: the tokenizer checkpoint `spec` is one, readable, of the config's clip geometry and token count
+    (its config only: no weights are read). Returns a line describing it."""
+    require_tokenizer_spec(spec)
+    try:
+        tok = peek_checkpoint(spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"vae.checkpoint: {e}") from None
+    expect_kind(tok, "tokenizer", f"vae.checkpoint {spec}")
+    geometry = (tok.get("frame_num"), tok.get("input_size"))
+    if None not in geometry:
+        check_tokenizer_geometry(spec, *geometry, data)
+    n = tok.get("bottleneck_token_num")
+    if n:
+        check_token_count(latent_shape, n, f"the tokenizer {spec}")
+    return f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})"
+
+
 def load_frozen_tokenizer(spec, data, device):
     """The tokenizer `spec` (directory, checkpoint or hub id) in eval mode with deterministic VQ and no grads;
     its clip geometry must be the config's."""
-    if not spec:
-        raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or hub id>")
+    require_tokenizer_spec(spec)
     tok = LARPTokenizer.from_pretrained(spec).to(device).eval()
     tok.set_vq_eval_deterministic(True)
     for p in tok.parameters():

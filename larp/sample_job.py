@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from larp.checkpoint import CheckpointError, checkpoint_kind, describe_checkpoint, peek_checkpoint
+from larp.checkpoint import CheckpointError, checkpoint_kind, expect_kind, peek_checkpoint
 from larp.data.dataset import (CSVError, CSVNotFoundError, VideoDataset, check_labels, read_video_csv, resolve_csv,
                                select_fvd_clips)
 from larp.data.video_io import VideoReadError
@@ -104,14 +104,11 @@ def read_model_config(spec, flag, want):
         cfg = peek_checkpoint(spec)
     except CheckpointError as e:
         raise SampleError(f"--{flag}: {e}") from None
-    if checkpoint_kind(cfg) != want:
-        expected = "a LARP tokenizer" if want == "tokenizer" else "a generator (NAR or raster)"
-        found = describe_checkpoint(cfg)
-        if found is None:
-            raise SampleError(f"--{flag} {spec}: its config has neither tokenizer nor generator keys; expected "
-                              f"{expected}")
-        raise SampleError(f"--{flag} {spec}: holds {found}, expected {expected}; are --ar_model and --tokenizer "
-                          f"swapped?")
+    try:
+        expect_kind(cfg, want, f"--{flag} {spec}")
+    except CheckpointError as e:
+        swapped = "; are --ar_model and --tokenizer swapped?" if checkpoint_kind(cfg) else ""
+        raise SampleError(f"{e}{swapped}") from None
     return cfg
 
 

@@ -10,8 +10,7 @@ import torch
 from tqdm import tqdm
 
 from larp import dist, fsdp, fvd
-from larp.ar_stage import ARStage, check_token_count, check_tokenizer_geometry
-from larp.checkpoint import CheckpointError, checkpoint_kind, describe_checkpoint, peek_checkpoint
+from larp.ar_stage import ARStage, check_frozen_tokenizer
 from larp.config import ConfigError, StageError, dump_yaml, from_dict, to_dict
 from larp.data.dataset import check_labels, check_videos_exist, read_video_csv
 from larp.data.video_io import VideoReadError
@@ -72,27 +71,6 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
     else:
         notes.append(f"starts fresh in {run_dir}")
     return notes
-
-
-def check_frozen_tokenizer(spec, data, latent_shape):
-    """The tokenizer checkpoint `spec` is one, readable, of the config's clip geometry and token count (its config
-    only: no weights are read). Returns a line describing it."""
-    if not spec:
-        raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or hub id>")
-    try:
-        tok = peek_checkpoint(spec)
-    except CheckpointError as e:
-        raise CheckpointError(f"vae.checkpoint: {e}") from None
-    if checkpoint_kind(tok) != "tokenizer":
-        raise CheckpointError(f"vae.checkpoint {spec}: holds {describe_checkpoint(tok) or 'an unknown model'}, "
-                              f"expected a LARP tokenizer")
-    geometry = (tok.get("frame_num"), tok.get("input_size"))
-    if None not in geometry:
-        check_tokenizer_geometry(spec, *geometry, data)
-    n = tok.get("bottleneck_token_num")
-    if n:
-        check_token_count(latent_shape, n, f"the tokenizer {spec}")
-    return f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})"
 
 
 def train(cfg, run_dir, info, replace=False, wandb_mode=None):
