@@ -14,12 +14,12 @@ in larp/sample_job.py.
 """
 import argparse
 
-from larp import sampling
-from larp.errors import run_cli
-from larp.generate import SamplingParams
-from larp.sample_folder import SampleError
-from larp.sample_job import SampleJob
-from larp.utils import DTYPES
+from larp.sampling import run as sampling
+from larp.core.errors import run_cli
+from larp.models.decoding import SamplingParams
+from larp.sampling.output_folder import SampleError
+from larp.sampling.job import SampleJob
+from larp.core.utils import DTYPES
 
 
 def build_parser():

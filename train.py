@@ -10,10 +10,10 @@ global batch. A run resumes from <out_path>/<name>/ckpt_latest.pth unless --repl
 import argparse
 import os
 
-from larp import dist
-from larp.config import build_config
-from larp.errors import run_cli
-from larp.training import preflight, train
+from larp.core import dist
+from larp.training.config import build_config
+from larp.core.errors import run_cli
+from larp.training.loop import preflight, train
 
 
 def build_parser():

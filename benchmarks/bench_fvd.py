@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from larp.errors import run_cli
-from larp.fvd import I3DDetector, load_i3d
-from larp.i3d import MaxPool3dSame, pad_same
-from larp.i3d_weights import kinetics400_available
-from larp.utils import get_device
+from larp.core.errors import run_cli
+from larp.metrics.fvd import I3DDetector, load_i3d
+from larp.metrics.i3d import MaxPool3dSame, pad_same
+from larp.metrics.i3d_weights import kinetics400_available
+from larp.core.utils import get_device
 from i3d_jax_reference import procedural_clip  # benchmarks/, beside this file
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from larp.ar import AR_MODELS, Generator, ModelArgs
-from larp.errors import run_cli
-from larp.generate import SamplingParams
-from larp.utils import autocast, get_device, get_dtype
+from larp.models.generator import AR_MODELS, Generator, ModelArgs
+from larp.core.errors import run_cli
+from larp.models.decoding import SamplingParams
+from larp.core.utils import autocast, get_device, get_dtype
 
 
 def build_pair(args):

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from larp.tokenizer import LARPTokenizer
-from larp.errors import run_cli
-from larp.utils import autocast, get_device, get_dtype
+from larp.models.tokenizer import LARPTokenizer
+from larp.core.errors import run_cli
+from larp.core.utils import autocast, get_device, get_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 
 import torch
 
-from larp.ar_stage import ARStage, build_ar_model
-from larp.config import build_config
-from larp.errors import run_cli
-from larp.tokenizer_stage import TokenizerStage
-from larp.utils import get_device
+from larp.training.ar_stage import ARStage, build_ar_model
+from larp.training.config import build_config
+from larp.core.errors import run_cli
+from larp.training.tokenizer_stage import TokenizerStage
+from larp.core.utils import get_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Follow the training config through the package from `larp.training.train`: the functions that receive it (or
+"""Follow the training config through the package from `larp.training.loop.train`: the functions that receive it (or
 one of its sections) as an argument, in call order, grouped into consecutive stays per module. A climb is a move
 from a module to one that imports it (directly or not), i.e. back up the import order. A config threaded down and
 back up through the layers climbs often; one read where it is needed climbs little (issue 14).
@@ -16,22 +16,26 @@ import tempfile
 
 import torch
 
-from larp import dist, training
-from larp.config import build_config
+from larp.core import dist
+from larp.training import loop as training
+from larp.training.config import build_config
 from larp.data.synthetic import make_synthetic_dataset
-from larp.errors import run_cli
+from larp.core.errors import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_graph(root=ROOT):
     """{module: set of larp modules it imports (anywhere in the file)} for larp/ and train.py."""
-    files = {"train": os.path.join(root, "train.py")}
+    files, packages = {"train": os.path.join(root, "train.py")}, set()
     for dp, _, fn in os.walk(os.path.join(root, "larp")):
         for f in fn:
             if f.endswith(".py"):
                 m = os.path.relpath(os.path.join(dp, f), root)[:-3].replace(os.sep, ".")
-                files[m[:-9] if m.endswith(".__init__") else m] = os.path.join(dp, f)
+                if m.endswith(".__init__"):
+                    m = m[:-9]
+                    packages.add(m)
+                files[m] = os.path.join(dp, f)
     graph = {}
     for m, path in files.items():
         deps = set()
@@ -41,7 +45,7 @@ def import_graph(root=ROOT):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            deps.update(n for n in names if n in files and n not in (m, "larp", "larp.data"))
+            deps.update(n for n in names if n in files and n != m and n not in packages)
         graph[m] = deps
     return graph, files
 

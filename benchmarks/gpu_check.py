@@ -34,13 +34,14 @@ from types import SimpleNamespace
 
 import torch
 
-from larp import dist, fsdp, training
-from larp.ar_stage import ARStage, build_ar_model
-from larp.config import build_config
-from larp.fvd import load_i3d
-from larp.generate import SamplingParams
-from larp.io import atomic_write_text
-from larp.utils import autocast, get_device
+from larp.core import dist
+from larp.training import fsdp, loop as training
+from larp.training.ar_stage import ARStage, build_ar_model
+from larp.training.config import build_config
+from larp.metrics.fvd import load_i3d
+from larp.models.decoding import SamplingParams
+from larp.core.io import atomic_write_text
+from larp.core.utils import autocast, get_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

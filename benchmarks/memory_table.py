@@ -25,7 +25,7 @@ import argparse
 
 import torch
 
-from larp.ar import AR_MODELS, Generator
+from larp.models.generator import AR_MODELS, Generator
 
 GRID, VOCAB, CLASSES = (4, 16, 16), 8192, 101
 

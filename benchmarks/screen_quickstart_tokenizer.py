@@ -21,13 +21,13 @@ import time
 import torch
 import yaml
 
-from larp.config import from_dict
+from larp.training.config import from_dict
 from larp.data.dataset import VideoDataset
 from larp.data.synthetic import make_synthetic_dataset
-from larp.errors import run_cli
-from larp.metrics import psnr
-from larp.optim import lr_at
-from larp.tokenizer_stage import TokenizerStage
+from larp.core.errors import run_cli
+from larp.metrics.image import psnr
+from larp.training.optim import lr_at
+from larp.training.tokenizer_stage import TokenizerStage
 
 
 def load_clips(csv, cfg, limit=None):
@@ -52,7 +52,7 @@ def val_psnr(model, videos):
 
 def run_variant(name, overrides, base, train, val, steps, device, eval_every, seed):
     cfg = copy.deepcopy(base)
-    for k, v in overrides.items():  # new model/loss kwargs are allowed here, so no larp.config.set_dotted
+    for k, v in overrides.items():  # new model/loss kwargs are allowed here, so no larp.training.config.set_dotted
         *path, last = k.split(".")
         node = cfg
         for part in path:

@@ -11,8 +11,8 @@ import glob
 import os
 import sys
 
-from larp.errors import UsageError, run_cli
-from larp.fvd import FeatureStats, frechet_distance, fvd_label
+from larp.core.errors import UsageError, run_cli
+from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
 
 
 def merge_stats(folder, pattern):

@@ -18,17 +18,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp.checkpoint import CheckpointError, expect_kind, read_checkpoint
+from larp.core.checkpoint import CheckpointError, expect_kind, read_checkpoint
 from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
 from larp.data.video_io import VideoReadError
-from larp.errors import LarpError, UsageError, run_cli
-from larp.fvd import FeatureStats, I3DError, check_i3d_spec, frechet_distance, fvd_label, load_i3d
-from larp.io import atomic_write_text
-from larp.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
-from larp.metrics import psnr, ssim
-from larp.tokenizer import LARPTokenizer
-from larp.utils import autocast, get_device
-from larp.visualize import save_video_grid_png
+from larp.core.errors import LarpError, UsageError, run_cli
+from larp.metrics.fvd import FeatureStats, I3DError, check_i3d_spec, frechet_distance, fvd_label, load_i3d
+from larp.core.io import atomic_write_text
+from larp.models.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
+from larp.metrics.image import psnr, ssim
+from larp.models.tokenizer import LARPTokenizer
+from larp.core.utils import autocast, get_device
+from larp.core.visualize import save_video_grid_png
 
 
 def reconstruct(model, x, amp):

@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from larp.ar import load_generator
+from larp.models.generator import load_generator
 from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
 from larp.data.synthetic import class_names
 from larp.data.video_io import read_frames
-from larp.visualize import save_curves_png, save_video_grid_gif, save_video_grid_png
+from larp.core.visualize import save_curves_png, save_video_grid_gif, save_video_grid_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -46,7 +46,7 @@ def read_manifest(path):
 
 def patch_everywhere(monkeypatch, module, name, replacement):
     """Replace `module.name` and every reference to the same object that a project module imported by name
-    (`from larp.fvd import load_i3d`), so a test's patch holds whether the code under test imports the name at
+    (`from larp.metrics.fvd import load_i3d`), so a test's patch holds whether the code under test imports the name at
     the top, inside a function, or through the module. Returns how many places were patched."""
     import sys
     original, patched = getattr(module, name), 0

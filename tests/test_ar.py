@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import RELEASED_GENERATORS, read_manifest
-from larp.ar import AR_MODELS, Generator, ModelArgs, build_generator, load_generator, proximity_block_mask
-from larp.checkpoint import CheckpointError
-from larp.generate import SamplingParams
-from larp.io import atomic_save
+from larp.models.generator import AR_MODELS, Generator, ModelArgs, build_generator, load_generator, proximity_block_mask
+from larp.core.checkpoint import CheckpointError
+from larp.models.decoding import SamplingParams
+from larp.core.io import atomic_save
 
 GOLDEN = "golden/tiny"
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from larp.config import ConfigError, build_config, parse_opts, parse_value
+from larp.training.config import ConfigError, build_config, parse_opts, parse_value
 from tests.conftest import ROOT
 
 import train
@@ -166,8 +166,8 @@ def test_reference_configs_build_the_released_layouts(reference_dir):
 
     import torch
 
-    from larp.ar_stage import build_ar_model
-    from larp.tokenizer import LARPTokenizer
+    from larp.training.ar_stage import build_ar_model
+    from larp.models.tokenizer import LARPTokenizer
     from tests.conftest import read_manifest
 
     def shapes(model):
@@ -197,7 +197,7 @@ def test_values_are_coerced_by_field_type_and_bad_types_name_the_key():
 
 
 def test_eval_sampling_knobs_are_one_sampling_params():
-    from larp.generate import SamplingParams
+    from larp.models.decoding import SamplingParams
     cfg = build_config(str(ROOT / "cfgs/quickstart_nar.yaml"), opts=["eval.cfg_scale", "4", "eval.top_k", "10"])
     assert cfg.eval.sampling == SamplingParams(cfg_scale=4.0, top_k=10)
     with pytest.raises(ConfigError, match="eval.top_p"):
@@ -209,7 +209,7 @@ def test_config_round_trips_through_plain_data(path):
     """Checkpoints and config.yaml store to_dict(cfg); reading that back gives the same config."""
     import yaml
 
-    from larp.config import dump_yaml, from_dict, to_dict
+    from larp.training.config import dump_yaml, from_dict, to_dict
     cfg = build_config(path)
     assert from_dict(to_dict(cfg)) == cfg
     assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg

@@ -3,11 +3,11 @@ a bf16 training step, and one FSDP step. Skipped without CUDA; benchmarks/gpu_ch
 import pytest
 import torch
 
-from larp.ar import load_generator
-from larp.ar_stage import ARStage
-from larp.config import ARConfig
-from larp.generate import SamplingParams
-from larp.tokenizer import LARPTokenizer
+from larp.models.generator import load_generator
+from larp.training.ar_stage import ARStage
+from larp.training.config import ARConfig
+from larp.models.decoding import SamplingParams
+from larp.models.tokenizer import LARPTokenizer
 from test_ar import GOLDEN, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -88,7 +88,7 @@ def test_fsdp_step_equals_plain_step_on_cuda():
     """One process, NCCL: an FSDP-sharded generator takes the same fp32 step as the plain one."""
     import torch.distributed as dist
 
-    from larp import fsdp
+    from larp.training import fsdp
     plain, sharded = tiny("nar", dim=64).to(CUDA).train(), tiny("nar", dim=64).to(CUDA).train()
     started = not dist.is_initialized()
     try:

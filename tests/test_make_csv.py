@@ -7,7 +7,7 @@ import pytest
 
 from larp.data import make_csv
 from larp.data.dataset import PROJECT_ROOT, read_video_csv
-from larp.errors import LarpError
+from larp.core.errors import LarpError
 
 # folder name -> action as spelled in the file names; classInd order as in the official file (not sorted)
 UCF_CLASSES = [("ApplyEyeMakeup", "ApplyEyeMakeup"), ("Haircut", "Haircut"), ("Hammering", "Hammering"),

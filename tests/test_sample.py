@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import sample
-from larp import sampling
+from larp.sampling import run as sampling
 from larp.data.video_io import read_frames
-from larp.fvd import FeatureStats, frechet_distance
+from larp.metrics.fvd import FeatureStats, frechet_distance
 from tests.conftest import patch_everywhere
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,12 +204,12 @@ def test_rerun_skips_and_replace_redoes(runs, tmp_path, capsys):
 def test_concurrent_finalize_computes_once(runs, tmp_path, monkeypatch):
     """Two shards finishing at the same moment: both call finalize together; one computes, one row results."""
     import threading
-    import larp.fvd
+    import larp.metrics.fvd
     out = tmp_path / "race"
     shutil.copytree(runs["sharded"], out)
     os.remove(out / "fvd_report.csv")
     settings = json.load(open(out / "run_config.json"))
-    real, barrier, meet, computed, results = larp.fvd.frechet_distance, threading.Barrier(2), threading.Barrier(2), [], []
+    real, barrier, meet, computed, results = larp.metrics.fvd.frechet_distance, threading.Barrier(2), threading.Barrier(2), [], []
 
     def frechet_waiting_for_the_other_shard(a, b):
         # Without the lock both threads get here and meet at once; with it the second one is held at the lock,
@@ -220,7 +220,7 @@ def test_concurrent_finalize_computes_once(runs, tmp_path, monkeypatch):
         except threading.BrokenBarrierError:
             pass
         return real(a, b)
-    assert patch_everywhere(monkeypatch, larp.fvd, "frechet_distance", frechet_waiting_for_the_other_shard)
+    assert patch_everywhere(monkeypatch, larp.metrics.fvd, "frechet_distance", frechet_waiting_for_the_other_shard)
 
     def shard_finishing():
         barrier.wait()
@@ -236,7 +236,7 @@ def test_concurrent_finalize_computes_once(runs, tmp_path, monkeypatch):
 
 
 def test_condition_tokens_depend_on_first_frames_only():
-    from larp.tokenizer import LARPTokenizer
+    from larp.models.tokenizer import LARPTokenizer
     tok = LARPTokenizer.from_pretrained(os.path.join(GOLDEN, "tokenizer"))
     tok.set_vq_eval_deterministic(True)
     g = torch.Generator().manual_seed(0)
@@ -253,7 +253,7 @@ def test_condition_tokens_depend_on_first_frames_only():
 
 @pytest.mark.slow
 def test_frame_prediction(data_csv, tmp_path):
-    from larp.ar import ModelArgs, build_generator
+    from larp.models.generator import ModelArgs, build_generator
     torch.manual_seed(0)
     model = build_generator(ModelArgs(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=5, cls_token_num=33,
                                       max_seq_len=32, latent_shape=(2, 4, 4), frame_prediction=True), order="nar")

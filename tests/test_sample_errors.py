@@ -5,8 +5,8 @@ import os
 import pytest
 
 import sample
-from larp import sampling
-from larp.sample_job import prepare
+from larp.sampling import run as sampling
+from larp.sampling.job import prepare
 from tests.conftest import patch_everywhere
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +24,12 @@ def data_csv(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     """Any model or detector load fails the test: the errors must come first."""
-    import larp.fvd
+    import larp.metrics.fvd
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded before the flag error")
     assert patch_everywhere(monkeypatch, sampling, "load_models", forbidden)
-    assert patch_everywhere(monkeypatch, larp.fvd, "load_i3d", forbidden)
+    assert patch_everywhere(monkeypatch, larp.metrics.fvd, "load_i3d", forbidden)
 
 
 def args(csv, out, **kw):
@@ -80,7 +80,7 @@ CASES = {
 def test_bad_flags(name, data_csv, tmp_path):
     kw, pattern = CASES[name]
     if kw.get("ar_model") == "FP":
-        from larp.ar import ModelArgs, build_generator
+        from larp.models.generator import ModelArgs, build_generator
         build_generator(ModelArgs(dim=32, n_layer=1, n_head=2, vocab_size=64, cls_token_num=33, max_seq_len=32,
                                   latent_shape=(2, 4, 4), frame_prediction=True)).save_pretrained(tmp_path / "fp")
         kw = dict(kw, ar_model=str(tmp_path / "fp"))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import sample
-from larp.fvd import FeatureStats
+from larp.metrics.fvd import FeatureStats
 from tests.conftest import GOLDEN, ROOT
 
 TOTAL, CHUNK = 12, 2

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, read_manifest
-from larp.checkpoint import CheckpointError
-from larp.io import atomic_save
-from larp.tokenizer import LARPTokenizer
+from larp.core.checkpoint import CheckpointError
+from larp.core.io import atomic_save
+from larp.models.tokenizer import LARPTokenizer
 
 TINY_PRIOR = {"name": "gptc-tiny", "n_rounds": 2, "use_mix_ss": True, "mix_ss_max_ratio": 0.5,
               "mix_ss_peak_steps_ratio": 0.3, "avg_loss_over_rounds": True, "args": {"l2_normalized": True}}
@@ -107,7 +107,7 @@ def test_hub_id_resolves_through_offline_cache(golden_dir, tmp_path):
     for f in ("config.json", "model.safetensors"):
         (snap / f).write_bytes((golden_dir / f).read_bytes())
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    code = "from larp.tokenizer import LARPTokenizer; print(LARPTokenizer.from_pretrained('someone/larp-tiny').codebook_size)"
+    code = "from larp.models.tokenizer import LARPTokenizer; print(LARPTokenizer.from_pretrained('someone/larp-tiny').codebook_size)"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "64"

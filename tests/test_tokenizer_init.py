@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from larp.losses import TokenizerLoss
-from larp.quantizer import VectorQuantizer, VQConfig
-from larp.tokenizer import LARPTokenizer
+from larp.models.losses import TokenizerLoss
+from larp.models.quantizer import VectorQuantizer, VQConfig
+from larp.models.tokenizer import LARPTokenizer
 
 
 @pytest.fixture(scope="module")

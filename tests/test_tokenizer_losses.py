@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.signal import correlate2d
 
-from larp.losses import PerceptualWeightsMissing, TokenizerLoss, build_lpips
-from larp.metrics import psnr, ssim
-from larp.tokenizer import LARPTokenizer
+from larp.models.losses import PerceptualWeightsMissing, TokenizerLoss, build_lpips
+from larp.metrics.image import psnr, ssim
+from larp.models.tokenizer import LARPTokenizer
 
 
 def _ssim_reference(a, b):

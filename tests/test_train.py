@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from larp import optim, resume
-from larp.ar_stage import ARStage
-from larp.errors import run_cli
+from larp.training import checkpoints as resume, optim
+from larp.training.ar_stage import ARStage
+from larp.core.errors import run_cli
 from larp.data.synthetic import make_synthetic_dataset
 from tests.conftest import ROOT
 
@@ -82,7 +82,7 @@ def test_seeded_items_are_reproducible(synth):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from larp.ar import ModelArgs, build_generator
+    from larp.models.generator import ModelArgs, build_generator
     model = build_generator(ModelArgs(dim=32, n_layer=1, n_head=2, vocab_size=16, max_seq_len=8,
                                       latent_shape=(2, 2, 2), num_classes=2), order="raster")
     stage = SimpleNamespace(model=model, model_name="tiny", optimizer=torch.optim.AdamW(model.parameters()),
@@ -107,9 +107,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_stages_build_and_step_without_a_dataset():
     """A benchmark or test builds a stage from its config and a model alone, and steps it on random inputs."""
-    from larp.ar_stage import build_ar_model
-    from larp.config import build_config
-    from larp.tokenizer_stage import TokenizerStage
+    from larp.training.ar_stage import build_ar_model
+    from larp.training.config import build_config
+    from larp.training.tokenizer_stage import TokenizerStage
     torch.manual_seed(0)
     cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"))
     tok = TokenizerStage(cfg, torch.device("cpu"))
@@ -139,7 +139,7 @@ def test_ema_update_matches_formula():
 
 @pytest.mark.parametrize("order", ["nar", "raster"])
 def test_ar_loss_drops_and_export_loads(synth, reference_dir, tmp_path, order):
-    from larp.ar import load_generator
+    from larp.models.generator import load_generator
     summary = run_main(ar_argv(synth, reference_dir, tmp_path, order, 40, extra=["model.order", order]))
     rows = train_rows(summary["run_dir"])
     first = float(rows[1]["loss"])
@@ -159,8 +159,8 @@ def test_ar_loss_drops_and_export_loads(synth, reference_dir, tmp_path, order):
 def test_frame_prediction_ema_save_epoch_and_replace(synth, reference_dir, tmp_path):
     """Frame prediction trains on condition tokens of the first frames (the last one repeated); EMA weights are
     exported; ckpt_<epoch>.pth is kept every save_epoch epochs; --replace starts over."""
-    from larp.ar import load_generator
-    from larp.tokenizer import LARPTokenizer
+    from larp.models.generator import load_generator
+    from larp.models.tokenizer import LARPTokenizer
     extra = ["model.frame_prediction", "true", "model.num_cond_frames", "3", "train.ema_decay", "0.5",
              "train.save_epoch", "1"]
     argv = ar_argv(synth, reference_dir, tmp_path, "fp", 5, extra)  # 32 cached clips / batch 8: 4 steps/epoch
@@ -252,7 +252,7 @@ def tok_argv(synth, out, name, steps):
 def test_tokenizer_stage_gan_and_export(synth, tmp_path):
     """Generator/discriminator alternation from disc_start_step, prior / codebook metrics logged, the checkpoint
     holds the discriminator, and the export loads with from_pretrained."""
-    from larp.tokenizer import LARPTokenizer
+    from larp.models.tokenizer import LARPTokenizer
     full = run_main(tok_argv(synth, tmp_path, "full", 6))
     rows = train_rows(full["run_dir"])
     assert rows[2].get("d_loss") in (None, "") and rows[3]["d_loss"] != ""  # step index 2 = the 3rd step

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from larp.visualize import PAD, save_video_grid_gif, save_video_grid_png
+from larp.core.visualize import PAD, save_video_grid_gif, save_video_grid_png
 
 
 def videos_uint8(b=2, t=3, h=32, w=32):
@@ -50,7 +50,7 @@ def test_gif_grid(tmp_path):
 
 
 def test_curves_png(tmp_path):
-    from larp.visualize import CURVE_COLORS, save_curves_png
+    from larp.core.visualize import CURVE_COLORS, save_curves_png
     path = save_curves_png([("loss", {"a": ([0, 10, 20], [3.0, 2.0, 1.5]), "b": ([0, 20], [2.5, 2.4])}, None),
                             ("psnr", {"val": ([5, 10], [20.0, 25.0])}, ("baseline", 21.0))],
                            str(tmp_path / "c.png"), width=200, height=150)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from larp.io import atomic_write_text
+from larp.core.io import atomic_write_text
 from larp.data.video_io import VideoReadError, count_frames, read_clip
-from larp.errors import LarpError
+from larp.core.errors import LarpError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")

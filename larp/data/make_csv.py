@@ -19,10 +19,10 @@ import re
 
 import pandas as pd
 
-from larp.io import atomic_write_text
+from larp.core.io import atomic_write_text
 from larp.data.dataset import CSV_COLUMNS, METADATA_DIR, PROJECT_ROOT, read_video_csv
 from larp.data.video_io import VIDEO_EXTENSIONS
-from larp.errors import UsageError, run_cli
+from larp.core.errors import UsageError, run_cli
 
 UCF_NAME = re.compile(r"^v_(.+)_g\d+_c\d+$")
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from larp.data.dataset import check_labels, read_video_csv
 from larp.data.synthetic import COLORS, DIRECTIONS, class_grid, class_names
 from larp.data.video_io import VideoReadError, read_frames
-from larp.errors import UsageError, run_cli
+from larp.core.errors import UsageError, run_cli
 
 WORK_SIZE = 32
 

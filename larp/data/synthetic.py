@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from larp.io import atomic_write_text
+from larp.core.io import atomic_write_text
 from larp.data.video_io import write_video
-from larp.errors import UsageError, run_cli
+from larp.core.errors import UsageError, run_cli
 
 # Saturated colors with well separated hues (in the order used to build classes).
 COLORS = {

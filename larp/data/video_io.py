@@ -11,8 +11,8 @@ import av
 import numpy as np
 import torch
 
-from larp.errors import LarpError
-from larp.io import atomic_write
+from larp.core.errors import LarpError
+from larp.core.io import atomic_write
 
 try:
     import decord

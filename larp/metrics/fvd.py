@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from larp.checkpoint import CheckpointError, load_state_dict_strict, strip_prefixes
-from larp.io import atomic_write
-from larp.i3d import RANDOM_SEED, InceptionI3d, fuse_batchnorm, random_i3d
-from larp.i3d_weights import (INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, I3DError,
+from larp.core.checkpoint import CheckpointError, load_state_dict_strict, strip_prefixes
+from larp.core.io import atomic_write
+from larp.metrics.i3d import RANDOM_SEED, InceptionI3d, fuse_batchnorm, random_i3d
+from larp.metrics.i3d_weights import (INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, I3DError,
                               kinetics400_available, kinetics400_state_dict, state_dict_sha256)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from larp.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent, vit_block
-from larp.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
-from larp.prior import LatentPrior, PriorConfig
-from larp.quantizer import Bottleneck
+from larp.models.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent, vit_block
+from larp.core.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.models.prior import LatentPrior, PriorConfig
+from larp.models.quantizer import Bottleneck
 
 _DEFAULT_BOTTLENECK = {
     "name": "bottleneck",

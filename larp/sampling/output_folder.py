@@ -1,7 +1,7 @@
 """The output folder of a sampling run: shard ranges, their files, the settings claim and the FVD report.
 
-Kept apart from `larp.sampling` (which generates) so the bookkeeping that makes shards safe to run in any order,
-on any machines, at the same time can be read on its own. The folder layout is described in `larp.sampling`.
+Kept apart from `larp.sampling.run` (which generates) so the bookkeeping that makes shards safe to run in any order,
+on any machines, at the same time can be read on its own. The folder layout is described in `larp.sampling.run`.
 """
 import csv
 import datetime
@@ -15,9 +15,9 @@ import re
 import numpy as np
 from filelock import FileLock
 
-from larp.errors import LarpError
-from larp.fvd import FeatureStats, frechet_distance
-from larp.io import atomic_write, atomic_write_text
+from larp.core.errors import LarpError
+from larp.metrics.fvd import FeatureStats, frechet_distance
+from larp.core.io import atomic_write, atomic_write_text
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
                   "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]

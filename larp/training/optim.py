@@ -5,8 +5,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from larp.dist import all_reduce_grads, all_reduce_mean
-from larp.errors import LarpError
+from larp.core.dist import all_reduce_grads, all_reduce_mean
+from larp.core.errors import LarpError
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

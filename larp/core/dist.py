@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from larp.utils import get_device
+from larp.core.utils import get_device
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Sampling for larp.ar.Generator: static KV cache, prefill / decode steps, top-k/top-p, CFG.
+"""Sampling for larp.models.generator.Generator: static KV cache, prefill / decode steps, top-k/top-p, CFG.
 
 Both orders run the same loop over precomputed steps. Step 0 (prefill) feeds the condition; step s > 0
 feeds the tokens sampled at step s-1. The KV cache is preallocated once per call in decode order, so a
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from larp.nar_order import nar_plan, raster_plan
+from larp.models.decoding_order import nar_plan, raster_plan
 
 
 @dataclass(frozen=True)

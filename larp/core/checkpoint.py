@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from larp.errors import LarpError
-from larp.io import atomic_write, atomic_write_text
+from larp.core.errors import LarpError
+from larp.core.io import atomic_write, atomic_write_text
 
 
 class CheckpointError(LarpError, RuntimeError):

@@ -14,18 +14,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from larp import dist
-from larp.ar import AR_MODELS, build_generator, generator_from_state
-from larp.checkpoint import CheckpointError, describe_checkpoint, expect_kind, peek_checkpoint
-from larp.config import StageError
+from larp.core import dist
+from larp.models.generator import AR_MODELS, build_generator, generator_from_state
+from larp.core.checkpoint import CheckpointError, describe_checkpoint, expect_kind, peek_checkpoint
+from larp.training.config import StageError
 from larp.data.dataset import select_fvd_clips
-from larp.fvd import FeatureStats, frechet_distance, load_i3d
-from larp.io import atomic_save, resize_video
-from larp.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
-from larp.stage_data import clip_dataset, eval_clips
-from larp.tokenizer import LARPTokenizer
-from larp.utils import autocast
-from larp.visualize import save_video_grid_png
+from larp.metrics.fvd import FeatureStats, frechet_distance, load_i3d
+from larp.core.io import atomic_save, resize_video
+from larp.training.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
+from larp.training.stage_data import clip_dataset, eval_clips
+from larp.models.tokenizer import LARPTokenizer
+from larp.core.utils import autocast
+from larp.core.visualize import save_video_grid_png
 
 
 class ARStage:

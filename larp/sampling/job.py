@@ -13,14 +13,14 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from larp.checkpoint import CheckpointError, checkpoint_kind, expect_kind, peek_checkpoint
+from larp.core.checkpoint import CheckpointError, checkpoint_kind, expect_kind, peek_checkpoint
 from larp.data.dataset import (CSVError, CSVNotFoundError, VideoDataset, check_labels, read_video_csv, resolve_csv,
                                select_fvd_clips)
 from larp.data.video_io import VideoReadError
-from larp.fvd import I3DError, check_i3d_spec
-from larp.generate import SamplingParams
-from larp.sample_folder import SampleError, claim_output_dir
-from larp.utils import DTYPES, dtype_name
+from larp.metrics.fvd import I3DError, check_i3d_spec
+from larp.models.decoding import SamplingParams
+from larp.sampling.output_folder import SampleError, claim_output_dir
+from larp.core.utils import DTYPES, dtype_name
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class SampleJob:
 
     The shard is [starting_index, starting_index + num_samples) of the run's [0, num_samples_total)
     (num_samples_total None: num_samples). frame_num / input_size None: the tokenizer's; fvd_size None: input_size
-    (64 for frame prediction); i3d None: the default detector (larp.fvd.check_i3d_spec). `dtype` is stored in its
+    (64 for frame prediction); i3d None: the default detector (larp.metrics.fvd.check_i3d_spec). `dtype` is stored in its
     canonical spelling (fp32, bf16, fp16).
     """
     ar_model: str
@@ -96,7 +96,7 @@ def _spec_id(spec):
 
 
 def read_model_config(spec, flag, want):
-    """The config dict of a checkpoint, checked cheaply before any model is built (larp.checkpoint.peek_checkpoint)
+    """The config dict of a checkpoint, checked cheaply before any model is built (larp.core.checkpoint.peek_checkpoint)
     and required to be a `want` ('tokenizer' or 'generator')."""
     if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
         raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from larp.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, vit_block
+from larp.models.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, vit_block
 
 
 class VideoDiscriminator(nn.Module):

@@ -9,16 +9,16 @@ import os
 
 import torch
 
-from larp import dist
-from larp.checkpoint import CheckpointError
-from larp.config import StageError
-from larp.losses import TokenizerLoss
-from larp.metrics import psnr
-from larp.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
-from larp.stage_data import clip_dataset, eval_clips
-from larp.tokenizer import LARPTokenizer
-from larp.utils import autocast
-from larp.visualize import save_video_grid_png
+from larp.core import dist
+from larp.core.checkpoint import CheckpointError
+from larp.training.config import StageError
+from larp.models.losses import TokenizerLoss
+from larp.metrics.image import psnr
+from larp.training.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
+from larp.training.stage_data import clip_dataset, eval_clips
+from larp.models.tokenizer import LARPTokenizer
+from larp.core.utils import autocast
+from larp.core.visualize import save_video_grid_png
 
 
 class TokenizerStage:

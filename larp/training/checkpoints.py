@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from larp import dist, fsdp
-from larp.checkpoint import CheckpointError, check_state_dict, check_weights_file, strip_prefixes
+from larp.core import dist
+from larp.training import fsdp
+from larp.core.checkpoint import CheckpointError, check_state_dict, check_weights_file, strip_prefixes
 from larp.data.video_io import VideoReadError
-from larp.errors import one_line
-from larp.io import atomic_save
-from larp.optim import EMA
-from larp.utils import seed_everything
+from larp.core.errors import one_line
+from larp.core.io import atomic_save
+from larp.training.optim import EMA
+from larp.core.utils import seed_everything
 
 RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "previews", "wandb")
 SKIP_HINT = "set data.skip_bad true to skip unreadable videos (they are counted and reported)"

@@ -11,7 +11,7 @@ import secrets
 import sys
 import time
 
-from larp.io import atomic_write_text
+from larp.core.io import atomic_write_text
 
 
 def _has_wandb_credentials():

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from larp.errors import UsageError
+from larp.core.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -1,7 +1,7 @@
 """Sharded sampling with FVD on completion: the work behind `sample.py`.
 
-One output folder holds one run (one set of settings, `larp.sample_job.run_settings`); shards of it may run in any
-order, on any machines, at the same time. `run(job)` takes a `larp.sample_job.SampleJob` (sample.py builds it from
+One output folder holds one run (one set of settings, `larp.sampling.job.run_settings`); shards of it may run in any
+order, on any machines, at the same time. `run(job)` takes a `larp.sampling.job.SampleJob` (sample.py builds it from
 the flags), checks it with `prepare` before any model loads, then samples and finalizes. The folder:
 
   run_config.json                    the run's settings; a later call with other settings is refused
@@ -41,18 +41,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from larp.ar import load_generator
-from larp.checkpoint import CheckpointError
+from larp.models.generator import load_generator
+from larp.core.checkpoint import CheckpointError
 from larp.data.video_io import write_video
-from larp.dist import dist_info
-from larp.fvd import FeatureStats, fvd_label, load_i3d
-from larp.io import atomic_write, atomic_write_text, resize_video, to_uint8
-from larp.sample_folder import (SAMPLE_COLUMNS, SampleError, finalize, find_tiling, finished_ranges, remove_partial,
+from larp.core.dist import dist_info
+from larp.metrics.fvd import FeatureStats, fvd_label, load_i3d
+from larp.core.io import atomic_write, atomic_write_text, resize_video, to_uint8
+from larp.sampling.output_folder import (SAMPLE_COLUMNS, SampleError, finalize, find_tiling, finished_ranges, remove_partial,
                                 remove_ranges, run_id, stats_paths, write_csv)
-from larp.sample_job import prepare
-from larp.tokenizer import LARPTokenizer
-from larp.utils import autocast, get_device
-from larp.visualize import save_video_grid_png
+from larp.sampling.job import prepare
+from larp.models.tokenizer import LARPTokenizer
+from larp.core.utils import autocast, get_device
+from larp.core.visualize import save_video_grid_png
 
 SEED_STRIDE = 1_000_003
 PREVIEW_SAMPLES = 8

@@ -9,18 +9,20 @@ import time
 import torch
 from tqdm import tqdm
 
-from larp import dist, fsdp, fvd
-from larp.ar_stage import ARStage, check_frozen_tokenizer
-from larp.config import ConfigError, StageError, dump_yaml, from_dict, to_dict
+from larp.core import dist
+from larp.metrics import fvd
+from larp.training import fsdp
+from larp.training.ar_stage import ARStage, check_frozen_tokenizer
+from larp.training.config import ConfigError, StageError, dump_yaml, from_dict, to_dict
 from larp.data.dataset import check_labels, check_videos_exist, read_video_csv
 from larp.data.video_io import VideoReadError
-from larp.io import atomic_write_text
-from larp.logger import RunLogger
-from larp.optim import EMA, lr_at
-from larp.resume import (SKIP_HINT, batches, check_resume, clean_run_dir, export_model, load_checkpoint,
+from larp.core.io import atomic_write_text
+from larp.training.logger import RunLogger
+from larp.training.optim import EMA, lr_at
+from larp.training.checkpoints import (SKIP_HINT, batches, check_resume, clean_run_dir, export_model, load_checkpoint,
                          make_loader, remove_stale_temps, save_checkpoint)
-from larp.tokenizer_stage import TokenizerStage
-from larp.utils import seed_everything
+from larp.training.tokenizer_stage import TokenizerStage
+from larp.core.utils import seed_everything
 
 STAGE_FACTORIES = {"tokenizer": TokenizerStage.from_config, "ar": ARStage.from_config}
 

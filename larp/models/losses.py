@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import models
 
-from larp.discriminator import VideoDiscriminator
-from larp.errors import LarpError
+from larp.models.discriminator import VideoDiscriminator
+from larp.core.errors import LarpError
 
 
 class PerceptualWeightsMissing(LarpError, FileNotFoundError):

@@ -43,7 +43,7 @@ def mixed_precision(amp):
 
 
 def shard_generator(model, amp, device):
-    """Shard a larp.ar.Generator in place: each transformer block is one FSDP unit (all-gathered just before it
+    """Shard a larp.models.generator.Generator in place: each transformer block is one FSDP unit (all-gathered just before it
     runs, freed after), the root unit holds the embeddings, position table, norms and heads."""
     ensure_process_group(device)
     mp = mixed_precision(amp)

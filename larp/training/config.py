@@ -21,10 +21,10 @@ from typing import Optional
 
 import yaml
 
-from larp.ar import ModelArgs
-from larp.errors import LarpError
-from larp.generate import SamplingParams
-from larp.optim import OPTIMIZERS
+from larp.models.generator import ModelArgs
+from larp.core.errors import LarpError
+from larp.models.decoding import SamplingParams
+from larp.training.optim import OPTIMIZERS
 
 
 class ConfigError(LarpError, ValueError):
@@ -86,7 +86,7 @@ class EvalConfig:
     interval: int = 0          # steps between evaluations (0 = only at the end)
     num_videos: int = 8        # clips for PSNR / previews / sample grid
     fvd_videos: int = 0        # ar only: generated videos for a small FVD (0 = off)
-    i3d: Optional[str] = "random:112"  # detector for the small FVD (larp.fvd.load_i3d; null: the default one)
+    i3d: Optional[str] = "random:112"  # detector for the small FVD (larp.metrics.fvd.load_i3d; null: the default one)
     fvd_size: Optional[int] = None  # resize real and generated clips to this size for FVD (64 for K600)
     cfg_scale: float = 1.0     # the sampling knobs of the previews and the small FVD (see `sampling`)
     temperature: float = 1.0
@@ -136,7 +136,7 @@ class TokenizerConfig(Config):
 
 @dataclass
 class ARModelConfig:
-    name: str = "llama-abs-L"  # a key of larp.ar.AR_MODELS
+    name: str = "llama-abs-L"  # a key of larp.models.generator.AR_MODELS
     order: str = "nar"         # nar | raster
     frame_prediction: bool = False
     num_cond_frames: int = 5

@@ -1,0 +1,1 @@
+"""Evaluation metrics: the I3D detector and FVD, PSNR / SSIM."""

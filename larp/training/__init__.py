@@ -1,0 +1,1 @@
+"""Training (train.py): typed configs, the two stages, optimizers, the resumable loader, checkpoints, the loop."""
