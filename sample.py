@@ -9,15 +9,14 @@ Parallel shards (any order, any machines, same --output_dir); the last one to fi
   torchrun --nproc_per_node 8 sample.py ...   (ranks split this process's range)
 Frame prediction (K600, 5 conditioning frames, FVD at 64x64): add --frame_prediction (and --cfg_scale 1).
 
-Outputs, resuming and the seeding rule are described in larp/sampling.py; the checks made before any model loads
-in larp/sample_job.py.
+Outputs, resuming and the seeding rule are described in larp/sampling/run.py; the checks made before any model loads
+in larp/sampling/job.py.
 """
 import argparse
 
 from larp.sampling import run as sampling
-from larp.core.errors import run_cli
-from larp.models.decoding import SamplingParams
-from larp.sampling.output_folder import SampleError
+from larp.core.errors import SampleError, run_cli
+from larp.models.sampling_params import SamplingParams
 from larp.sampling.job import SampleJob
 from larp.core.utils import DTYPES
 
@@ -32,11 +31,7 @@ def build_parser():
                    "(default: --num_samples, with --starting_index 0)")
     p.add_argument("--starting_index", type=int, default=0, help="first global sample index of this shard")
     p.add_argument("--sample_batch_size", type=int, default=32)
-    p.add_argument("--cfg_scale", type=float, default=1.0)
-    p.add_argument("--cfg_interval", type=int, default=-1, help="CFG on the first N decoding steps (-1 = all)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    SamplingParams.add_arguments(p)  # --cfg_scale --cfg_interval --temperature --top_k --top_p
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype")
     p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
     p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
@@ -64,8 +59,7 @@ def parse_args(argv=None):
 def make_job(args):
     """The typed SampleJob of the parsed flags: argparse stays here, the library sees typed values only."""
     try:
-        params = SamplingParams(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        params = SamplingParams.from_args(args)
     except ValueError as e:  # "temperature: must be >= 0 (0 = greedy), got -1.0"
         raise SampleError(f"--{e}") from None
     return SampleJob(ar_model=args.ar_model, tokenizer=args.tokenizer, output_dir=args.output_dir,

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from larp.core import dist
-from larp.training.config import build_config
+from larp.training.config_build import build_config
 from larp.core.errors import run_cli
 from larp.training.loop import preflight, train
 

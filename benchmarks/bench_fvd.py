@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from larp.core.errors import run_cli
-from larp.metrics.fvd import I3DDetector, load_i3d
+from larp.metrics.detectors import I3DDetector, load_i3d
 from larp.metrics.i3d import MaxPool3dSame, pad_same
 from larp.metrics.i3d_weights import kinetics400_available
 from larp.core.utils import get_device

@@ -19,7 +19,7 @@ import torch
 
 from larp.models.generator import AR_MODELS, Generator, ModelArgs
 from larp.core.errors import run_cli
-from larp.models.decoding import SamplingParams
+from larp.models.sampling_params import SamplingParams
 from larp.core.utils import autocast, get_device, get_dtype
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from larp.training.ar_stage import ARStage, build_ar_model
-from larp.training.config import build_config
+from larp.training.config_build import build_config
 from larp.core.errors import run_cli
 from larp.training.tokenizer_stage import TokenizerStage
 from larp.core.utils import get_device

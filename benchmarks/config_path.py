@@ -18,7 +18,7 @@ import torch
 
 from larp.core import dist
 from larp.training import loop as training
-from larp.training.config import build_config
+from larp.training.config_build import build_config
 from larp.data.synthetic import make_synthetic_dataset
 from larp.core.errors import run_cli
 

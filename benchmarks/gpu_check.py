@@ -37,11 +37,12 @@ import torch
 from larp.core import dist
 from larp.training import fsdp, loop as training
 from larp.training.ar_stage import ARStage, build_ar_model
-from larp.training.config import build_config
-from larp.metrics.fvd import load_i3d
-from larp.models.decoding import SamplingParams
+from larp.training.config_build import build_config
+from larp.metrics.detectors import load_i3d
+from larp.models.sampling_params import SamplingParams
 from larp.core.io import atomic_write_text
 from larp.core.utils import autocast, get_device
+from bench_sampling import build_pair, sync, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +51,6 @@ BUDGET_S = {"tests": 60, "sampling": 200, "train_fsdp": 60, "train_ddp": 60, "to
 TINY_BUDGET_S = {"tests": 120, "sampling": 60, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 60, "i3d": 60}
 TESTS = ["tests/test_cuda.py", "tests/test_ar.py", "tests/test_generate.py"]
 TINY_TESTS = ["tests/test_cuda.py"]  # on a CPU these skip; the CPU suite runs the rest anyway
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Recorder:
@@ -81,9 +77,8 @@ def section_tests(args, rec):
         lines.append(line)
     res.wait()
     out = "".join(lines)
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.splitlines()[-1]
-                                               if out.strip() else "")}
-    rec["counts"] = counts
+    rec["counts"] = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.splitlines()[-1]
+                                                     if out.strip() else "")}
     rec["problems"] = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20]
     rec["skip_reasons"] = sorted({line.split(": ", 1)[-1] for line in out.splitlines() if line.startswith("SKIPPED")})
     rec["summary"] = out.strip().splitlines()[-1].strip("= ") if out.strip() else ""
@@ -92,7 +87,6 @@ def section_tests(args, rec):
 
 
 def section_sampling(args, rec):
-    from bench_sampling import build_pair, timed
     device = get_device(args.device)
     if args.tiny:
         grid, vocab, batch, dtype = (2, 4, 4), 64, 4, "fp32"
@@ -218,14 +212,13 @@ def section_train(args, rec, parallel):
 def descendants(pid):
     """Every process below `pid` (torchrun starts its workers in new sessions, so a process group kill misses them)."""
     children = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(p))
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(p))
     out, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])
@@ -261,9 +254,8 @@ def run_section(name, args, deadline):
     os.makedirs(os.path.join(args.out, "sections"), exist_ok=True)
     result_path = os.path.join(args.out, "sections", f"{name}.json")
     log_path = os.path.join(args.out, "sections", f"{name}.log")
-    for p in (result_path,):
-        if os.path.exists(p):
-            os.remove(p)
+    if os.path.exists(result_path):
+        os.remove(result_path)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -326,8 +318,7 @@ def markdown(report):
         for k, v in r["rows"].items():
             lines.append(f"| {k} | {v['blocks']} | {v['params_M']:.4g} | {v['forward_passes']} | {v['seconds']:.3f} | "
                          f"{v['videos_per_s']:.2f} |")
-        for k, v in r.get("ratios", {}).items():
-            lines.append(f"\n{k}: **{v:.2f}x**")
+        lines += [f"\n{k}: **{v:.2f}x**" for k, v in r.get("ratios", {}).items()]
     rows = [(k, s[k]["results"]) for k in ("train_ddp", "train_fsdp") if s.get(k, {}).get("results", {}).get("result")]
     if rows:
         st = rows[0][1]["settings"]

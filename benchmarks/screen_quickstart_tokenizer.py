@@ -21,7 +21,7 @@ import time
 import torch
 import yaml
 
-from larp.training.config import from_dict
+from larp.training.config_build import from_dict
 from larp.data.dataset import VideoDataset
 from larp.data.synthetic import make_synthetic_dataset
 from larp.core.errors import run_cli

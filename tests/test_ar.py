@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import RELEASED_GENERATORS, read_manifest
-from larp.models.generator import AR_MODELS, Generator, ModelArgs, build_generator, load_generator, proximity_block_mask
-from larp.core.checkpoint import CheckpointError
-from larp.models.decoding import SamplingParams
+from larp.models.generator import AR_MODELS, Generator, ModelArgs, build_generator, load_generator
+from larp.models.transformer import proximity_block_mask
+from larp.core.errors import CheckpointError
+from larp.models.sampling_params import SamplingParams
 from larp.core.io import atomic_save
 
 GOLDEN = "golden/tiny"

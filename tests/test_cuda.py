@@ -6,7 +6,7 @@ import torch
 from larp.models.generator import load_generator
 from larp.training.ar_stage import ARStage
 from larp.training.config import ARConfig
-from larp.models.decoding import SamplingParams
+from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import LARPTokenizer
 from test_ar import GOLDEN, tiny
 

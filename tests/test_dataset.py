@@ -11,7 +11,8 @@ from PIL import Image
 
 from larp.data import dataset as ds_mod
 from larp.data.dataset import (VideoDataset, read_video_csv, resolve_csv, select_fvd_clips, transform_frames)
-from larp.data.video_io import VideoReadError, write_video
+from larp.data.video_io import write_video
+from larp.core.errors import VideoReadError
 
 STEP = 6  # frame k of a test video has gray level STEP * k (+ an offset per video)
 

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from larp.training.config import ConfigError, build_config
+from larp.core.errors import ConfigError
+from larp.training.config_build import build_config
 from larp.data.synthetic import make_synthetic_dataset
 from tests.conftest import ROOT
 from tests.test_train import ar_argv, subprocess_env, train_rows

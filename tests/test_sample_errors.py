@@ -6,7 +6,6 @@ import pytest
 
 import sample
 from larp.sampling import run as sampling
-from larp.sampling.job import prepare
 from tests.conftest import patch_everywhere
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +23,12 @@ def data_csv(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     """Any model or detector load fails the test: the errors must come first."""
-    import larp.metrics.fvd
+    import larp.metrics.detectors
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded before the flag error")
     assert patch_everywhere(monkeypatch, sampling, "load_models", forbidden)
-    assert patch_everywhere(monkeypatch, larp.metrics.fvd, "load_i3d", forbidden)
+    assert patch_everywhere(monkeypatch, larp.metrics.detectors, "load_i3d", forbidden)
 
 
 def args(csv, out, **kw):
@@ -90,22 +89,22 @@ def test_bad_flags(name, data_csv, tmp_path):
 
 def test_overlapping_shard_refused(data_csv, tmp_path):
     out = tmp_path / "out"
-    prepare(job(data_csv, out, num_samples=6, num_samples_total=10))  # claims [0, 6)
+    sampling.claim(job(data_csv, out, num_samples=6, num_samples_total=10))  # claims [0, 6)
     shards = (out / "shards.json").read_text()
     fails(args(data_csv, out, num_samples=4, num_samples_total=10, starting_index=4), "overlaps shard [0, 6)")
     fails(args(data_csv, out, num_samples=2, num_samples_total=10, starting_index=2, replace=True),
           "overlaps shard [0, 6)")
     assert (out / "shards.json").read_text() == shards
-    prepare(job(data_csv, out, num_samples=4, num_samples_total=10, starting_index=6))  # disjoint: fine
-    prepare(job(data_csv, out, num_samples=6, num_samples_total=10))  # the same range again: fine
+    sampling.claim(job(data_csv, out, num_samples=4, num_samples_total=10, starting_index=6))  # disjoint: fine
+    sampling.claim(job(data_csv, out, num_samples=6, num_samples_total=10))  # the same range again: fine
     assert json.loads((out / "shards.json").read_text()) == [[0, 6], [6, 10]]
 
 
 def test_settings_mismatch_refused_even_with_replace(data_csv, tmp_path):
     out = tmp_path / "out"
-    prepare(job(data_csv, out, num_samples=2, num_samples_total=10, dtype="bfloat16"))
+    sampling.claim(job(data_csv, out, num_samples=2, num_samples_total=10, dtype="bfloat16"))
     assert json.loads((out / "run_config.json").read_text())["dtype"] == "bf16"
-    prepare(job(data_csv, out, num_samples=2, num_samples_total=10, dtype="bf16",
+    sampling.claim(job(data_csv, out, num_samples=2, num_samples_total=10, dtype="bf16",
                           sample_batch_size=7))  # same settings spelled differently, other batch size: accepted
     config = (out / "run_config.json").read_text()
     fails(args(data_csv, out, num_samples=2, num_samples_total=10, dtype="bf16", cfg_scale=2.0, replace=True),

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, read_manifest
-from larp.core.checkpoint import CheckpointError
+from larp.core.errors import CheckpointError
 from larp.core.io import atomic_save
 from larp.models.tokenizer import LARPTokenizer
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.signal import correlate2d
 
-from larp.models.losses import PerceptualWeightsMissing, TokenizerLoss, build_lpips
+from larp.models.losses import TokenizerLoss, build_lpips
+from larp.core.errors import PerceptualWeightsMissing
 from larp.metrics.image import psnr, ssim
 from larp.models.tokenizer import LARPTokenizer
 

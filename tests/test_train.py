@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from larp.training import checkpoints as resume, optim
+from larp.training import checkpoints, loader, optim
 from larp.training.ar_stage import ARStage
 from larp.core.errors import run_cli
 from larp.data.synthetic import make_synthetic_dataset
@@ -62,19 +62,19 @@ def test_lr_schedules():
 
 
 def test_sampler_ranks_partition_the_global_batch_and_skip():
-    one = list(resume.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2))
-    two = [list(resume.ResumableBatchSampler(30, 6, r, 2, seed=5, epoch=2)) for r in range(2)]
+    one = list(loader.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2))
+    two = [list(loader.ResumableBatchSampler(30, 6, r, 2, seed=5, epoch=2)) for r in range(2)]
     assert len(one) == 5
     for b in range(5):
         assert two[0][b] + two[1][b] == one[b]
     assert sorted(i for b in one for i, _ in b) == list(range(30))
-    assert list(resume.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2, start_batch=3)) == one[3:]
-    assert list(resume.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=3)) != one
+    assert list(loader.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=2, start_batch=3)) == one[3:]
+    assert list(loader.ResumableBatchSampler(30, 6, 0, 1, seed=5, epoch=3)) != one
 
 
 def test_seeded_items_are_reproducible(synth):
     from larp.data.dataset import VideoDataset
-    ds = resume.SeededItems(VideoDataset(synth[0], frame_num=8, input_size=32, train=True, hflip=True))
+    ds = loader.SeededItems(VideoDataset(synth[0], frame_num=8, input_size=32, train=True, hflip=True))
     a = ds[(3, 1234)]["video"]
     torch.rand(100)  # the global stream moves on; the item does not
     assert torch.equal(ds[(3, 1234)]["video"], a)
@@ -88,7 +88,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     stage = SimpleNamespace(model=model, model_name="tiny", optimizer=torch.optim.AdamW(model.parameters()),
                             state_dict=lambda: {"scaler": optim.make_scaler("fp32", "cpu").state_dict()})
     path = tmp_path / "ckpt_latest.pth"
-    resume.save_checkpoint(str(path), stage, None, {"seed": 0}, step=1, epoch=0)
+    checkpoints.save_checkpoint(str(path), stage, None, {"seed": 0}, step=1, epoch=0)
     before = path.read_bytes()
 
     def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
@@ -98,7 +98,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        resume.save_checkpoint(str(path), stage, None, {"seed": 0}, step=2, epoch=0)
+        checkpoints.save_checkpoint(str(path), stage, None, {"seed": 0}, step=2, epoch=0)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt_latest.pth"]
     monkeypatch.undo()
@@ -108,7 +108,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_stages_build_and_step_without_a_dataset():
     """A benchmark or test builds a stage from its config and a model alone, and steps it on random inputs."""
     from larp.training.ar_stage import build_ar_model
-    from larp.training.config import build_config
+    from larp.training.config_build import build_config
     from larp.training.tokenizer_stage import TokenizerStage
     torch.manual_seed(0)
     cfg = build_config(str(ROOT / "cfgs/quickstart_tokenizer.yaml"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from larp.data import video_io
-from larp.data.video_io import VideoReadError, count_frames, read_clip, read_frames, write_video
+from larp.data.video_io import count_frames, read_clip, read_frames, write_video
+from larp.core.errors import VideoReadError
 from tests.conftest import ROOT
 
 

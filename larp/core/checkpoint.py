@@ -14,12 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from larp.core.errors import LarpError
+from larp.core.errors import CheckpointError
 from larp.core.io import atomic_write, atomic_write_text
-
-
-class CheckpointError(LarpError, RuntimeError):
-    """A checkpoint that cannot be used; the message names the file or keys."""
 
 
 def strip_prefixes(sd):
@@ -206,24 +202,7 @@ def read_checkpoint(spec):
     """
     spec = local_path(spec)
     if os.path.isdir(spec):
-        cfg_path = os.path.join(spec, "config.json")
-        st_path = os.path.join(spec, "model.safetensors")
-        if os.path.exists(cfg_path) and os.path.exists(st_path):
-            return read_config_json(cfg_path), load_safetensors(st_path), "hub"
-        pths = sorted(p for p in os.listdir(spec) if p.endswith(".pth"))
-        jsons = sorted(p for p in os.listdir(spec) if p.endswith(".json"))
-        if len(pths) == 1 and len(jsons) == 1:
-            cfg = read_config_json(os.path.join(spec, jsons[0]))
-            pth = os.path.join(spec, pths[0])
-            check_weights_file(pth)
-            try:
-                sd = torch.load(pth, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{pth}: not a readable state dict ({_first_line(e)})") from e
-            return cfg, sd, "pth_json"
-        raise CheckpointError(
-            f"{spec}: expected config.json + model.safetensors, or exactly one *.pth + one *.json "
-            f"(found {len(pths)} .pth, {len(jsons)} .json)")
+        return _read_folder(spec)
     if spec.endswith(".safetensors"):
         cfg_path = os.path.join(os.path.dirname(spec), "config.json")
         if not os.path.exists(cfg_path):
@@ -231,6 +210,33 @@ def read_checkpoint(spec):
         return read_config_json(cfg_path), load_safetensors(spec), "hub"
     if spec.endswith(".json"):
         raise CheckpointError(f"{spec}: a config alone; pass its folder (config.json + model.safetensors)")
+    return _read_training_checkpoint(spec)
+
+
+def _read_folder(spec):
+    """(config, state dict, layout) of a hub-mixin folder or a *.pth + *.json folder."""
+    cfg_path = os.path.join(spec, "config.json")
+    st_path = os.path.join(spec, "model.safetensors")
+    if os.path.exists(cfg_path) and os.path.exists(st_path):
+        return read_config_json(cfg_path), load_safetensors(st_path), "hub"
+    pths = sorted(p for p in os.listdir(spec) if p.endswith(".pth"))
+    jsons = sorted(p for p in os.listdir(spec) if p.endswith(".json"))
+    if len(pths) == 1 and len(jsons) == 1:
+        cfg = read_config_json(os.path.join(spec, jsons[0]))
+        pth = os.path.join(spec, pths[0])
+        check_weights_file(pth)
+        try:
+            sd = torch.load(pth, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{pth}: not a readable state dict ({_first_line(e)})") from e
+        return cfg, sd, "pth_json"
+    raise CheckpointError(
+        f"{spec}: expected config.json + model.safetensors, or exactly one *.pth + one *.json "
+        f"(found {len(pths)} .pth, {len(jsons)} .json)")
+
+
+def _read_training_checkpoint(spec):
+    """(args with the size name as "__name__", state dict, "train_ckpt") of a training checkpoint file."""
     check_weights_file(spec)
     try:
         ckpt = torch.load(spec, map_location="cpu", weights_only=False)

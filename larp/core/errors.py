@@ -17,6 +17,55 @@ class UsageError(LarpError, ValueError):
     """A flag value or combination of flags that cannot work."""
 
 
+class ConfigError(LarpError, ValueError):
+    """A user error in a config file or an override; the message names the key."""
+
+
+class StageError(LarpError, ValueError):
+    """Settings that disagree with each other or with the data / checkpoints, found before training starts."""
+
+
+class GeometryError(LarpError, ValueError):
+    """A clip length or size that is not the one the tokenizer encodes; names the flag or key."""
+
+
+class CheckpointError(LarpError, RuntimeError):
+    """A checkpoint that cannot be used; the message names the file or keys."""
+
+
+class CSVError(LarpError, ValueError):
+    """A video CSV that cannot be used (empty, unparsable, missing columns, bad labels); names the file."""
+
+
+class CSVNotFoundError(LarpError, FileNotFoundError):
+    """A CSV named on the command line that exists neither as a path nor under data/metadata/."""
+
+
+class VideoReadError(LarpError, RuntimeError):
+    """A video that cannot be read; the message names the file and the cause."""
+
+
+class I3DError(LarpError, RuntimeError):
+    """The I3D detector cannot be found or loaded; the message says what to do."""
+
+
+class PerceptualWeightsMissing(LarpError, FileNotFoundError):
+    """LPIPS needs torchvision's ImageNet backbone weights, which this machine does not have."""
+
+
+class NonFiniteLossError(LarpError, FloatingPointError):
+    """Raised on every rank together (the loss is averaged over ranks first); names the step."""
+
+    def __init__(self, step, name, value):
+        super().__init__(f"non-finite {name} ({value}) at step {step}: stopping (lower the lr, enable grad "
+                         f"clipping or use bf16 instead of fp16)")
+        self.step = step  # 1-based, as the step column of metrics.csv
+
+
+class SampleError(LarpError):
+    """A user error found before (or instead of) long work; the message is one line naming the cause."""
+
+
 def one_line(error):
     """The message of `error` as one line.
 

@@ -6,6 +6,7 @@ upscaled with nearest-neighbour so 32x32 videos stay visible and sharp.
 """
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from larp.core.io import atomic_write, to_uint8
@@ -82,6 +83,15 @@ def save_video_grid_png(videos, path, row_labels=None, nrow=None, scale=None):
     """Save the frame grid of `videos` (see video_grid_image) as a PNG, atomically."""
     _atomic_save(video_grid_image(videos, row_labels, nrow, scale), path, format="PNG")
     return path
+
+
+def save_preview_png(path, videos, names, real=None, kinds=("real", "pred")):
+    """The preview of generated (or reconstructed) float videos (B, 3, T, H, W): one row each, labelled `names`.
+    With `real` (B, 3, T, H, W), each row follows its real clip and the labels start with `kinds`."""
+    if real is None:
+        return save_video_grid_png(videos.float().cpu(), path, row_labels=list(names))
+    rows = torch.stack([real.to(videos.device).float(), videos.float()], dim=1).flatten(0, 1)  # (2B, 3, T, H, W)
+    return save_video_grid_png(rows.cpu(), path, row_labels=[f"{k} {n}" if n else k for n in names for k in kinds])
 
 
 def save_video_grid_gif(videos, path, nrow=None, fps=8, scale=None, row_labels=None):

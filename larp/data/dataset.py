@@ -24,20 +24,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from larp.core.io import atomic_write_text
-from larp.data.video_io import VideoReadError, count_frames, read_clip
-from larp.core.errors import LarpError
+from larp.data.video_io import count_frames, read_clip
+from larp.core.errors import CSVError, CSVNotFoundError, VideoReadError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")
 CSV_COLUMNS = ("id", "path", "action", "label")
-
-
-class CSVError(LarpError, ValueError):
-    """A video CSV that cannot be used (empty, unparsable, missing columns, bad labels); names the file."""
-
-
-class CSVNotFoundError(LarpError, FileNotFoundError):
-    """A CSV named on the command line that exists neither as a path nor under data/metadata/."""
 
 
 def resolve_csv(spec):

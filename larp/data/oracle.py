@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from larp.data.dataset import check_labels, read_video_csv
 from larp.data.synthetic import COLORS, DIRECTIONS, class_grid, class_names
-from larp.data.video_io import VideoReadError, read_frames
-from larp.core.errors import UsageError, run_cli
+from larp.data.video_io import read_frames
+from larp.core.errors import UsageError, VideoReadError, run_cli
 
 WORK_SIZE = 32
 

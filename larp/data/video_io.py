@@ -11,7 +11,7 @@ import av
 import numpy as np
 import torch
 
-from larp.core.errors import LarpError
+from larp.core.errors import VideoReadError
 from larp.core.io import atomic_write
 
 try:
@@ -20,10 +20,6 @@ except ImportError:  # non-x86 platforms: PyAV only
     decord = None
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
-
-
-class VideoReadError(LarpError, RuntimeError):
-    """A video that cannot be read; the message names the file and the cause."""
 
 
 def backend():

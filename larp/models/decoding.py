@@ -1,4 +1,4 @@
-"""Sampling for larp.models.generator.Generator: static KV cache, prefill / decode steps, top-k/top-p, CFG.
+"""Sampling for larp.models.generator.Generator: the decode loop over its static KV cache, top-k/top-p, CFG.
 
 Both orders run the same loop over precomputed steps. Step 0 (prefill) feeds the condition; step s > 0
 feeds the tokens sampled at step s-1. The KV cache is preallocated once per call in decode order, so a
@@ -10,40 +10,10 @@ Randomness is one uniform per (sample, token), drawn up front from torch.Generat
 into a token by inverse-CDF sampling: sample i depends only on (seeds[i], cond[i], settings), not on its
 batch neighbours, which makes sharded sampling reproducible.
 """
-from dataclasses import dataclass
-
 import torch
 
 from larp.models.decoding_order import nar_plan, raster_plan
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """The knobs of one sampling run, carried unchanged from the command line (or the training config's eval
-    section) to `generate`, the run settings and the report.
-
-    cfg_scale: classifier-free guidance scale (1 = off; class-conditional only); cfg_interval: guide only the
-    first this many forward passes (-1: all); temperature (0 = greedy), top_k (0 = off; 1 = greedy), top_p (1 = off).
-    """
-    cfg_scale: float = 1.0
-    cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        for name, kind in (("cfg_scale", float), ("cfg_interval", int), ("temperature", float), ("top_k", int),
-                           ("top_p", float)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise ValueError(f"{name}: expected a{'n integer' if kind is int else ' number'}, got {value!r}")
-            object.__setattr__(self, name, kind(value))
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+from larp.models.sampling_params import SamplingParams
 
 
 # ---- sampling utilities --------------------------------------------------------------------------
@@ -99,32 +69,10 @@ def apply_guidance(logits, scale):
     return uncond + scale * (cond - uncond)
 
 
-# ---- static KV cache -----------------------------------------------------------------------------
-def new_kv_cache(model, batch, dtype, device):
-    """One preallocated (k, v) pair per block, each (batch, Hkv, S, head_dim), S = full sequence length."""
-    att = model.layers[0].attention
-    seq = model.abs_pe.shape[1]
-    shape = (batch, att.n_kv_head, seq, att.head_dim)
-    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in model.layers]
-
-
-def step_logits(model, x, caches, step):
-    """One cached forward pass of the chunk x (nb, L, D) at cache slots [start, end) -> logits (nb, M, V).
-
-    The prefill of a multi-position condition is causal (as in the teacher-forced mask); every later chunk
-    attends to the whole filled prefix."""
-    start = step["start"]
-    hidden = model.run_layers(x, caches=caches, start=start, is_causal=start == 0 and x.shape[1] > 1)
-    if model.order == "nar":
-        return model.nar_logits(hidden, step["heads"], step["count"])
-    return model.raster_logits(hidden[:, -1:])
-
-
 def _cache_dtype(model, device):
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return model.abs_pe.dtype
+    return model.param_dtype
 
 
 def generate(model, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None):
@@ -149,7 +97,7 @@ def generate(model, cond, params=SamplingParams(), seeds=None, return_nll=False,
 
 
 def _generate(model, cond, params, seeds, return_nll, generator):
-    device = model.abs_pe.device
+    device = model.device
     cond = torch.as_tensor(cond, device=device).long()
     B, N = cond.shape[0], model.num_tokens
     guided = params.cfg_scale != 1.0
@@ -163,15 +111,15 @@ def _generate(model, cond, params, seeds, return_nll, generator):
 
     steps = nar_plan(model) if model.order == "nar" else raster_plan(model)
     u = make_uniforms(B, N, seeds, generator, device)  # (B, N)
-    caches = new_kv_cache(model, cond.shape[0], _cache_dtype(model, device), device)
+    caches = model.new_kv_cache(cond.shape[0], _cache_dtype(model, device), device)
     out = torch.empty(B, N, dtype=torch.long, device=device)
     nll = torch.zeros(B, device=device) if return_nll else None
     x = model.embed_condition(cond)  # (B or 2B, C, D)
     for s, step in enumerate(steps):
         if guided_at(s):
-            logits = apply_guidance(step_logits(model, x, caches, step), params.cfg_scale)  # (B, M, V)
+            logits = apply_guidance(model.decode_step(x, caches, step), params.cfg_scale)  # (B, M, V)
         else:
-            logits = step_logits(model, x[:B], caches, step)
+            logits = model.decode_step(x[:B], caches, step)
         tok = sample_logits(logits, u[:, step["targets"]], params.temperature, params.top_k, params.top_p)  # (B, M)
         out[:, step["targets"]] = tok
         if return_nll:

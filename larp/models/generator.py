@@ -21,10 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from larp.core.checkpoint import (CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir,
-                             strip_prefixes)
-from larp.models.decoding import SamplingParams, generate
+from larp.core.checkpoint import expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir, strip_prefixes
+from larp.core.errors import CheckpointError
+from larp.models.decoding import generate
 from larp.models.decoding_order import head_plan, nar_layout
+from larp.models.sampling_params import SamplingParams
+from larp.models.transformer import (LabelEmbedder, RMSNorm, TransformerBlock, flex_attention_fn, proximity_block_mask,
+                                     sincos_pe)
 
 ORDERS = ("nar", "raster")
 
@@ -88,135 +91,6 @@ AR_MODELS = {
 }
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in fp32 so bf16 runs match fp32 statistics
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
-
-
-class FeedForward(nn.Module):
-    """SwiGLU with hidden size = multiple_of-rounded 2/3 * 4 * dim (2816 for dim 1024)."""
-
-    def __init__(self, args):
-        super().__init__()
-        hidden = int(2 * 4 * args.dim / 3)
-        if args.ffn_dim_multiplier is not None:
-            hidden = int(args.ffn_dim_multiplier * hidden)
-        hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.ffn_dropout = nn.Dropout(args.ffn_dropout_p)
-
-    def forward(self, x):
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-def flex_attention_fn(device_type):
-    """FlexAttention kernel: compiled on CUDA (fused, skips fully masked blocks); the eager reference on
-    other devices (used by the CPU test only). None when this torch / machine cannot provide it."""
-    if device_type not in _FLEX:
-        try:  # lazy: FlexAttention and torch's private triton probe are missing from some torch builds
-            from torch.nn.attention.flex_attention import flex_attention
-            if device_type == "cuda":
-                from torch.utils._triton import has_triton
-                fn = torch.compile(flex_attention, dynamic=False) if has_triton() else None
-            else:
-                fn = flex_attention
-        except Exception:  # old torch / no compiler: callers fall back to SDPA
-            fn = None
-        _FLEX[device_type] = fn
-    return _FLEX[device_type]
-
-
-_FLEX = {}
-
-
-def proximity_block_mask(rank, device):
-    """FlexAttention BlockMask of `q sees k iff rank[k] <= rank[q]` over len(rank) positions."""
-    # lazy, like flex_attention_fn: only called where that found FlexAttention in this torch
-    from torch.nn.attention.flex_attention import create_block_mask
-    rank = rank.to(device)
-    L = rank.shape[0]
-    return create_block_mask(lambda b, h, q, k: rank[k] <= rank[q], None, None, L, L, device=device)
-
-
-class Attention(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.n_head = args.n_head
-        self.n_kv_head = args.n_kv_head or args.n_head
-        self.head_dim = args.dim // args.n_head
-        self.wqkv = nn.Linear(args.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.dim, args.dim, bias=False)
-        self.attn_dropout_p = args.attn_dropout_p
-        self.resid_dropout = nn.Dropout(args.resid_dropout_p)
-
-    def forward(self, x, mask=None, is_causal=False, cache=None, start=0):
-        """x (B, L, D). `mask`: bool (L, S) or a FlexAttention BlockMask. `cache`: (k, v) buffers
-        (B_max, Hkv, S_max, hd) that receive positions [start, start+L); attention then reads [0, start+L)."""
-        B, L, _ = x.shape
-        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, L, nh, hd).transpose(1, 2)  # (B, nh, L, hd)
-        k = k.view(B, L, nkv, hd).transpose(1, 2)
-        v = v.view(B, L, nkv, hd).transpose(1, 2)
-        if cache is not None:
-            ck, cv = cache
-            ck[:B, :, start:start + L] = k
-            cv[:B, :, start:start + L] = v
-            k, v = ck[:B, :, :start + L], cv[:B, :, :start + L]  # (B, nkv, start+L, hd)
-        dropout = self.attn_dropout_p if self.training else 0.0
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            y = flex_attention_fn(q.device.type)(q, k, v, block_mask=mask, enable_gqa=nkv != nh)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=dropout, enable_gqa=nkv != nh)
-        y = y.transpose(1, 2).reshape(B, L, nh * hd)  # (B, L, D)
-        return self.resid_dropout(self.wo(y))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, args, drop_path):
-        super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.drop_path = drop_path
-
-    def _dp(self, x):
-        if not self.training or self.drop_path == 0.0:
-            return x
-        keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - self.drop_path)
-        return x * keep / (1 - self.drop_path)
-
-    def forward(self, x, **attn_kw):
-        x = x + self._dp(self.attention(self.attention_norm(x), **attn_kw))
-        return x + self._dp(self.feed_forward(self.ffn_norm(x)))
-
-
-class LabelEmbedder(nn.Module):
-    """Class table with a last 'null' row (index num_classes) for classifier-free guidance."""
-
-    def __init__(self, num_classes, dim, dropout_prob):
-        super().__init__()
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
-
-    def forward(self, labels):
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, D)
-
-
 class Generator(nn.Module):
     """Class-conditional or frame-prediction token generator, `order` in ("nar", "raster")."""
 
@@ -266,13 +140,23 @@ class Generator(nn.Module):
         """Forward passes of one generate() call: T+H+W-2 (nar) or N (raster)."""
         return sum(self.latent_shape) - 2 if self.order == "nar" else self.num_tokens
 
+    @property
+    def device(self):
+        """Device of the weights (that of the position table)."""
+        return self.abs_pe.device
+
+    @property
+    def param_dtype(self):
+        """Dtype of the weights (that of the position table): the KV-cache dtype outside autocast."""
+        return self.abs_pe.dtype
+
     def init_weights(self):
         std = self.args.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
         if self.args.use_fixed_pe:
-            self.abs_pe.data.copy_(_sincos_pe(self.abs_pe.shape[1], self.args.dim))
+            self.abs_pe.data.copy_(sincos_pe(self.abs_pe.shape[1], self.args.dim))
         else:
             nn.init.normal_(self.abs_pe, std=std)
         for name, m in self.named_children():
@@ -343,6 +227,27 @@ class Generator(nn.Module):
     def raster_logits(self, h):
         return self.output(self.norm(h)).float()
 
+    # ---- cached decoding (the sampler's interface, see larp.models.decoding) ---------------------
+    def new_kv_cache(self, batch, dtype, device):
+        """One preallocated (k, v) pair per block, each (batch, Hkv, S, head_dim), S = full sequence length."""
+        att = self.layers[0].attention
+        seq = self.abs_pe.shape[1]
+        shape = (batch, att.n_kv_head, seq, att.head_dim)
+        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                for _ in self.layers]
+
+    def decode_step(self, x, caches, step):
+        """One cached forward pass of the chunk x (nb, L, D) at cache slots [start, end) -> logits (nb, M, V);
+        `step`: one entry of the decoding plan (larp.models.decoding_order).
+
+        The prefill of a multi-position condition is causal (as in the teacher-forced mask); every later chunk
+        attends to the whole filled prefix."""
+        start = step["start"]
+        hidden = self.run_layers(x, caches=caches, start=start, is_causal=start == 0 and x.shape[1] > 1)
+        if self.order == "nar":
+            return self.nar_logits(hidden, step["heads"], step["count"])
+        return self.raster_logits(hidden[:, -1:])
+
     def _train_mask(self, x):
         """Proximity mask of the full NAR sequence: a FlexAttention BlockMask on CUDA (block-causal in
         decode order, so half the blocks are skipped), else the precomputed bool mask for SDPA. (The CUDA
@@ -381,15 +286,6 @@ class Generator(nn.Module):
         """Sample (B, N) tokens in raster order with the knobs `params` (see larp.models.decoding.generate); runs in
         eval mode."""
         return generate(self, cond, params=params, seeds=seeds, return_nll=return_nll, generator=generator)
-
-
-def _sincos_pe(length, dim):
-    pos = torch.arange(length, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    pe = torch.zeros(length, dim, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-    return pe[None].float()  # (1, length, dim)
 
 
 def build_generator(name_or_args, order="nar", **overrides):

@@ -27,11 +27,7 @@ import torch.nn.functional as F
 from torchvision import models
 
 from larp.models.discriminator import VideoDiscriminator
-from larp.core.errors import LarpError
-
-
-class PerceptualWeightsMissing(LarpError, FileNotFoundError):
-    """LPIPS needs torchvision's ImageNet backbone weights, which this machine does not have."""
+from larp.core.errors import PerceptualWeightsMissing
 
 
 def lpips_backbone_path(net="vgg"):

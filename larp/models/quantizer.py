@@ -15,13 +15,13 @@ import torch.nn.functional as F
 @dataclass
 class VQConfig:
     codebook_size: int = 8192
+    l2_normalized: bool = True
+    stochastic: bool = True  # sample codes from softmax(similarity / stochastic_temperature) while training
+    stochastic_temperature: float = 0.03
     commitment_loss_weight: float = 0.25
     codebook_loss_weight: float = 1.0
     entropy_loss_weight: float = 0.0
     entropy_loss_temperature: float = 0.01
-    l2_normalized: bool = True
-    stochastic: bool = True
-    stochastic_temperature: float = 0.03
 
 
 class VectorQuantizer(nn.Module):

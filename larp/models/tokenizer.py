@@ -9,13 +9,15 @@ Videos in and out are float (B, 3, T, H, W) with values in [0, 1]; the decoder o
 """
 import copy
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
 from larp.models.blocks import conv_xavier_, init_linear_xavier, num_patches, sincos_3d, sincos_latent, vit_block
-from larp.core.checkpoint import CheckpointError, expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.core.checkpoint import expect_kind, load_state_dict_strict, read_checkpoint, save_hub_dir
+from larp.core.errors import CheckpointError, GeometryError
 from larp.models.prior import LatentPrior, PriorConfig
 from larp.models.quantizer import Bottleneck
 
@@ -86,6 +88,30 @@ def _table(module, name, value, learned):
         module.register_buffer(name, value.clone())
 
 
+def clip_geometry(config, frame_num=None, input_size=None, names=("--num_frames", "--input_size")):
+    """(frame_num, input_size) of the clips for a tokenizer of config `config` (its config.json layout): the values
+    asked for, or the tokenizer's where a value is None. A value that differs from the tokenizer's is a
+    GeometryError naming it by `names` (the flags or config keys it came from)."""
+    out = []
+    for key, asked, name in zip(("frame_num", "input_size"), (frame_num, input_size), names):
+        have = config.get(key)
+        if asked is not None and have is not None and asked != have:
+            raise GeometryError(f"{name} {asked} does not match the tokenizer ({have})")
+        out.append(have if asked is None else asked)
+    return tuple(out)
+
+
+def _check_supported(a):
+    """ValueError unless the constructor arguments `a` name the one transformer / bottleneck this port has."""
+    if a.transformer_name != "transformer_encoder_parallel":
+        raise ValueError(f"transformer_name '{a.transformer_name}' is not supported")
+    for which, name in (("encoder_name", a.encoder_name), ("decoder_name", a.decoder_name)):
+        if name not in (None, "none"):
+            raise ValueError(f"{which} '{name}' is not supported (only none)")
+    if a.bottleneck.get("name") != "bottleneck":
+        raise ValueError(f"bottleneck name '{a.bottleneck.get('name')}' is not supported")
+
+
 class LARPTokenizer(nn.Module):
     """Video (B, 3, T, H, W) in [0, 1] <-> N tokens in [0, codebook_size); kwargs = the released config.json."""
 
@@ -102,17 +128,12 @@ class LARPTokenizer(nn.Module):
         super().__init__()
         bottleneck = copy.deepcopy(bottleneck or _DEFAULT_BOTTLENECK)
         prior_model = copy.deepcopy(prior_model or {"name": "none"})
-        self.config = {k: copy.deepcopy(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.config = {k: copy.deepcopy(v) for k, v in vars(args).items()}
         for k in ("input_centering", "local_query_attention"):  # not in the reference: saved only when on
             if not self.config[k]:
                 del self.config[k]
-        if transformer_name != "transformer_encoder_parallel":
-            raise ValueError(f"transformer_name '{transformer_name}' is not supported")
-        for which, name in (("encoder_name", encoder_name), ("decoder_name", decoder_name)):
-            if name not in (None, "none"):
-                raise ValueError(f"{which} '{name}' is not supported (only none)")
-        if bottleneck.get("name") != "bottleneck":
-            raise ValueError(f"bottleneck name '{bottleneck.get('name')}' is not supported")
+        _check_supported(args)
 
         self.bottleneck_token_num = N = bottleneck_token_num
         self.input_size, self.frame_num, self.in_channels = input_size, frame_num, in_channels
@@ -123,44 +144,53 @@ class LARPTokenizer(nn.Module):
         # local_query_attention lets each latent query see only its own slice of the patch grid (and each decoder
         # patch query only its own latents), so tokens start out local instead of all pooling the same average.
         self.input_centering = input_centering
-        De, Dd = encoder_hidden_size, decoder_hidden_size
-
-        # encoder side: patch grid of the input
-        gt, gh = num_patches(frame_num, temporal_patch_size), num_patches(input_size, patch_size)
-        self.x_embedder = VideoPatchEmbed(in_channels, De, temporal_patch_size, patch_size)
-        _table(self, "encoder_patch_pe", sincos_3d(De, gt, gh, gh)[None], learned_encoder_patch_pe)
-        _table(self, "encoder_latent_query_embed", sincos_latent(De, N, latent_pe_scale_factor),
-               learned_encoder_latent_query_embed)
-        if use_encoder_patch_token_type_embed:
-            self.encoder_patch_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
-        if use_encoder_latent_query_token_type_embed:
-            self.encoder_latent_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
-        L = gt * gh * gh
-        self.encoder = ParallelTransformer(De, encoder_depth, encoder_num_heads,
-                                           (L, N) if local_query_attention else None)
-
-        self.bottleneck = Bottleneck(De, out_size=Dd, **bottleneck.get("args", {}))
+        self._build_encoder(args)
+        self.bottleneck = Bottleneck(encoder_hidden_size, out_size=decoder_hidden_size, **bottleneck.get("args", {}))
         self.codebook_size = self.bottleneck.regularizer.cfg.codebook_size
-
-        # decoder side: patch grid of the output (its patch sizes may differ from the encoder's)
-        self.dec_grid = (num_patches(frame_num, decoder_temporal_patch_size),
-                         num_patches(input_size, decoder_patch_size), num_patches(input_size, decoder_patch_size))
-        _table(self, "decoder_latent_pe", sincos_latent(Dd, N, latent_pe_scale_factor)[None], learned_decoder_latent_pe)
-        _table(self, "decoder_patch_query_embed", sincos_3d(Dd, *self.dec_grid)[None],
-               learned_decoder_patch_query_embed)
-        if use_decoder_latent_token_type_embed:
-            self.decoder_latent_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
-        if use_decoder_patch_query_token_type_embed:
-            self.decoder_patch_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder = ParallelTransformer(Dd, decoder_depth, decoder_num_heads,
-                                           (N, math.prod(self.dec_grid)) if local_query_attention else None)
-        self.final_layer = FinalLayer(Dd, decoder_temporal_patch_size * decoder_patch_size ** 2 * in_channels)
+        self._build_decoder(args)
 
         self.prior_cfg = None
         if prior_model.get("name") not in (None, "none"):
             self.prior_cfg = PriorConfig.from_config(prior_model)
             self.prior_model = LatentPrior(self.prior_cfg, self.bottleneck.regularizer.dim, N)
         self.initialize_weights()
+
+    def _build_encoder(self, a):
+        """Encoder side, on the patch grid of the input: patch embedding, position tables of the patches and of the
+        N latent queries, the optional token-type embeddings, and the transformer over [patches ; queries].
+        `a`: the constructor arguments."""
+        De, N = a.encoder_hidden_size, a.bottleneck_token_num
+        gt, gh = num_patches(a.frame_num, a.temporal_patch_size), num_patches(a.input_size, a.patch_size)
+        self.x_embedder = VideoPatchEmbed(a.in_channels, De, a.temporal_patch_size, a.patch_size)
+        _table(self, "encoder_patch_pe", sincos_3d(De, gt, gh, gh)[None], a.learned_encoder_patch_pe)
+        _table(self, "encoder_latent_query_embed", sincos_latent(De, N, a.latent_pe_scale_factor),
+               a.learned_encoder_latent_query_embed)
+        if a.use_encoder_patch_token_type_embed:
+            self.encoder_patch_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
+        if a.use_encoder_latent_query_token_type_embed:
+            self.encoder_latent_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, De))
+        L = gt * gh * gh
+        self.encoder = ParallelTransformer(De, a.encoder_depth, a.encoder_num_heads,
+                                           (L, N) if a.local_query_attention else None)
+
+    def _build_decoder(self, a):
+        """Decoder side, on the patch grid of the output (its patch sizes may differ from the encoder's): position
+        tables of the N latents and of the patch queries, the optional token-type embeddings, the transformer over
+        [latents ; patch queries] and the final layer to pixels. `a`: the constructor arguments."""
+        Dd, N = a.decoder_hidden_size, a.bottleneck_token_num
+        pt, p = a.decoder_temporal_patch_size, a.decoder_patch_size
+        self.dec_grid = (num_patches(a.frame_num, pt), num_patches(a.input_size, p), num_patches(a.input_size, p))
+        _table(self, "decoder_latent_pe", sincos_latent(Dd, N, a.latent_pe_scale_factor)[None],
+               a.learned_decoder_latent_pe)
+        _table(self, "decoder_patch_query_embed", sincos_3d(Dd, *self.dec_grid)[None],
+               a.learned_decoder_patch_query_embed)
+        if a.use_decoder_latent_token_type_embed:
+            self.decoder_latent_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
+        if a.use_decoder_patch_query_token_type_embed:
+            self.decoder_patch_query_token_type_embed = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder = ParallelTransformer(Dd, a.decoder_depth, a.decoder_num_heads,
+                                           (N, math.prod(self.dec_grid)) if a.local_query_attention else None)
+        self.final_layer = FinalLayer(Dd, pt * p ** 2 * a.in_channels)
 
     def initialize_weights(self):
         """As the reference: xavier Linear/conv, gaussian latent queries and token-type embeds, a zero output

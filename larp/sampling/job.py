@@ -13,13 +13,13 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from larp.core.checkpoint import CheckpointError, checkpoint_kind, expect_kind, peek_checkpoint
-from larp.data.dataset import (CSVError, CSVNotFoundError, VideoDataset, check_labels, read_video_csv, resolve_csv,
-                               select_fvd_clips)
-from larp.data.video_io import VideoReadError
-from larp.metrics.fvd import I3DError, check_i3d_spec
-from larp.models.decoding import SamplingParams
-from larp.sampling.output_folder import SampleError, claim_output_dir
+from larp.core.checkpoint import checkpoint_kind, expect_kind, peek_checkpoint
+from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, GeometryError, I3DError, SampleError,
+                              VideoReadError)
+from larp.data.dataset import VideoDataset, check_labels, read_video_csv, resolve_csv, select_fvd_clips
+from larp.metrics.detectors import check_i3d_spec
+from larp.models.sampling_params import SamplingParams
+from larp.models.tokenizer import clip_geometry
 from larp.core.utils import DTYPES, dtype_name
 
 
@@ -29,7 +29,7 @@ class SampleJob:
 
     The shard is [starting_index, starting_index + num_samples) of the run's [0, num_samples_total)
     (num_samples_total None: num_samples). frame_num / input_size None: the tokenizer's; fvd_size None: input_size
-    (64 for frame prediction); i3d None: the default detector (larp.metrics.fvd.check_i3d_spec). `dtype` is stored in its
+    (64 for frame prediction); i3d None: the default detector (larp.metrics.detectors.check_i3d_spec). `dtype` is stored in its
     canonical spelling (fp32, bf16, fp16).
     """
     ar_model: str
@@ -114,11 +114,10 @@ def read_model_config(spec, flag, want):
 
 def check_models(job, tok_cfg, ar_cfg):
     """Config-level consistency of tokenizer, generator and job; returns (frame_num, input_size)."""
-    frame_num, input_size = tok_cfg.get("frame_num"), tok_cfg.get("input_size")
-    for flag, want, have in (("num_frames", frame_num, job.frame_num), ("input_size", input_size, job.input_size)):
-        if have is not None and want is not None and have != want:
-            raise SampleError(f"--{flag} {have} does not match the tokenizer ({want})")
-    frame_num, input_size = job.frame_num or frame_num, job.input_size or input_size
+    try:
+        frame_num, input_size = clip_geometry(tok_cfg, job.frame_num, job.input_size)
+    except GeometryError as e:
+        raise SampleError(str(e)) from None
     if frame_num is None or input_size is None:
         raise SampleError("the tokenizer config has no frame_num/input_size; pass --num_frames/--input_size")
     fp = bool(ar_cfg.get("frame_prediction", ar_cfg.get("model_type") == "frame_pred"))
@@ -144,21 +143,19 @@ def check_models(job, tok_cfg, ar_cfg):
 def run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec):
     """Everything that changes the result: stored in run_config.json and hashed into the run id. The keys and
     values are those of every earlier version, so an existing output folder is still accepted."""
-    p = job.params
     s = {"ar_model": _spec_id(job.ar_model), "tokenizer": _spec_id(job.tokenizer),
          "dataset_csv": "+".join(os.path.abspath(p) for p in csv_paths),
          "dataset_split_seed": int(job.dataset_split_seed), "num_samples_total": int(job.num_samples_total),
-         "cfg_scale": p.cfg_scale, "cfg_interval": p.cfg_interval, "temperature": p.temperature, "top_k": p.top_k,
-         "top_p": p.top_p,
-         "dtype": dtype_name(job.dtype), "seed": int(job.seed), "frame_prediction": bool(job.frame_prediction),
+         **job.params.as_dict(), "dtype": dtype_name(job.dtype), "seed": int(job.seed),
+         "frame_prediction": bool(job.frame_prediction),
          "num_cond_frames": int(job.num_cond_frames) if job.frame_prediction else 0,
          "num_frames": frame_num, "input_size": input_size, "fvd_size": int(fvd_size), "i3d": _spec_id(i3d_spec)}
     return json.loads(json.dumps(s))
 
 
 def prepare(job):
-    """Validate the job against the checkpoints, the data and the output folder before any model loads; claim the
-    shard in the output folder. Returns the SamplePlan."""
+    """Validate the job against the checkpoints, the data and the output folder before any model loads.
+    Returns the SamplePlan (the caller claims the shard in the output folder with claim_output_dir)."""
     total = job.num_samples_total
     try:
         csv_paths = resolve_csv(job.dataset_csv)
@@ -187,6 +184,5 @@ def prepare(job):
     class_names = {int(l): str(a) for l, a in zip(df["label"], df["action"])}
 
     settings = run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
-    claim_output_dir(job.output_dir, settings, job.starting_index, job.starting_index + job.num_samples)
     return SamplePlan(settings=settings, dataset=dataset, chosen=chosen, class_names=class_names,
                       fvd_size=int(fvd_size), i3d_spec=i3d_spec)

@@ -15,18 +15,15 @@ import re
 import numpy as np
 from filelock import FileLock
 
-from larp.core.errors import LarpError
+from larp.core.errors import SampleError
 from larp.metrics.fvd import FeatureStats, frechet_distance
 from larp.core.io import atomic_write, atomic_write_text
+from larp.models.sampling_params import SAMPLING_FIELDS
 
-REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
-                  "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
+REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", *SAMPLING_FIELDS,
+                  "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
-
-
-class SampleError(LarpError):
-    """A user error found before (or instead of) long work; the message is one line naming the cause."""
 
 
 def find_tiling(ranges, lo, hi):

@@ -42,17 +42,17 @@ import torch
 from tqdm import tqdm
 
 from larp.models.generator import load_generator
-from larp.core.checkpoint import CheckpointError
+from larp.core.errors import CheckpointError, SampleError
 from larp.data.video_io import write_video
 from larp.core.dist import dist_info
-from larp.metrics.fvd import FeatureStats, fvd_label, load_i3d
+from larp.metrics.detectors import load_i3d
+from larp.metrics.fvd import FeatureStats, fvd_label
 from larp.core.io import atomic_write, atomic_write_text, resize_video, to_uint8
-from larp.sampling.output_folder import (SAMPLE_COLUMNS, SampleError, finalize, find_tiling, finished_ranges, remove_partial,
-                                remove_ranges, run_id, stats_paths, write_csv)
+from larp.sampling.output_folder import SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths, write_csv
 from larp.sampling.job import prepare
 from larp.models.tokenizer import LARPTokenizer
 from larp.core.utils import autocast, get_device
-from larp.core.visualize import save_video_grid_png
+from larp.core.visualize import save_preview_png
 
 SEED_STRIDE = 1_000_003
 PREVIEW_SAMPLES = 8
@@ -117,86 +117,107 @@ def _new_timing():
     return dict.fromkeys(["data_s", "encode_s", "generate_s", "decode_s", "i3d_s", "write_wait_s"], 0.0)
 
 
+class ChunkState:
+    """What one chunk [c, d) accumulates until its files are written: feature statistics, NLLs, sample rows, the
+    pending mp4 writes and the timing."""
+
+    def __init__(self, detector, t_start):
+        self.gen_stats, self.gt_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
+        self.nlls, self.rows, self.pending, self.tm, self.t_start = [], [], [], _new_timing(), t_start
+
+
 def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     """Generate, save and measure the samples of each chunk [c, d) in `chunks` (one loader over all of them).
 
     A chunk's files are written once all its samples and mp4s are done, its generated stats last (their presence
     marks the chunk finished), so a killed process loses at most the chunk in progress. Returns the timing dicts.
     """
-    out, fp, num_cond = job.output_dir, job.frame_prediction, job.num_cond_frames
-    tokenizer, model = models
     batches = [list(range(i, min(i + job.sample_batch_size, d))) for c, d in chunks
                for i in range(c, d, job.sample_batch_size)]  # global indices; a batch never crosses a chunk
     subset = torch.utils.data.Subset(plan.dataset, plan.chosen)  # position i = global sample index i
     loader = torch.utils.data.DataLoader(subset, batch_sampler=batches, num_workers=job.num_workers,
                                          pin_memory=device.type == "cuda")
-    timings, k = [], 0
-    new_chunk = True
+    timings, k, chunk = [], 0, None
     with ThreadPoolExecutor(max_workers=4) as pool:
         t_data = time.perf_counter()
         for batch, idx in tqdm(zip(loader, batches), total=len(batches), unit="batch",
                                desc=f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"):
-            if new_chunk:
-                gen_stats, gt_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
-                nlls, rows, pending, tm = [], [], [], _new_timing()
-                t_start, new_chunk = t_data, False
-            video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S) real clips in [0, 1]
-            t0 = _clock(device)
-            tm["data_s"] += t0 - t_data
-            with torch.no_grad(), autocast(device, job.dtype):
-                if fp:
-                    cond = tokenizer.encode_condition(video, num_cond)  # (B, N)
-                else:
-                    cond = batch["label"].to(device).long()  # (B,)
-                t1 = _clock(device)
-                tokens, nll = model.generate(cond, job.params, seeds=[sample_seed(job.seed, i) for i in idx],
-                                             return_nll=True)
-                t2 = _clock(device)
-                fake = tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)  # (B, 3, T, S, S)
-            t3 = _clock(device)
-            if fp:
-                fake[:, :, :num_cond] = video[:, :, :num_cond]
-            gen_stats.add(detector(resize_video(fake, plan.fvd_size)))  # (B, 400), fp32 on the detector
-            gt_stats.add(detector(resize_video(video, plan.fvd_size)))
-            t4 = _clock(device)
-            tm["encode_s"] += t1 - t0
-            tm["generate_s"] += t2 - t1
-            tm["decode_s"] += t3 - t2
-            tm["i3d_s"] += t4 - t3
-            nlls.append(nll.float().cpu().numpy())
-            fake_u8 = to_uint8(fake)  # (B, T, S, S, 3)
-            real_u8 = to_uint8(video) if fp else None
-            for j, i in enumerate(idx):
-                label = int(batch["label"][j])
-                path, start = plan.dataset.clips[plan.chosen[i]][:2]
-                row = {"index": i, "label": label, "action": plan.class_names.get(label, ""),
-                       "clip_path": path, "clip_start": int(start), "path": "", "gt_path": ""}
-                videos = [("path", f"sampled_videos/{i}.mp4", fake_u8[j])]
-                if real_u8 is not None:
-                    videos.append(("gt_path", f"gt_videos/{i}.mp4", real_u8[j]))
-                for key, rel, frames in videos:  # --stats_only: list only files left by an earlier run
-                    if not job.stats_only:
-                        pending.append(pool.submit(write_video, os.path.join(out, rel), frames))
-                    row[key] = rel if not job.stats_only or os.path.exists(os.path.join(out, rel)) else ""
-                rows.append(row)
+            if chunk is None:
+                chunk = ChunkState(detector, t_data)
+            video, fake = generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_data)
+            queue_writes(job, plan, batch, idx, video, fake, chunk, pool)
             if idx[0] == 0:
-                save_preview(os.path.join(out, "preview.png"), fake, video if fp else None, rows[:PREVIEW_SAMPLES])
-            pending = _drain(pending, keep=4 * job.sample_batch_size)
+                save_preview(os.path.join(job.output_dir, "preview.png"), fake,
+                             video if job.frame_prediction else None, chunk.rows[:PREVIEW_SAMPLES])
+            chunk.pending = _drain(chunk.pending, keep=4 * job.sample_batch_size)
             if idx[-1] + 1 == chunks[k][1]:  # the chunk is complete
                 t5 = time.perf_counter()
-                for fut in pending:
+                for fut in chunk.pending:
                     fut.result()
-                tm["write_wait_s"] = time.perf_counter() - t5
-                tm["total_s"] = time.perf_counter() - t_start
-                timings.append(_write_chunk(out, chunks[k], gen_stats, gt_stats, nlls, rows, tm, detector, fp, log))
-                k, new_chunk = k + 1, True
+                chunk.tm["write_wait_s"] = time.perf_counter() - t5
+                chunk.tm["total_s"] = time.perf_counter() - chunk.t_start
+                timings.append(_write_chunk(job.output_dir, chunks[k], chunk, detector, job.frame_prediction, log))
+                k, chunk = k + 1, None
             t_data = time.perf_counter()
     return timings
 
 
-def _write_chunk(out, chunk, gen_stats, gt_stats, nlls, rows, tm, detector, frame_prediction, log):
-    """The files of a finished chunk [a, b), atomically, the generated stats last."""
-    a, b = chunk
+def generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_data):
+    """Condition, generate, decode and measure the samples `idx` (global indices) of one batch into `chunk`.
+    Returns (real clips, generated clips), each (B, 3, T, S, S) in [0, 1] on the device."""
+    tokenizer, model = models
+    fp, num_cond, tm = job.frame_prediction, job.num_cond_frames, chunk.tm
+    video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S) real clips in [0, 1]
+    t0 = _clock(device)
+    tm["data_s"] += t0 - t_data
+    with torch.no_grad(), autocast(device, job.dtype):
+        if fp:
+            cond = tokenizer.encode_condition(video, num_cond)  # (B, N)
+        else:
+            cond = batch["label"].to(device).long()  # (B,)
+        t1 = _clock(device)
+        tokens, nll = model.generate(cond, job.params, seeds=[sample_seed(job.seed, i) for i in idx],
+                                     return_nll=True)
+        t2 = _clock(device)
+        fake = tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)  # (B, 3, T, S, S)
+    t3 = _clock(device)
+    if fp:
+        fake[:, :, :num_cond] = video[:, :, :num_cond]
+    chunk.gen_stats.add(detector(resize_video(fake, plan.fvd_size)))  # (B, 400), fp32 on the detector
+    chunk.gt_stats.add(detector(resize_video(video, plan.fvd_size)))
+    t4 = _clock(device)
+    tm["encode_s"] += t1 - t0
+    tm["generate_s"] += t2 - t1
+    tm["decode_s"] += t3 - t2
+    tm["i3d_s"] += t4 - t3
+    chunk.nlls.append(nll.float().cpu().numpy())
+    return video, fake
+
+
+def queue_writes(job, plan, batch, idx, video, fake, chunk, pool):
+    """The sample rows of one batch, and its mp4 writes queued on `pool` (none with --stats_only)."""
+    out = job.output_dir
+    fake_u8 = to_uint8(fake)  # (B, T, S, S, 3)
+    real_u8 = to_uint8(video) if job.frame_prediction else None
+    for j, i in enumerate(idx):
+        label = int(batch["label"][j])
+        path, start = plan.dataset.clips[plan.chosen[i]][:2]
+        row = {"index": i, "label": label, "action": plan.class_names.get(label, ""),
+               "clip_path": path, "clip_start": int(start), "path": "", "gt_path": ""}
+        videos = [("path", f"sampled_videos/{i}.mp4", fake_u8[j])]
+        if real_u8 is not None:
+            videos.append(("gt_path", f"gt_videos/{i}.mp4", real_u8[j]))
+        for key, rel, frames in videos:  # --stats_only: list only files left by an earlier run
+            if not job.stats_only:
+                chunk.pending.append(pool.submit(write_video, os.path.join(out, rel), frames))
+            row[key] = rel if not job.stats_only or os.path.exists(os.path.join(out, rel)) else ""
+        chunk.rows.append(row)
+
+
+def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
+    """The files of a finished chunk [a, b) = `bounds`, atomically, the generated stats last."""
+    a, b = bounds
+    gen_stats, gt_stats, nlls, rows, tm = chunk.gen_stats, chunk.gt_stats, chunk.nlls, chunk.rows, chunk.tm
     tm["num_videos"] = b - a
     tm["generate_videos_per_s"] = (b - a) / max(tm["generate_s"], 1e-9)
     paths = stats_paths(out, a, b)
@@ -231,20 +252,24 @@ def save_preview(path, fake, real, rows):
     """PNG grid of the first samples (one row per video), labelled with index and class name."""
     n = len(rows)
     names = [f"#{r['index']} {r['action']}" for r in rows]
-    if real is None:
-        save_video_grid_png(fake[:n].float().cpu(), path, row_labels=names)
-        return
-    both = torch.stack([real[:n], fake[:n]], dim=1).flatten(0, 1).float().cpu()  # (2n, 3, T, H, W) gt/gen pairs
-    save_video_grid_png(both, path, row_labels=[f"{w} {nm}" for nm in names for w in ("real", "pred")])
+    save_preview_png(path, fake[:n], names, real=real[:n] if real is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------- finalization
 
 
+def claim(job):
+    """Check the job before any model loads (larp/sampling/job.py), then claim its shard in the output folder.
+    Returns the SamplePlan."""
+    plan = prepare(job)
+    claim_output_dir(job.output_dir, plan.settings, job.starting_index, job.starting_index + job.num_samples)
+    return plan
+
+
 def run(job):
     """Validate the SampleJob, sample this process's range (its rank's part under torchrun), finalize. Returns the
     FVD or None (other shards still missing)."""
-    plan = prepare(job)
+    plan = claim(job)
     rank, world, local_rank = dist_info()
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
 

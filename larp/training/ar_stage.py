@@ -2,31 +2,26 @@
 
 `ARStage(cfg, model, tokenizer, device)` trains a built generator with no dataset (benchmarks and tests build it
 that way); `ARStage.from_config` loads the frozen tokenizer, builds the generator and adds the training set (cached
-tokens or clips encoded on the fly) and the evaluation clips. The loop in larp/training.py drives it through
+tokens or clips encoded on the fly) and the evaluation clips. The loop in larp/training/loop.py drives it through
 `set_lr`, `step`, `window_metrics`, `evaluate`, `state_dict` and `load_state_dict`.
 """
-import hashlib
-import json
-import math
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
-from larp.core import dist
+from larp.core.utils import autocast
+from larp.core.visualize import save_preview_png
+from larp.data.dataset import check_labels, select_fvd_clips
+from larp.metrics.detectors import check_i3d_spec, load_i3d
+from larp.metrics.fvd import FeatureStats, frechet_distance
+from larp.core.io import resize_video
+from larp.models.decoding import generate
 from larp.models.generator import AR_MODELS, build_generator, generator_from_state
-from larp.core.checkpoint import CheckpointError, describe_checkpoint, expect_kind, peek_checkpoint
-from larp.training.config import StageError
-from larp.data.dataset import select_fvd_clips
-from larp.metrics.fvd import FeatureStats, frechet_distance, load_i3d
-from larp.core.io import atomic_save, resize_video
+from larp.core.errors import StageError
+from larp.training.frozen_tokenizer import check_frozen_tokenizer, check_token_count, load_frozen_tokenizer
 from larp.training.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
 from larp.training.stage_data import clip_dataset, eval_clips
-from larp.models.tokenizer import LARPTokenizer
-from larp.core.utils import autocast
-from larp.core.visualize import save_video_grid_png
-
+from larp.training.token_cache import TokenItems, token_cache
 
 class ARStage:
 
@@ -45,6 +40,20 @@ class ARStage:
         self.scaler = make_scaler(self.amp, device)
         self.train_set, self.detector = None, None
         self.val_videos, self.val_labels, self.val_dataset = None, None, None  # (rank 0) evaluation clips
+
+    @staticmethod
+    def check_csv(cfg, df, csv):
+        """Pre-flight of a CSV the stage will read: class labels within model.num_classes."""
+        if not cfg.model.frame_prediction:
+            check_labels(df, cfg.model.num_classes, csv, "model.num_classes")
+
+    @staticmethod
+    def preflight(cfg):
+        """Pre-flight of the frozen tokenizer and of the small-FVD detector; returns lines to print."""
+        notes = [check_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, cfg.model.latent_shape)]
+        if cfg.eval.fvd_videos:
+            check_i3d_spec(cfg.eval.i3d)
+        return notes
 
     @classmethod
     def from_config(cls, cfg, info, run_dir, note):
@@ -148,7 +157,7 @@ class ARStage:
         """Sample tokens with the eval settings and decode them: (B, 3, T, H, W) in [0, 1]."""
         was_training = model.training
         model.eval()
-        tokens = model.generate(cond, self.sampling, seeds=seeds)
+        tokens = generate(model, cond, self.sampling, seeds=seeds)
         model.train(was_training)
         return self.tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)
 
@@ -156,11 +165,9 @@ class ARStage:
         """Sample grid PNG: one generated video per condition (and its real clip above it, for frame prediction)."""
         fake = self.generate_videos(model, cond, seeds=list(range(cond.shape[0])))
         if real is not None:
-            rows = torch.stack([real.to(fake.device).float(), fake], dim=1).flatten(0, 1)
-            row_labels = [("real" if i % 2 == 0 else "pred") for i in range(rows.shape[0])]
+            save_preview_png(png_path, fake, [""] * fake.shape[0], real=real)
         else:
-            rows, row_labels = fake, [f"class {int(c)}" for c in (labels if labels is not None else cond)]
-        save_video_grid_png(rows.cpu(), png_path, row_labels=row_labels)
+            save_preview_png(png_path, fake, [f"class {int(c)}" for c in (labels if labels is not None else cond)])
 
     @torch.no_grad()
     def small_fvd(self, model, real_videos, cond):
@@ -189,54 +196,6 @@ class ARStage:
             self.scaler.load_state_dict(ckpt["scaler"])
 
 
-# ---------------------------------------------------------------------------------------------- building
-def require_tokenizer_spec(spec):
-    if not spec:
-        raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or hub id>")
-
-
-def check_frozen_tokenizer(spec, data, latent_shape):
-    """Pre-flight: the tokenizer checkpoint `spec` is one, readable, of the config's clip geometry and token count
-    (its config only: no weights are read). Returns a line describing it."""
-    require_tokenizer_spec(spec)
-    try:
-        tok = peek_checkpoint(spec)
-    except CheckpointError as e:
-        raise CheckpointError(f"vae.checkpoint: {e}") from None
-    expect_kind(tok, "tokenizer", f"vae.checkpoint {spec}")
-    geometry = (tok.get("frame_num"), tok.get("input_size"))
-    if None not in geometry:
-        check_tokenizer_geometry(spec, *geometry, data)
-    n = tok.get("bottleneck_token_num")
-    if n:
-        check_token_count(latent_shape, n, f"the tokenizer {spec}")
-    return f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})"
-
-
-def load_frozen_tokenizer(spec, data, device):
-    """The tokenizer `spec` (directory, checkpoint or hub id) in eval mode with deterministic VQ and no grads;
-    its clip geometry must be the config's."""
-    require_tokenizer_spec(spec)
-    tok = LARPTokenizer.from_pretrained(spec).to(device).eval()
-    tok.set_vq_eval_deterministic(True)
-    for p in tok.parameters():
-        p.requires_grad_(False)
-    check_tokenizer_geometry(spec, tok.frame_num, tok.input_size, data)
-    return tok
-
-
-def check_tokenizer_geometry(spec, frame_num, input_size, data):
-    if (frame_num, input_size) != (data.frame_num, data.input_size):
-        raise StageError(f"vae.checkpoint {spec} encodes {frame_num}-frame {input_size}px clips but "
-                         f"data.frame_num/input_size are {data.frame_num}/{data.input_size}")
-
-
-def check_token_count(latent_shape, num_tokens, spec="the tokenizer"):
-    if math.prod(latent_shape) != num_tokens:
-        raise StageError(f"model.latent_shape {latent_shape} has {math.prod(latent_shape)} cells but "
-                         f"{spec} gives {num_tokens} tokens per clip")
-
-
 def build_ar_model(m, tok):
     """The generator of the config's model section `m` for the tokenizer `tok` (its token count and codebook)."""
     if m.name not in AR_MODELS:
@@ -251,74 +210,3 @@ def build_ar_model(m, tok):
         return build_generator(AR_MODELS[m.name](), order=m.order, **kw)  # size preset + overrides
     except (TypeError, ValueError) as e:
         raise StageError(f"model section: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------- token cache
-class TokenItems(Dataset):
-    """Cached tokens: items {"tokens": (N,) long, "label": int[, "cond": (N,) long]}."""
-
-    def __init__(self, cache):
-        self.tokens, self.labels, self.cond = cache["tokens"], cache["labels"], cache.get("cond")
-
-    def __len__(self):
-        return self.tokens.shape[0]
-
-    def __getitem__(self, i):
-        item = {"tokens": self.tokens[i].long(), "label": int(self.labels[i])}
-        if self.cond is not None:
-            item["cond"] = self.cond[i].long()
-        return item
-
-
-def _fingerprint(tok, spec):
-    h = hashlib.sha1(json.dumps(tok.config, sort_keys=True, default=str).encode() + str(spec).encode())
-    for k, v in sorted(tok.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def token_cache(stage, cfg, info, run_dir, note):
-    """Tokens of every evaluation-mode clip of the training CSV (all non-overlapping windows, center crop),
-    encoded once (sharded over ranks) into <run_dir>/token_cache.pt and reused while the tokenizer, clips and
-    geometry match."""
-    d = cfg.data
-    ds = clip_dataset(d, d.csv, train=False)
-    ncf = stage.num_cond_frames
-    meta = {"tokenizer": _fingerprint(stage.tokenizer, cfg.vae.checkpoint), "clips": hashlib.sha1(
-        json.dumps([list(c) for c in ds.clips]).encode()).hexdigest(), "frame_num": d.frame_num,
-        "input_size": d.input_size, "num_cond_frames": ncf, "encode_dtype": cfg.vae.encode_dtype}
-    path = os.path.join(run_dir, "token_cache.pt")
-    if os.path.exists(path):
-        cache = torch.load(path, map_location="cpu", weights_only=False)
-        if cache.get("meta") == meta:
-            note(f"token cache: reusing {path} ({cache['tokens'].shape[0]} clips)")
-            return cache
-        note(f"token cache: {path} was made with other settings; rebuilding it")
-    dist.barrier()
-    mine = list(range(info.rank, len(ds), info.world_size))
-    loader = DataLoader(Subset(ds, mine), batch_size=max(1, cfg.batch_size // info.world_size),
-                        num_workers=d.num_workers, shuffle=False)
-    toks, conds = [], []
-    for batch in tqdm(loader, desc="caching tokens", disable=not info.is_main, dynamic_ncols=True):
-        t, c = stage.encode(batch["video"].to(info.device))
-        toks.append(t.cpu())
-        conds.append(c.cpu() if c is not None else None)
-    dtype = torch.int16 if stage.tokenizer.codebook_size <= 32767 else torch.int32
-    part = {"index": torch.tensor(mine, dtype=torch.long), "tokens": torch.cat(toks).to(dtype),
-            "cond": torch.cat(conds).to(dtype) if ncf else None}
-    part_path = os.path.join(run_dir, f".token_cache_part{info.rank}.pt")
-    atomic_save(part, part_path)
-    dist.barrier()
-    if info.is_main:
-        parts = [torch.load(os.path.join(run_dir, f".token_cache_part{r}.pt")) for r in range(info.world_size)]
-        order = torch.cat([p["index"] for p in parts]).argsort()
-        cache = {"meta": meta, "tokens": torch.cat([p["tokens"] for p in parts])[order],
-                 "labels": torch.tensor([c[2] for c in ds.clips], dtype=torch.long),
-                 "cond": torch.cat([p["cond"] for p in parts])[order] if ncf else None}
-        atomic_save(cache, path)
-        for r in range(info.world_size):
-            os.remove(os.path.join(run_dir, f".token_cache_part{r}.pt"))
-        note(f"token cache: wrote {path} ({cache['tokens'].shape[0]} clips)")
-    dist.barrier()
-    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,111 +1,27 @@
-"""Exact resume: the data order, the RNG states, the checkpoints and the checks before resuming.
-
-The global batch b of epoch e is a fixed slice of a permutation drawn from (seed, e); every item's random
-crop/flip is drawn from a seed derived from (seed, e, index) (see SeededItems); the loader has its own generator;
-evaluation runs under a forked RNG. A restarted run therefore skips the consumed batches of its epoch, restores
-the per-rank RNG states and the optimizer, and repeats the uninterrupted run exactly.
+"""Training checkpoints: save, check before resuming, and load, with the per-rank RNG states.
 
 Checkpoints are plain dicts: {"model": {"name", "args", "sd"}, "optimizer", "ema", "step", "epoch", "cfg" (plain
 data), "rng" (one state per rank)} plus what the stage adds (`stage.state_dict()`). Under FSDP the full state is
-gathered first, so both modes write the same format (see larp/fsdp.py).
+gathered first, so both modes write the same format (see larp/training/fsdp.py). With the data order of
+larp/training/loader.py, evaluation under a forked RNG and the restored RNG states, a resumed run repeats the
+uninterrupted one exactly.
 """
-import glob
-import os
 import random
-import shutil
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from larp.core import dist
-from larp.training import fsdp
-from larp.core.checkpoint import CheckpointError, check_state_dict, check_weights_file, strip_prefixes
-from larp.data.video_io import VideoReadError
-from larp.core.errors import one_line
+from larp.core.checkpoint import check_state_dict, check_weights_file, strip_prefixes
+from larp.core.errors import CheckpointError, one_line
 from larp.core.io import atomic_save
-from larp.training.optim import EMA
 from larp.core.utils import seed_everything
+from larp.training import fsdp
+from larp.training.optim import EMA
 
-RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "previews", "wandb")
-SKIP_HINT = "set data.skip_bad true to skip unreadable videos (they are counted and reported)"
 RESUME_HINT = "pass --replace to start fresh (it deletes this run's checkpoints and logs) or choose another --name"
 
 
-def item_seed(seed, epoch, index):
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 63)
-
-
-class SeededItems(Dataset):
-    """Wraps a dataset so item `index` of epoch `epoch` draws its randomness from a seed of (seed, epoch, index),
-    whatever worker loads it and wherever the epoch was resumed. Keys are (index, item_seed) pairs."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, s = key
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                random.seed(s)
-                np.random.seed(s % (2 ** 32))
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class ResumableBatchSampler:
-    """Per-rank batches of one epoch: global batch b = perm[b*B:(b+1)*B] of a permutation seeded by (seed, epoch),
-    rank r takes its contiguous share; the first `start_batch` batches are skipped (already trained on)."""
-
-    def __init__(self, num_items, global_batch, rank, world, seed, epoch, start_batch=0, shuffle=True):
-        self.n, self.B, self.rank, self.world = num_items, global_batch, rank, world
-        self.seed, self.epoch, self.start, self.shuffle = seed, epoch, start_batch, shuffle
-        self.per_rank = global_batch // world
-
-    def __len__(self):
-        return self.n // self.B - self.start
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, self.epoch, 7)))
-        else:
-            order = torch.arange(self.n)
-        for b in range(self.start, self.n // self.B):
-            chunk = order[b * self.B + self.rank * self.per_rank: b * self.B + (self.rank + 1) * self.per_rank]
-            yield [(int(i), item_seed(self.seed, self.epoch, int(i))) for i in chunk]
-
-
-def batches(loader):
-    """Iterate `loader`; an unreadable video (possibly raised in a worker process) names the file and the way to
-    skip such files instead of the worker's traceback."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except VideoReadError as e:
-            raise VideoReadError(f"{one_line(e)}; {SKIP_HINT}") from e
-        yield batch
-
-
-def make_loader(dataset, batch_size, num_workers, seed, info, epoch, start_batch):
-    """The loader of epoch `epoch` from its batch `start_batch` on, for this rank."""
-    sampler = ResumableBatchSampler(len(dataset), batch_size, info.rank, info.world_size, seed, epoch, start_batch)
-    return DataLoader(SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=info.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(item_seed(seed, epoch, 3)),
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
-
-
-# ---------------------------------------------------------------------------------------------- RNG + checkpoints
 def capture_rng():
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -198,37 +114,3 @@ def load_checkpoint(path, stage, ema, info, sharded=False):
     else:
         seed_everything(ckpt["cfg"]["seed"] + 7919 * (ckpt["step"] + 1) + info.rank)
     return ckpt["step"], ckpt["cfg"], ema
-
-
-def clean_run_dir(run_dir):
-    """--replace: remove what a previous run wrote (the token cache is kept: it is checked before reuse)."""
-    for pattern in RUN_FILES:
-        for p in glob.glob(os.path.join(run_dir, pattern)):
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-
-
-def remove_stale_temps(run_dir):
-    """Temp files of writes killed half-way (the targets themselves are always whole)."""
-    for p in glob.glob(os.path.join(run_dir, ".tmp_*")):
-        os.remove(p)
-
-
-def export_model(raw, ema, directory, sharded=False):
-    """Hub-mixin layout (config.json + model.safetensors), with the EMA weights when EMA is on. Called on every
-    rank (under FSDP the full weights are gathered first); rank 0 writes."""
-    if sharded:
-        own = raw.state_dict()
-        sd = fsdp.full_model_state(raw) if ema is None else \
-            {k: v.to(own[k].dtype) for k, v in fsdp.full_tensors(ema.state_dict()).items()}
-        if dist.is_main_process():
-            raw.save_pretrained(directory, state_dict=sd)
-        return
-    if not dist.is_main_process():
-        return
-    if ema is None:
-        raw.save_pretrained(directory)
-        return
-    backup = {k: v.detach().clone() for k, v in raw.state_dict().items()}
-    raw.load_state_dict(ema.weights_like(raw))
-    raw.save_pretrained(directory)
-    raw.load_state_dict(backup)

@@ -1,6 +1,7 @@
 """The training loop shared by both stages: pre-flight checks, wrapping (DDP / FSDP / compile), EMA, the step loop
 with logging, periodic evaluation and checkpoints, resume, export. What differs between the stages lives in their
-classes (larp/tokenizer_stage.py, larp/ar_stage.py); exact resume in larp/resume.py.
+classes (larp/training/tokenizer_stage.py, larp/training/ar_stage.py), each with its own pre-flight; the data order
+in larp/training/loader.py, checkpoints in larp/training/checkpoints.py.
 """
 import dataclasses
 import os
@@ -10,21 +11,22 @@ import torch
 from tqdm import tqdm
 
 from larp.core import dist
-from larp.metrics import fvd
-from larp.training import fsdp
-from larp.training.ar_stage import ARStage, check_frozen_tokenizer
-from larp.training.config import ConfigError, StageError, dump_yaml, from_dict, to_dict
-from larp.data.dataset import check_labels, check_videos_exist, read_video_csv
-from larp.data.video_io import VideoReadError
 from larp.core.io import atomic_write_text
+from larp.core.utils import seed_everything
+from larp.data.dataset import check_videos_exist, read_video_csv
+from larp.core.errors import ConfigError, StageError, VideoReadError
+from larp.training import fsdp
+from larp.training.ar_stage import ARStage
+from larp.training.checkpoints import check_resume, load_checkpoint, save_checkpoint
+from larp.training.config import dump_yaml, to_dict
+from larp.training.config_build import from_dict
+from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
 from larp.training.optim import EMA, lr_at
-from larp.training.checkpoints import (SKIP_HINT, batches, check_resume, clean_run_dir, export_model, load_checkpoint,
-                         make_loader, remove_stale_temps, save_checkpoint)
+from larp.training.run_folder import clean_run_dir, export_model, remove_stale_temps
 from larp.training.tokenizer_stage import TokenizerStage
-from larp.core.utils import seed_everything
 
-STAGE_FACTORIES = {"tokenizer": TokenizerStage.from_config, "ar": ARStage.from_config}
+STAGES = {"tokenizer": TokenizerStage, "ar": ARStage}
 
 
 def wrap_model(raw, train, info):
@@ -43,19 +45,18 @@ def wrap_model(raw, train, info):
 
 def preflight(cfg, run_dir, world_size=1, replace=False):
     """The cheap checks of everything a run needs, so a launch script fails with one line before torchrun starts
-    N processes: the batch split, the CSVs (columns, labels, listed videos present), the frozen tokenizer (kind,
-    geometry, weights not truncated), the detector and the checkpoint to resume from. Returns lines to print."""
+    N processes: the batch split, the CSVs (columns, listed videos present; the stage checks what it needs of
+    them), the stage's own inputs and the checkpoint to resume from. Returns lines to print."""
     notes = []
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
-    d, ar = cfg.data, cfg.stage == "ar"
+    stage_cls, d = STAGES[cfg.stage], cfg.data
     for key in ("csv", "val_csv"):
         csv = getattr(d, key)
         if not csv:
             continue
         df = read_video_csv(csv)
-        if ar and not cfg.model.frame_prediction:
-            check_labels(df, cfg.model.num_classes, csv, "model.num_classes")
+        stage_cls.check_csv(cfg, df, csv)
         try:
             check_videos_exist(df, csv)
         except VideoReadError as e:
@@ -63,10 +64,7 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
                 raise VideoReadError(f"{e}; fix the CSV or {SKIP_HINT}") from None
             notes.append(f"data.skip_bad: {e} (they will be skipped)")
         notes.append(f"data.{key}: {len(df)} videos listed in {csv}")
-    if ar:
-        notes.append(check_frozen_tokenizer(cfg.vae.checkpoint, d, cfg.model.latent_shape))
-        if cfg.eval.fvd_videos:
-            fvd.check_i3d_spec(cfg.eval.i3d)
+    notes += stage_cls.preflight(cfg)
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     if os.path.exists(latest) and not replace:
         notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg))}")
@@ -78,40 +76,74 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
 def train(cfg, run_dir, info, replace=False, wandb_mode=None):
     """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None)."""
     notes = preflight(cfg, run_dir, info.world_size, replace)  # one clear error before anything is written
-    plain = to_dict(cfg)  # what checkpoints and config.yaml store
-    tc, ev = cfg.train, cfg.eval
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    if tc.deterministic:
+    if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    prepare_run_dir(run_dir, info, replace)
+    stage, run, step = start(cfg, run_dir, info, notes, wandb_mode)
+    step, last = run_steps(stage, run, step)
+    final = run_eval(stage, info, run_dir, step, run.log, run.sharded)
+    export_dir = os.path.join(run_dir, "export")
+    export_model(stage.model, run.ema, export_dir, run.sharded)
+    run.log.log(f"exported {cfg.stage} model to {export_dir}")
+    dist.barrier()
+    run.log.close()
+    if not info.is_main:
+        return None
+    return {"step": step, "last": last, "eval": final, "run_dir": run_dir, "export": export_dir}
+
+
+def prepare_run_dir(run_dir, info, replace):
+    """Rank 0 creates the run folder (emptied with --replace) and removes temp files of killed writes."""
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
         if replace:
             clean_run_dir(run_dir)
         remove_stale_temps(run_dir)
     dist.barrier()
+
+
+@dataclasses.dataclass
+class Run:
+    """What the step loop needs besides the stage: the config (typed, and as plain data for checkpoints), this
+    process, the run folder, the logger and the EMA (or None)."""
+    cfg: object
+    plain: dict
+    info: object
+    run_dir: str
+    log: RunLogger
+    ema: EMA | None
+
+    @property
+    def sharded(self):
+        return self.cfg.train.parallel == "fsdp"
+
+
+def start(cfg, run_dir, info, notes, wandb_mode):
+    """Build the stage, wrap its model, resume from ckpt_latest.pth when there is one, open the logs.
+    Returns (stage, run, step)."""
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     resuming = os.path.exists(latest)
-
     pending = [n for n in notes if n.startswith("data.skip_bad")]
     try:
-        stage = STAGE_FACTORIES[cfg.stage](cfg, info, run_dir, pending.append)
+        stage = STAGES[cfg.stage].from_config(cfg, info, run_dir, pending.append)
     except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
         raise VideoReadError(f"{e}; {SKIP_HINT}") from e
-    raw, sharded = stage.model, tc.parallel == "fsdp"
-    stage.wrapped = wrap_model(raw, tc, info)
-    if sharded:  # fully_shard replaced the parameters by DTensor shards: the optimizer must hold those
+    tc = cfg.train
+    stage.wrapped = wrap_model(stage.model, tc, info)
+    if tc.parallel == "fsdp":  # fully_shard replaced the parameters by DTensor shards: the optimizer must hold those
         stage.build_optimizer()
-    ema = EMA(raw, tc.ema_decay) if tc.ema_decay > 0 else None
-
+    ema = EMA(stage.model, tc.ema_decay) if tc.ema_decay > 0 else None
     step = 0
     if resuming:
-        step, saved_cfg, ema = load_checkpoint(latest, stage, ema, info, sharded)
+        step, saved_cfg, ema = load_checkpoint(latest, stage, ema, info, tc.parallel == "fsdp")
     else:
         seed_everything(cfg.seed + 1000 * info.rank)  # per-rank streams (dropout, VQ sampling)
     log = RunLogger(run_dir, enabled=info.is_main, resume_step=step if resuming else None)
     for line in pending:
         log.log(line)
+    plain = to_dict(cfg)
     if resuming:
         log.log(f"resumed from {latest} at step {step}")
         saved_cfg = _as_stored_now(saved_cfg)
@@ -122,71 +154,89 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
         atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
     log.init_wandb(plain, name=os.path.basename(run_dir), mode=wandb_mode or cfg.wandb.mode,
                    project=cfg.wandb.project, entity=cfg.wandb.entity, tag=cfg.tag)
+    return stage, Run(cfg, plain, info, run_dir, log, ema), step
 
-    dataset, B = stage.train_set, cfg.batch_size
+
+def run_steps(stage, run, step):
+    """The step loop from `step` to the last step: log lines, evaluations and checkpoints on their intervals.
+    Returns (step, the last step's logged values)."""
+    cfg, info, log = run.cfg, run.info, run.log
+    dataset, B, tc = stage.train_set, cfg.batch_size, cfg.train
     if len(dataset) < B:
         raise StageError(f"the training set has {len(dataset)} items, fewer than the global batch {B}")
     spe = len(dataset) // B
     total = tc.max_steps if tc.max_steps else tc.epochs * spe
-    n_params = sum(p.numel() for p in raw.parameters())
+    n_params = sum(p.numel() for p in stage.model.parameters())
     log.log(f"stage {cfg.stage}: {n_params / 1e6:.2f}M params, {len(dataset)} items, global batch "
             f"{B} ({B // info.world_size}/rank x {info.world_size}), {spe} steps/epoch, {total} steps, "
             f"device {info.device}")
     base_lr, schedule = cfg.optimizer.args["lr"], dataclasses.asdict(cfg.lr_schedule)
     bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True, desc=cfg.stage)
-    window, t0, last = [], time.time(), {}
-    skipped = torch.zeros((), dtype=torch.long, device=info.device)  # unreadable videos passed over (data.skip_bad)
-    reported = 0
+    window, last = StepWindow(cfg, info, log), {}
     while step < total:
         epoch, offset = divmod(step, spe)
         for batch in batches(make_loader(dataset, B, cfg.data.num_workers, cfg.seed, info, epoch, offset)):
             lr = lr_at(step, base_lr, total, **schedule)
             stage.set_lr(lr)
-            if "skipped" in batch:
-                skipped += batch["skipped"].sum().to(info.device)
-            logs = stage.step(batch, step, total)
+            last = stage.step(batch, step, total)
             step += 1
-            if ema is not None:
-                ema.update(raw)
-            window.append(logs["loss"])
-            last = logs
+            if run.ema is not None:
+                run.ema.update(stage.model)
+            window.add(batch, last)
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
             if step % tc.log_interval == 0 or step == total:
-                dt = time.time() - t0
-                row = {**logs, "loss_avg": sum(window) / len(window), "lr": lr, "epoch": epoch,
-                       "step_time": dt / len(window)}
-                row.update(stage.window_metrics())
-                if cfg.data.skip_bad:
-                    total_skipped = round(float(dist.all_reduce_mean(skipped.float())) * dist.get_world_size())
-                    row["skipped_videos"] = total_skipped
-                    if total_skipped > reported:
-                        log.log(f"data.skip_bad: an unreadable video was skipped {total_skipped} time(s) so far "
-                                f"(all ranks), each time replaced by the next readable one")
-                        reported = total_skipped
-                log.metrics(step, row)
-                window, t0 = [], time.time()
-            if ev.interval and step % ev.interval == 0 and step < total:
-                run_eval(stage, info, run_dir, step, log, sharded)
-            if step % tc.latest_interval == 0 or step == total:
-                save_checkpoint(latest, stage, ema, plain, step, epoch, sharded)
-                log.log(f"saved checkpoint step {step}")
-            end_of_epoch = (step % spe == 0)
-            if end_of_epoch and tc.save_epoch and (step // spe) % tc.save_epoch == 0:
-                save_checkpoint(os.path.join(run_dir, f"ckpt_{step // spe}.pth"), stage, ema, plain, step, epoch,
-                                sharded)
+                window.flush(stage, step, lr, epoch)
+            after_step(stage, run, step, epoch, total, spe)
             if step >= total:
                 break
     bar.close()
-    final = run_eval(stage, info, run_dir, step, log, sharded)
-    export_dir = os.path.join(run_dir, "export")
-    export_model(raw, ema, export_dir, sharded)
-    log.log(f"exported {cfg.stage} model to {export_dir}")
-    dist.barrier()
-    log.close()
-    if not info.is_main:
-        return None
-    return {"step": step, "last": last, "eval": final, "run_dir": run_dir, "export": export_dir}
+    return step, last
+
+
+def after_step(stage, run, step, epoch, total, spe):
+    """The evaluation and the checkpoints due after `step`."""
+    tc, ev = run.cfg.train, run.cfg.eval
+    if ev.interval and step % ev.interval == 0 and step < total:
+        run_eval(stage, run.info, run.run_dir, step, run.log, run.sharded)
+    if step % tc.latest_interval == 0 or step == total:
+        save_checkpoint(os.path.join(run.run_dir, "ckpt_latest.pth"), stage, run.ema, run.plain, step, epoch,
+                        run.sharded)
+        run.log.log(f"saved checkpoint step {step}")
+    if step % spe == 0 and tc.save_epoch and (step // spe) % tc.save_epoch == 0:
+        save_checkpoint(os.path.join(run.run_dir, f"ckpt_{step // spe}.pth"), stage, run.ema, run.plain, step,
+                        epoch, run.sharded)
+
+
+class StepWindow:
+    """The steps since the last log line: their losses, timing and the unreadable videos skipped so far."""
+
+    def __init__(self, cfg, info, log):
+        self.skip_bad, self.log, self.device = cfg.data.skip_bad, log, info.device
+        self.losses, self.t0, self.last, self.reported = [], time.time(), {}, 0
+        self.skipped = torch.zeros((), dtype=torch.long, device=info.device)  # (data.skip_bad)
+
+    def add(self, batch, logs):
+        if "skipped" in batch:
+            self.skipped += batch["skipped"].sum().to(self.device)
+        self.losses.append(logs["loss"])
+        self.last = logs
+
+    def flush(self, stage, step, lr, epoch):
+        """One metrics.csv row for the window; then a new window starts."""
+        dt = time.time() - self.t0
+        row = {**self.last, "loss_avg": sum(self.losses) / len(self.losses), "lr": lr, "epoch": epoch,
+               "step_time": dt / len(self.losses)}
+        row.update(stage.window_metrics())
+        if self.skip_bad:
+            total_skipped = round(float(dist.all_reduce_mean(self.skipped.float())) * dist.get_world_size())
+            row["skipped_videos"] = total_skipped
+            if total_skipped > self.reported:
+                self.log.log(f"data.skip_bad: an unreadable video was skipped {total_skipped} time(s) so far "
+                             f"(all ranks), each time replaced by the next readable one")
+                self.reported = total_skipped
+        self.log.metrics(step, row)
+        self.losses, self.t0 = [], time.time()
 
 
 def _as_stored_now(saved):

@@ -1,23 +1,14 @@
 """Small training helpers: the LR schedule, optimizers, EMA, the AMP grad scaler, the finiteness check and one
-optimizer step (backward, clip, step). Both stages and the loop in larp/training.py use them."""
+optimizer step (backward, clip, step). Both stages and the loop in larp/training/loop.py use them."""
 import math
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from larp.core.dist import all_reduce_grads, all_reduce_mean
-from larp.core.errors import LarpError
+from larp.core.errors import NonFiniteLossError
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-
-class NonFiniteLossError(LarpError, FloatingPointError):
-    """Raised on every rank together (the loss is averaged over ranks first); names the step."""
-
-    def __init__(self, step, name, value):
-        super().__init__(f"non-finite {name} ({value}) at step {step}: stopping (lower the lr, enable grad "
-                         f"clipping or use bf16 instead of fp16)")
-        self.step = step  # 1-based, as the step column of metrics.csv
 
 
 # ---------------------------------------------------------------------------------------------- schedules

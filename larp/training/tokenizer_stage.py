@@ -2,7 +2,7 @@
 
 `TokenizerStage(cfg, device)` builds the model, the loss (with its discriminator) and their optimizers, with no
 dataset; `TokenizerStage.from_config` adds the training set and the evaluation clips. The loop in
-larp/training.py drives it through `set_lr`, `step`, `window_metrics`, `evaluate`, `state_dict` and
+larp/training/loop.py drives it through `set_lr`, `step`, `window_metrics`, `evaluate`, `state_dict` and
 `load_state_dict`.
 """
 import os
@@ -10,15 +10,14 @@ import os
 import torch
 
 from larp.core import dist
-from larp.core.checkpoint import CheckpointError
-from larp.training.config import StageError
+from larp.core.errors import CheckpointError, StageError
 from larp.models.losses import TokenizerLoss
 from larp.metrics.image import psnr
 from larp.training.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
 from larp.training.stage_data import clip_dataset, eval_clips
 from larp.models.tokenizer import LARPTokenizer
 from larp.core.utils import autocast
-from larp.core.visualize import save_video_grid_png
+from larp.core.visualize import save_preview_png
 
 
 class TokenizerStage:
@@ -44,6 +43,15 @@ class TokenizerStage:
         self.disc_scaler = make_scaler(self.amp, device)
         self.code_counts = torch.zeros(self.model.codebook_size, dtype=torch.long, device=device)
         self.train_set, self.val_videos = None, None
+
+    @staticmethod
+    def check_csv(cfg, df, csv):
+        """Pre-flight of a CSV: the tokenizer needs nothing beyond the common checks (no labels)."""
+
+    @staticmethod
+    def preflight(cfg):
+        """Pre-flight of the stage's own inputs: none beyond the CSVs."""
+        return []
 
     @classmethod
     def from_config(cls, cfg, info, run_dir, note):
@@ -131,9 +139,7 @@ def eval_reconstruction(model, videos, png_path, amp="fp32"):
         enc = model.encode(videos)
         rec = model.decode(enc["encoded"]).float().clamp(0, 1)  # (B, 3, T, H, W)
     value = float(psnr(rec, videos).mean())
-    rows = torch.stack([videos.float(), rec], dim=1).flatten(0, 1)  # (2B, 3, T, H, W) interleaved
-    labels = [("real" if i % 2 == 0 else "recon") for i in range(rows.shape[0])]
-    save_video_grid_png(rows.cpu(), png_path, row_labels=labels)
+    save_preview_png(png_path, rec, [""] * rec.shape[0], real=videos, kinds=("real", "recon"))
     usage = torch.unique(enc["bottleneck_rep"]).numel() / model.codebook_size
     model.train(was_training)
     return {"val_psnr": value, "val_codebook_usage": usage}
