@@ -44,6 +44,8 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
     N processes: the batch split, the CSVs (columns, labels, listed videos present), the frozen tokenizer (kind,
     geometry, weights not truncated), the detector and the checkpoint to resume from. Returns lines to print."""
     notes = []
+    if cfg.train.parallel == "fsdp":
+        fsdp.require()
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
     d, ar = cfg.data, cfg.stage == "ar"

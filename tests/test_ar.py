@@ -9,6 +9,7 @@ from larp.ar import AR_MODELS, Generator, ModelArgs, build_generator, load_gener
 from larp.checkpoint import CheckpointError
 from larp.generate import SamplingParams
 from larp.io import atomic_save
+from larp.utils import torch_at_least
 
 GOLDEN = "golden/tiny"
 
@@ -119,6 +120,7 @@ def test_label_dropout_only_in_training():
     assert not torch.allclose(model(tokens, labels)[0], model(tokens, null)[0])
 
 
+@pytest.mark.skipif(not torch_at_least(2, 5), reason="FlexAttention needs torch>=2.5")
 @torch.no_grad()  # FlexAttention has no CPU backward
 def test_flex_attention_block_mask_matches_sdpa_bool_mask():
     """The CUDA training path (FlexAttention BlockMask) computes the same as the CPU bool-mask SDPA;
