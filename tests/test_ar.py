@@ -10,6 +10,7 @@ from larp.models.transformer import proximity_block_mask
 from larp.core.errors import CheckpointError
 from larp.models.sampling_params import SamplingParams
 from larp.core.io import atomic_save
+from larp.core.utils import torch_at_least
 
 GOLDEN = "golden/tiny"
 
@@ -120,6 +121,7 @@ def test_label_dropout_only_in_training():
     assert not torch.allclose(model(tokens, labels)[0], model(tokens, null)[0])
 
 
+@pytest.mark.skipif(not torch_at_least(2, 5), reason="FlexAttention needs torch>=2.5")
 @torch.no_grad()  # FlexAttention has no CPU backward
 def test_flex_attention_block_mask_matches_sdpa_bool_mask():
     """The CUDA training path (FlexAttention BlockMask) computes the same as the CPU bool-mask SDPA;

@@ -12,6 +12,12 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def torch_at_least(major, minor):
+    """Whether this torch is release major.minor or newer; a pre-release or local build (2.7.0a0+nv25.04) counts as
+    its release."""
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (major, minor)
+
+
 def get_device(name=None):
     """`None`/"auto" -> cuda if available else cpu."""
     if name in (None, "", "auto"):

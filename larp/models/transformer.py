@@ -3,10 +3,13 @@
 and the fixed sin-cos position table. State-dict names match the released generator checkpoints.
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from larp.core.utils import torch_at_least
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +45,7 @@ def flex_attention_fn(device_type):
     """FlexAttention kernel: compiled on CUDA (fused, skips fully masked blocks); the eager reference on
     other devices (used by the CPU test only). None when this torch / machine cannot provide it."""
     if device_type not in _FLEX:
-        try:  # lazy: FlexAttention and torch's private triton probe are missing from some torch builds
+        try:  # lazy: FlexAttention (torch >= 2.5) and torch's private triton probe are missing from some builds
             from torch.nn.attention.flex_attention import flex_attention
             if device_type == "cuda":
                 from torch.utils._triton import has_triton
@@ -51,11 +54,15 @@ def flex_attention_fn(device_type):
                 fn = flex_attention
         except Exception:  # old torch / no compiler: callers fall back to SDPA
             fn = None
+        if fn is None and device_type == "cuda":
+            warnings.warn(f"FlexAttention is off (needs torch>=2.5 with triton; this is torch {torch.__version__}): "
+                          "NAR training attends with SDPA and the dense proximity mask (same result, slower)")
         _FLEX[device_type] = fn
     return _FLEX[device_type]
 
 
 _FLEX = {}
+SDPA_GQA = torch_at_least(2, 5)  # F.scaled_dot_product_attention(enable_gqa=...) is new in torch 2.5
 
 
 def proximity_block_mask(rank, device):
@@ -96,8 +103,11 @@ class Attention(nn.Module):
         if mask is not None and not isinstance(mask, torch.Tensor):
             y = flex_attention_fn(q.device.type)(q, k, v, block_mask=mask, enable_gqa=nkv != nh)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=dropout, enable_gqa=nkv != nh)
+            gqa = {"enable_gqa": True} if nkv != nh else {}
+            if gqa and not SDPA_GQA:  # torch 2.4: repeat each kv head for its queries, as enable_gqa does
+                k, v, gqa = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1), {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                               **gqa)
         y = y.transpose(1, 2).reshape(B, L, nh * hd)  # (B, L, D)
         return self.resid_dropout(self.wo(y))
 

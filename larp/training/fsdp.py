@@ -10,17 +10,38 @@ hub layout, and `sample.py` / `load_generator` read either. The cost is rank 0's
 shards would avoid both but need a conversion before any single-process tool can read a checkpoint.
 On resume each rank memory-maps the file (torch.load(mmap=True)), so the ranks of a node share one copy in the
 page cache, and keeps only its shard.
+Needs torch 2.7: `fully_shard` is public in torch.distributed.fsdp from 2.6 and `load_sharded` uses
+distribute_tensor(src_data_rank=None) of 2.7; on an older torch `require` says so in one line.
 """
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from larp.core.errors import LarpError
+from larp.core.utils import torch_at_least
+
+try:  # absent before torch 2.5 / 2.6; only train.parallel fsdp needs them (see `require`)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:
+    DTensor = None
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0's CPU only
 SCATTER = StateDictOptions(full_state_dict=True)                   # every rank passes the full dict, keeps its shard
+
+
+def require():
+    """train.parallel fsdp on a torch older than 2.7: one line instead of an ImportError or a late TypeError."""
+    if not torch_at_least(2, 7):
+        raise LarpError(f"train.parallel: fsdp needs torch>=2.7 (FSDP2); this is torch {torch.__version__}: "
+                        "use train.parallel ddp or a newer torch")
+
+
+def is_shard(tensor):
+    """Whether `tensor` is a DTensor, i.e. a shard of a parameter (or its gradient) of a sharded model."""
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def ensure_process_group(device):
@@ -45,6 +66,7 @@ def mixed_precision(amp):
 def shard_generator(model, amp, device):
     """Shard a larp.models.generator.Generator in place: each transformer block is one FSDP unit (all-gathered just before it
     runs, freed after), the root unit holds the embeddings, position table, norms and heads."""
+    require()
     ensure_process_group(device)
     mp = mixed_precision(amp)
     for block in model.layers:

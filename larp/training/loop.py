@@ -48,6 +48,8 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
     N processes: the batch split, the CSVs (columns, listed videos present; the stage checks what it needs of
     them), the stage's own inputs and the checkpoint to resume from. Returns lines to print."""
     notes = []
+    if cfg.train.parallel == "fsdp":
+        fsdp.require()
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
     stage_cls, d = STAGES[cfg.stage], cfg.data

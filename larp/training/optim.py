@@ -3,10 +3,10 @@ optimizer step (backward, clip, step). Both stages and the loop in larp/training
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from larp.core.dist import all_reduce_grads, all_reduce_mean
 from larp.core.errors import NonFiniteLossError
+from larp.training.fsdp import is_shard
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -96,7 +96,7 @@ def optimizer_step(loss, optimizer, scaler, params, grad_clip, sync_grads=False)
     if sync_grads:
         all_reduce_grads(params)
     scaler.unscale_(optimizer)
-    if params and isinstance(params[0].grad, DTensor):  # FSDP shards: the norm is reduced over ranks
+    if params and is_shard(params[0].grad):  # FSDP shards: the norm is reduced over ranks
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()
         if grad_clip and grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
