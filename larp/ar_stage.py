@@ -22,6 +22,7 @@ from larp.data.dataset import select_fvd_clips
 from larp.fvd import FeatureStats, frechet_distance, load_i3d
 from larp.io import atomic_save, resize_video
 from larp.optim import build_optimizer, check_finite, make_scaler, optimizer_step, set_lr
+from larp.safe_load import load_torch
 from larp.stage_data import clip_dataset, eval_clips
 from larp.tokenizer import LARPTokenizer
 from larp.utils import autocast
@@ -45,17 +46,20 @@ class ARStage:
         self.scaler = make_scaler(self.amp, device)
         self.train_set, self.detector = None, None
         self.val_videos, self.val_labels, self.val_dataset = None, None, None  # (rank 0) evaluation clips
+        self.trust_checkpoint = False  # --trust_checkpoint: also for the FVD detector file
 
     @classmethod
-    def from_config(cls, cfg, info, run_dir, note):
-        """Frozen tokenizer, generator, training set (token cache or clips) and (rank 0) the evaluation clips."""
-        tok = load_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, info.device)
+    def from_config(cls, cfg, info, run_dir, note, trust=False):
+        """Frozen tokenizer, generator, training set (token cache or clips) and (rank 0) the evaluation clips.
+        `trust` (--trust_checkpoint) lets the files read here hold more than tensors and plain data."""
+        tok = load_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, info.device, trust)
         stage = cls(cfg, build_ar_model(cfg.model, tok).to(info.device), tok, info.device)
+        stage.trust_checkpoint = trust
         m = cfg.model
         if cfg.cache_tokens:
             if info.is_main:
                 os.makedirs(run_dir, exist_ok=True)
-            stage.train_set = TokenItems(token_cache(stage, cfg, info, run_dir, note))
+            stage.train_set = TokenItems(token_cache(stage, cfg, info, run_dir, note, trust))
             labels = stage.train_set.labels
         else:
             stage.train_set = clip_dataset(cfg.data, cfg.data.csv, train=True)
@@ -125,7 +129,7 @@ class ARStage:
                          real=self.val_videos if self.num_cond_frames else None, labels=self.val_labels)
         if self.fvd_videos:
             if self.detector is None:
-                self.detector = load_i3d(self.i3d, device=self.device, verbose=False)
+                self.detector = load_i3d(self.i3d, device=self.device, verbose=False, trust=self.trust_checkpoint)
             ds = self.val_dataset
             items = [ds[i] for i in select_fvd_clips(len(ds), self.fvd_videos)]
             real = torch.stack([it["video"] for it in items]).to(self.device)
@@ -195,12 +199,12 @@ def require_tokenizer_spec(spec):
         raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or hub id>")
 
 
-def check_frozen_tokenizer(spec, data, latent_shape):
+def check_frozen_tokenizer(spec, data, latent_shape, trust=False):
     """Pre-flight: the tokenizer checkpoint `spec` is one, readable, of the config's clip geometry and token count
-    (its config only: no weights are read). Returns a line describing it."""
+    (its config only: no weights are read; `trust`: --trust_checkpoint). Returns a line describing it."""
     require_tokenizer_spec(spec)
     try:
-        tok = peek_checkpoint(spec)
+        tok = peek_checkpoint(spec, trust)
     except CheckpointError as e:
         raise CheckpointError(f"vae.checkpoint: {e}") from None
     expect_kind(tok, "tokenizer", f"vae.checkpoint {spec}")
@@ -213,11 +217,11 @@ def check_frozen_tokenizer(spec, data, latent_shape):
     return f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})"
 
 
-def load_frozen_tokenizer(spec, data, device):
+def load_frozen_tokenizer(spec, data, device, trust=False):
     """The tokenizer `spec` (directory, checkpoint or hub id) in eval mode with deterministic VQ and no grads;
-    its clip geometry must be the config's."""
+    its clip geometry must be the config's. `trust`: --trust_checkpoint."""
     require_tokenizer_spec(spec)
-    tok = LARPTokenizer.from_pretrained(spec).to(device).eval()
+    tok = LARPTokenizer.from_pretrained(spec, trust=trust).to(device).eval()
     tok.set_vq_eval_deterministic(True)
     for p in tok.parameters():
         p.requires_grad_(False)
@@ -278,10 +282,10 @@ def _fingerprint(tok, spec):
     return h.hexdigest()
 
 
-def token_cache(stage, cfg, info, run_dir, note):
+def token_cache(stage, cfg, info, run_dir, note, trust=False):
     """Tokens of every evaluation-mode clip of the training CSV (all non-overlapping windows, center crop),
     encoded once (sharded over ranks) into <run_dir>/token_cache.pt and reused while the tokenizer, clips and
-    geometry match."""
+    geometry match. Read back as tensors and plain data only (larp.safe_load; `trust`: --trust_checkpoint)."""
     d = cfg.data
     ds = clip_dataset(d, d.csv, train=False)
     ncf = stage.num_cond_frames
@@ -290,7 +294,7 @@ def token_cache(stage, cfg, info, run_dir, note):
         "input_size": d.input_size, "num_cond_frames": ncf, "encode_dtype": cfg.vae.encode_dtype}
     path = os.path.join(run_dir, "token_cache.pt")
     if os.path.exists(path):
-        cache = torch.load(path, map_location="cpu", weights_only=False)
+        cache = load_torch(path, trust)
         if cache.get("meta") == meta:
             note(f"token cache: reusing {path} ({cache['tokens'].shape[0]} clips)")
             return cache
@@ -311,7 +315,7 @@ def token_cache(stage, cfg, info, run_dir, note):
     atomic_save(part, part_path)
     dist.barrier()
     if info.is_main:
-        parts = [torch.load(os.path.join(run_dir, f".token_cache_part{r}.pt")) for r in range(info.world_size)]
+        parts = [load_torch(os.path.join(run_dir, f".token_cache_part{r}.pt"), trust) for r in range(info.world_size)]
         order = torch.cat([p["index"] for p in parts]).argsort()
         cache = {"meta": meta, "tokens": torch.cat([p["tokens"] for p in parts])[order],
                  "labels": torch.tensor([c[2] for c in ds.clips], dtype=torch.long),
@@ -321,4 +325,4 @@ def token_cache(stage, cfg, info, run_dir, note):
             os.remove(os.path.join(run_dir, f".token_cache_part{r}.pt"))
         note(f"token cache: wrote {path} ({cache['tokens'].shape[0]} clips)")
     dist.barrier()
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch(path, trust)

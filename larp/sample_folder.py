@@ -18,6 +18,7 @@ from filelock import FileLock
 from larp.errors import LarpError
 from larp.fvd import FeatureStats, frechet_distance
 from larp.io import atomic_write, atomic_write_text
+from larp.safe_load import load_npy
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", "cfg_scale",
                   "cfg_interval", "temperature", "top_k", "top_p", "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
@@ -183,7 +184,7 @@ def finalize(output_dir, settings, replace=False, log=print):
         gen = functools.reduce(operator.add, [FeatureStats.load(p["gen"]) for p in paths])
         gt = functools.reduce(operator.add, [FeatureStats.load(p["gt"]) for p in paths])
         value = float(frechet_distance(gen, gt))
-        nll = np.concatenate([np.load(p["nll"]) for p in paths])
+        nll = np.concatenate([load_npy(p["nll"]) for p in paths])  # allow_pickle=False
         with open(paths[0]["meta"]) as f:
             detector = json.load(f)["detector"]
         row = {k: settings.get(k, "") for k in REPORT_COLUMNS}

@@ -39,10 +39,11 @@ def wrap_model(raw, train, info):
     return model
 
 
-def preflight(cfg, run_dir, world_size=1, replace=False):
+def preflight(cfg, run_dir, world_size=1, replace=False, trust=False):
     """The cheap checks of everything a run needs, so a launch script fails with one line before torchrun starts
     N processes: the batch split, the CSVs (columns, labels, listed videos present), the frozen tokenizer (kind,
-    geometry, weights not truncated), the detector and the checkpoint to resume from. Returns lines to print."""
+    geometry, weights not truncated), the detector and the checkpoint to resume from. Returns lines to print.
+    `trust` (--trust_checkpoint) lets those files hold more than tensors and plain data (larp/safe_load.py)."""
     notes = []
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
@@ -62,20 +63,21 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
             notes.append(f"data.skip_bad: {e} (they will be skipped)")
         notes.append(f"data.{key}: {len(df)} videos listed in {csv}")
     if ar:
-        notes.append(check_frozen_tokenizer(cfg.vae.checkpoint, d, cfg.model.latent_shape))
+        notes.append(check_frozen_tokenizer(cfg.vae.checkpoint, d, cfg.model.latent_shape, trust))
         if cfg.eval.fvd_videos:
-            fvd.check_i3d_spec(cfg.eval.i3d)
+            fvd.check_i3d_spec(cfg.eval.i3d, trust)
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     if os.path.exists(latest) and not replace:
-        notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg))}")
+        notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg), trust)}")
     else:
         notes.append(f"starts fresh in {run_dir}")
     return notes
 
 
-def train(cfg, run_dir, info, replace=False, wandb_mode=None):
-    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None)."""
-    notes = preflight(cfg, run_dir, info.world_size, replace)  # one clear error before anything is written
+def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
+    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None).
+    `trust`: --trust_checkpoint (see preflight)."""
+    notes = preflight(cfg, run_dir, info.world_size, replace, trust)  # one clear error before anything is written
     plain = to_dict(cfg)  # what checkpoints and config.yaml store
     tc, ev = cfg.train, cfg.eval
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -93,7 +95,7 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
 
     pending = [n for n in notes if n.startswith("data.skip_bad")]
     try:
-        stage = STAGE_FACTORIES[cfg.stage](cfg, info, run_dir, pending.append)
+        stage = STAGE_FACTORIES[cfg.stage](cfg, info, run_dir, pending.append, trust)
     except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
         raise VideoReadError(f"{e}; {SKIP_HINT}") from e
     raw, sharded = stage.model, tc.parallel == "fsdp"
@@ -104,7 +106,7 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
 
     step = 0
     if resuming:
-        step, saved_cfg, ema = load_checkpoint(latest, stage, ema, info, sharded)
+        step, saved_cfg, ema = load_checkpoint(latest, stage, ema, info, sharded, trust)
     else:
         seed_everything(cfg.seed + 1000 * info.rank)  # per-rank streams (dropout, VQ sampling)
     log = RunLogger(run_dir, enabled=info.is_main, resume_step=step if resuming else None)

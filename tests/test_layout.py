@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 # Bottom to top; a module may import modules of its own layer or of layers below it.
 LAYERS = [
-    {"larp.errors", "larp.io", "larp.utils", "larp.metrics", "larp.nar_order"},
+    {"larp.errors", "larp.io", "larp.utils", "larp.metrics", "larp.nar_order", "larp.safe_load"},
     {"larp.dist", "larp.checkpoint", "larp.fsdp", "larp.blocks", "larp.visualize", "larp.logger", "larp.data.video_io"},
     {"larp.quantizer", "larp.prior", "larp.tokenizer", "larp.discriminator", "larp.losses", "larp.generate",
      "larp.ar", "larp.i3d", "larp.i3d_weights", "larp.fvd", "larp.data.dataset", "larp.data.synthetic",
