@@ -8,6 +8,8 @@ Parallel shards (any order, any machines, same --output_dir); the last one to fi
   python sample.py ... --num_samples 2500 --num_samples_total 10000 --starting_index 0|2500|5000|7500
   torchrun --nproc_per_node 8 sample.py ...   (ranks split this process's range)
 Frame prediction (K600, 5 conditioning frames, FVD at 64x64): add --frame_prediction (and --cfg_scale 1).
+Hub ids may be pinned to a commit (--ar_model_revision / --tokenizer_revision, or owner/name@COMMIT); the run
+settings and the report row record the commit actually loaded. Files are read safely (docs/security.md).
 
 Outputs, resuming and the seeding rule are described in larp/sampling/run.py; the checks made before any model loads
 in larp/sampling/job.py.
@@ -16,6 +18,7 @@ import argparse
 
 from larp.sampling import run as sampling
 from larp.core.errors import SampleError, run_cli
+from larp.core.safe_load import TRUST_HELP, with_revision
 from larp.models.sampling_params import SamplingParams
 from larp.sampling.job import SampleJob
 from larp.core.utils import DTYPES
@@ -25,6 +28,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar_model", required=True, help="generator: hub id, hub-style dir or training .pth")
     p.add_argument("--tokenizer", required=True, help="LARP tokenizer: hub id, hub-style dir, .pth+.json dir")
+    p.add_argument("--ar_model_revision", default=None, help="hub commit of --ar_model (a hub id)")
+    p.add_argument("--tokenizer_revision", default=None, help="hub commit of --tokenizer (a hub id)")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_samples", type=int, default=10000, help="samples of this shard")
     p.add_argument("--num_samples_total", type=int, default=None, help="samples of the whole run "
@@ -62,7 +68,9 @@ def make_job(args):
         params = SamplingParams.from_args(args)
     except ValueError as e:  # "temperature: must be >= 0 (0 = greedy), got -1.0"
         raise SampleError(f"--{e}") from None
-    return SampleJob(ar_model=args.ar_model, tokenizer=args.tokenizer, output_dir=args.output_dir,
+    ar_model = with_revision(args.ar_model, args.ar_model_revision, "--ar_model_revision")
+    tokenizer = with_revision(args.tokenizer, args.tokenizer_revision, "--tokenizer_revision")
+    return SampleJob(ar_model=ar_model, tokenizer=tokenizer, output_dir=args.output_dir,
                      dataset_csv=args.dataset_csv, num_samples=args.num_samples,
                      num_samples_total=args.num_samples_total, starting_index=args.starting_index, params=params,
                      seed=args.seed, dtype=args.dtype, dataset_split_seed=args.dataset_split_seed,
@@ -70,7 +78,7 @@ def make_job(args):
                      frame_num=args.num_frames, input_size=args.input_size, fvd_size=args.fvd_size,
                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
                      num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,
-                     device=args.device)
+                     device=args.device, trust_checkpoint=args.trust_checkpoint)
 
 
 def main(args):

@@ -13,6 +13,7 @@ import os
 from larp.core import dist
 from larp.training.config_build import build_config
 from larp.core.errors import run_cli
+from larp.core.safe_load import TRUST_HELP
 from larp.training.loop import preflight, train
 
 
@@ -33,6 +34,7 @@ def build_parser():
     p.add_argument("--i3d", default=None, help="detector for the periodic small FVD, e.g. random:112 or a path")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--replace", action="store_true", help="start fresh instead of resuming from ckpt_latest.pth")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--check", type=int, nargs="?", const=1, default=None, metavar="NPROC",
                    help="check the config, CSVs, listed videos, checkpoints and the batch split over NPROC "
                         "processes in all, every node together (default 1) without training, then exit; the launch "
@@ -51,7 +53,7 @@ def main(args):
     name = args.name or os.path.splitext(os.path.basename(args.cfg))[0]
     run_dir = os.path.join(args.out_path, name)
     if args.check is not None:
-        for line in preflight(cfg, run_dir, args.check, replace=args.replace):
+        for line in preflight(cfg, run_dir, args.check, replace=args.replace, trust=args.trust_checkpoint):
             print(f"train.py --check: {line}", flush=True)
         print(f"train.py --check: ok ({cfg.stage} stage, global batch {cfg.batch_size} over {args.check} "
               f"process(es))", flush=True)
@@ -59,7 +61,7 @@ def main(args):
     info = dist.init_distributed(args.device)
     try:
         mode = "online" if args.wandb_upload else None
-        return train(cfg, run_dir, info, replace=args.replace, wandb_mode=mode)
+        return train(cfg, run_dir, info, replace=args.replace, wandb_mode=mode, trust=args.trust_checkpoint)
     finally:
         dist.cleanup()
 

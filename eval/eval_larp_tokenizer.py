@@ -8,7 +8,9 @@ Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--
 with seed 42) is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
-DIR/metrics.json and a preview grid DIR/preview.png (input row, reconstruction row, ...).
+DIR/metrics.json and a preview grid DIR/preview.png (input row, reconstruction row, ...). A hub id may be pinned
+with --revision COMMIT (or owner/name@COMMIT); metrics.json records the commit actually loaded. Files are read
+safely (docs/security.md).
 """
 import argparse
 import json
@@ -18,12 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from larp.core.checkpoint import expect_kind, read_checkpoint
+from larp.core.checkpoint import expect_kind, local_path, read_checkpoint
 from larp.core.errors import CheckpointError, I3DError, LarpError, UsageError, VideoReadError, run_cli
 from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
 from larp.metrics.detectors import check_i3d_spec, load_i3d
 from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
 from larp.core.io import atomic_write_text
+from larp.core.safe_load import TRUST_HELP, loaded_spec, with_revision
 from larp.models.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
 from larp.metrics.image import psnr, ssim
 from larp.models.tokenizer import LARPTokenizer, clip_geometry
@@ -82,9 +85,12 @@ def save_preview(preview, path):
 
 def check_args(args):
     """One clear error for each bad flag before any video is read. Returns the tokenizer checkpoint (config, state
-    dict, layout), the clip geometry (frame_num, input_size) and the detector spec (None with --no_fvd)."""
+    dict, layout), the clip geometry (frame_num, input_size), the detector spec (None with --no_fvd) and the
+    tokenizer as the report records it (a hub id with the commit loaded)."""
+    spec = with_revision(args.tokenizer, args.revision)
     try:
-        ckpt = read_checkpoint(args.tokenizer)  # (config, state dict, layout)
+        path = local_path(spec)  # a hub id: fetched once, here
+        ckpt = read_checkpoint(path, args.trust_checkpoint)  # (config, state dict, layout)
         expect_kind(ckpt[0], "tokenizer", args.tokenizer)
     except CheckpointError as e:
         raise CheckpointError(f"--tokenizer: {e}") from None
@@ -97,16 +103,16 @@ def check_args(args):
     i3d = None
     if not args.no_fvd:
         try:
-            i3d = check_i3d_spec(args.i3d)
+            i3d = check_i3d_spec(args.i3d, args.trust_checkpoint)
         except I3DError as e:
             raise I3DError(f"--i3d: {e} (or pass --no_fvd)") from None
     if args.max_clips < 0 or args.batch_size < 1:
         raise UsageError("--max_clips must be >= 0 and --batch_size >= 1")
-    return ckpt, geometry, i3d
+    return ckpt, geometry, i3d, loaded_spec(spec, path)
 
 
 def main(args):
-    (config, sd, _), (frame_num, input_size), i3d = check_args(args)
+    (config, sd, _), (frame_num, input_size), i3d, tokenizer = check_args(args)
     device = get_device(args.device)
     try:
         model = LARPTokenizer.from_config_and_state_dict(config, sd, source=str(args.tokenizer))
@@ -130,7 +136,7 @@ def main(args):
         lpips_model = build_lpips(args.lpips_net).to(device)
     detector = None
     if i3d is not None:
-        detector = load_i3d(i3d, device, batch_size=args.batch_size)
+        detector = load_i3d(i3d, device, batch_size=args.batch_size, trust=args.trust_checkpoint)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
 
@@ -138,7 +144,7 @@ def main(args):
     os.makedirs(out, exist_ok=True)
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
-    report = {**metrics, "tokenizer": str(args.tokenizer), "dataset_csv": str(args.dataset_csv), "det": args.det,
+    report = {**metrics, "tokenizer": tokenizer, "dataset_csv": str(args.dataset_csv), "det": args.det,
               "use_amp": args.use_amp, "i3d": None if detector is None else detector.name}
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     print(f"mse={metrics['mse']:.6f}")
@@ -158,6 +164,8 @@ def main(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="hub-mixin dir, *.pth+*.json dir, training checkpoint or hub id")
+    p.add_argument("--revision", default=None, help="hub commit of --tokenizer (a hub id)")
+    p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--dataset_csv", required=True, help="CSV path or name under data/metadata (several joined by +)")
     p.add_argument("--det", action="store_true", help="deterministic (argmax) VQ; default samples as in training")
     p.add_argument("--use_amp", action="store_true", help="bf16 autocast where the device supports it")

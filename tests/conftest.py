@@ -58,3 +58,9 @@ def patch_everywhere(monkeypatch, module, name, replacement):
                 monkeypatch.setattr(mod, attr, replacement)
                 patched += 1
     return patched
+
+
+@pytest.fixture
+def marker(tmp_path):
+    """Where a malicious file's payload would leave its trace (tests/test_security*.py)."""
+    return tmp_path / "payload_ran"

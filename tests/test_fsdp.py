@@ -15,7 +15,7 @@ import torch
 from larp.core.errors import ConfigError
 from larp.training.config_build import build_config
 from larp.data.synthetic import make_synthetic_dataset
-from larp.utils import torch_at_least
+from larp.core.utils import torch_at_least
 from tests.conftest import ROOT
 from tests.test_train import ar_argv, subprocess_env, train_rows
 

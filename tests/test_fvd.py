@@ -121,7 +121,7 @@ class StandIn(torch.nn.Module):
 def test_torchscript_detector_path(tmp_path, capsys):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(StandIn()).save(str(path))
-    det = load_i3d(str(path), "cpu", batch_size=2)
+    det = load_i3d(str(path), "cpu", batch_size=2, trust=True)  # a digest no list knows (tests/test_security.py)
     assert det.kind == "torchscript" and not det.is_random
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest in capsys.readouterr().out and digest[:16] in det.name

@@ -4,18 +4,20 @@ Three on-disk layouts are accepted everywhere (see docs/reference.md):
   1. hub-mixin directory: config.json (constructor kwargs) + model.safetensors
   2. NAR tokenizer directory: one *.pth (raw state dict) + one *.json (kwargs)
   3. training checkpoint *.pth: {"model": {"name", "args", "sd"}, "optimizer", ...}
-A hub id (owner/name) is resolved to a layout-1 directory with huggingface_hub.
+A hub id (owner/name, or owner/name@REVISION to pin a commit) is resolved to a layout-1 directory with
+huggingface_hub. *.pth files are read with larp.core.safe_load.load_torch (tensors and plain data only, see
+docs/security.md).
 """
 import json
 import os
 import zipfile
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from larp.core.errors import CheckpointError
+from larp.core.errors import CheckpointError, UnsafeFileError
 from larp.core.io import atomic_write, atomic_write_text
+from larp.core.safe_load import load_torch, split_hub_spec
 
 
 def strip_prefixes(sd):
@@ -153,13 +155,16 @@ def save_hub_dir(directory, config, state_dict):
 
 
 def resolve_hub_id(name):
-    """Download (or find in the offline cache) a hub repo; return its local directory."""
+    """Download (or find in the offline cache) a hub repo, `owner/name` or `owner/name@REVISION`; return its local
+    directory (huggingface_hub's snapshots/<commit>/)."""
     try:  # lazy: a slow import (network stack) needed only for hub ids
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover
         raise CheckpointError(f"{name}: not a local path, and huggingface_hub is not installed") from e
+    repo, revision = split_hub_spec(name)
     try:
-        return snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.pth", "*.bin"])
+        return snapshot_download(repo_id=repo, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.pth", "*.bin"])
     except Exception as e:
         raise CheckpointError(
             f"{name}: not a local path and could not be fetched from the hub "
@@ -177,13 +182,14 @@ def local_path(spec):
     raise CheckpointError(f"{path}: no such file or directory")
 
 
-def peek_checkpoint(spec):
+def peek_checkpoint(spec, trust=False):
     """The config dict of a checkpoint without reading the tensors of a hub-style folder (its weights files are
-    checked for truncation: header / zip directory); training *.pth files are read whole. Raises CheckpointError."""
+    checked for truncation: header / zip directory); training *.pth files are read whole (`trust`: see
+    read_checkpoint). Raises CheckpointError."""
     path = local_path(spec)
     jsons = sorted(p for p in os.listdir(path) if p.endswith(".json")) if os.path.isdir(path) else []
     if not (os.path.isdir(path) and ("config.json" in jsons or len(jsons) == 1)):
-        return read_checkpoint(path)[0]
+        return read_checkpoint(path, trust)[0]
     cfg = read_config_json(os.path.join(path, "config.json" if "config.json" in jsons else jsons[0]))
     weights = sorted(p for p in os.listdir(path) if p.endswith((".safetensors", ".pth")))
     if not weights:
@@ -193,16 +199,17 @@ def peek_checkpoint(spec):
     return cfg
 
 
-def read_checkpoint(spec):
+def read_checkpoint(spec, trust=False):
     """Resolve `spec` to (config dict, state dict, layout name).
 
     `config` is the constructor kwargs / model args; for training checkpoints the
     size name is returned as config["__name__"] when present. Every failure is a CheckpointError naming the file
-    and what was expected.
+    and what was expected, except a *.pth that needs more than tensors and plain data: UnsafeFileError, unless
+    `trust` (--trust_checkpoint) lets larp.core.safe_load.load_torch read it anyway.
     """
     spec = local_path(spec)
     if os.path.isdir(spec):
-        return _read_folder(spec)
+        return _read_folder(spec, trust)
     if spec.endswith(".safetensors"):
         cfg_path = os.path.join(os.path.dirname(spec), "config.json")
         if not os.path.exists(cfg_path):
@@ -210,10 +217,10 @@ def read_checkpoint(spec):
         return read_config_json(cfg_path), load_safetensors(spec), "hub"
     if spec.endswith(".json"):
         raise CheckpointError(f"{spec}: a config alone; pass its folder (config.json + model.safetensors)")
-    return _read_training_checkpoint(spec)
+    return _read_training_checkpoint(spec, trust)
 
 
-def _read_folder(spec):
+def _read_folder(spec, trust=False):
     """(config, state dict, layout) of a hub-mixin folder or a *.pth + *.json folder."""
     cfg_path = os.path.join(spec, "config.json")
     st_path = os.path.join(spec, "model.safetensors")
@@ -226,7 +233,9 @@ def _read_folder(spec):
         pth = os.path.join(spec, pths[0])
         check_weights_file(pth)
         try:
-            sd = torch.load(pth, map_location="cpu", weights_only=True)
+            sd = load_torch(pth, trust)
+        except UnsafeFileError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{pth}: not a readable state dict ({_first_line(e)})") from e
         return cfg, sd, "pth_json"
@@ -235,11 +244,13 @@ def _read_folder(spec):
         f"(found {len(pths)} .pth, {len(jsons)} .json)")
 
 
-def _read_training_checkpoint(spec):
+def _read_training_checkpoint(spec, trust=False):
     """(args with the size name as "__name__", state dict, "train_ckpt") of a training checkpoint file."""
     check_weights_file(spec)
     try:
-        ckpt = torch.load(spec, map_location="cpu", weights_only=False)
+        ckpt = load_torch(spec, trust)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{spec}: cannot be read as a torch checkpoint ({_first_line(e)})") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "sd" in ckpt["model"]:

@@ -25,6 +25,10 @@ class StageError(LarpError, ValueError):
     """Settings that disagree with each other or with the data / checkpoints, found before training starts."""
 
 
+class UnsafeFileError(LarpError, RuntimeError):
+    """A file refused because reading it could run code; the message names the file and what it holds."""
+
+
 class GeometryError(LarpError, ValueError):
     """A clip length or size that is not the one the tokenizer encodes; names the flag or key."""
 

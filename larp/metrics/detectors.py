@@ -14,6 +14,7 @@ error line saying how to install them. `random[:SIZE]` is a seeded random networ
 import contextlib
 import copy
 import hashlib
+import io
 import os
 import warnings
 import zipfile
@@ -23,18 +24,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from larp.core.checkpoint import load_state_dict_strict, strip_prefixes
-from larp.core.errors import CheckpointError, I3DError
+from larp.core.errors import CheckpointError, I3DError, UnsafeFileError
+from larp.core.safe_load import TORCHSCRIPT_SHA256_ENV, load_torch, read_torchscript
 from larp.metrics.i3d import RANDOM_SEED, InceptionI3d, fuse_batchnorm, random_i3d
-from larp.metrics.i3d_weights import INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, kinetics400_available, kinetics400_state_dict, state_dict_sha256
+from larp.metrics.i3d_weights import (INSTALL_HINT, KINETICS400_NAME, KINETICS400_STATE_SHA256, kinetics400_available,
+                                      kinetics400_state_dict, state_dict_sha256)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 DEFAULT_I3D = os.path.join("checkpoints", "i3d_torchscript.pt")  # relative to the project root
 KINETICS400 = "kinetics400"
 PRECISIONS = ("fp32", "tf32", "bf16")
 RANDOM_LABEL = "random I3D, not comparable to published FVD"
-# No verified SHA-256 of the standard StyleGAN-V file is recorded here (we had no copy to hash). Users who know it
-# set $LARP_I3D_SHA256 to get a warning on mismatch; the digest of the loaded file is always printed.
-EXPECTED_SHA256_ENV = "LARP_I3D_SHA256"
+# A TorchScript detector loads only when its digest is known (larp.core.safe_load.KNOWN_TORCHSCRIPT, the reference
+# repositories' file, or $LARP_I3D_SHA256 set by a user who checked the file) or with --trust_checkpoint. A state
+# dict whose SHA-256 differs from $LARP_I3D_SHA256 gets a warning; the digest of the loaded file is always printed.
+EXPECTED_SHA256_ENV = TORCHSCRIPT_SHA256_ENV
 
 
 def default_i3d_spec():
@@ -58,8 +62,9 @@ def _parse_random(spec):
     return None
 
 
-def check_i3d_spec(spec=None):
-    """Resolve and validate a detector spec cheaply (no loading), so callers fail before any long work.
+def check_i3d_spec(spec=None, trust=False):
+    """Resolve and validate a detector spec cheaply (no loading), so callers fail before any long work; a
+    TorchScript file of unknown digest is refused here already (UnsafeFileError) unless `trust` (--trust_checkpoint).
 
     Returns the resolved spec: 'kinetics400', 'random', 'random:S' or an existing file path.
     """
@@ -86,6 +91,8 @@ def check_i3d_spec(spec=None):
                "--i3d random[:SIZE] runs offline but is not comparable to published FVD")
         raise I3DError(f"I3D detector file not found: '{path}': {how}")
     _check_model_file(path)
+    if _is_torchscript(path):
+        read_torchscript(path, trust)
     return path
 
 
@@ -182,15 +189,16 @@ class I3DDetector:
         return torch.cat(out) if out else torch.zeros(0, 400)
 
 
-def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp32", cache_dir=None):
+def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp32", cache_dir=None, trust=False):
     """spec: 'kinetics400' | StyleGAN-V torchscript path | state-dict path (.safetensors/.pth) for our
-    InceptionI3d | 'random' | 'random:S'; None resolves as check_i3d_spec says.
+    InceptionI3d | 'random' | 'random:S'; None resolves as check_i3d_spec says. `trust` (--trust_checkpoint): also
+    TorchScript of unknown digest, and .pth state dicts holding more than tensors and plain data.
 
     Prints one line naming the detector (with the file's SHA-256 for files) so every log says which network
     produced the numbers. A state dict whose contents are the Kinetics-400 conversion (the cached
     i3d_kinetics400.safetensors, wherever it was copied) gets the `kinetics400` name, so their stats merge.
     """
-    spec = check_i3d_spec(spec)
+    spec = check_i3d_spec(spec, trust)
     device = torch.device(device)
     size = _parse_random(spec)
     if spec == KINETICS400:
@@ -212,16 +220,17 @@ def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp
             warnings.warn(f"{spec}: SHA-256 {digest} differs from ${EXPECTED_SHA256_ENV}={expected}; "
                           "FVD may not be comparable to published numbers")
         if _is_torchscript(spec):
+            data, digest = read_torchscript(spec, trust)  # the checked bytes are the ones loaded
             try:
                 with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; it still loads
                     warnings.simplefilter("ignore", FutureWarning)
-                    model = torch.jit.load(spec, map_location=device).eval()
+                    model = torch.jit.load(io.BytesIO(data), map_location=device).eval()
             except Exception as e:  # corrupt archive, incompatible torch version, ...
                 raise I3DError(f"cannot load I3D torchscript '{spec}': {e}") from e
             name = f"I3D torchscript {os.path.basename(spec)} sha256:{digest[:16]}"
             det = I3DDetector(model, "torchscript", name, device, None, False, batch_size, digest, precision)
         else:
-            model = _load_our_i3d(spec)
+            model = _load_our_i3d(spec, trust)
             if state_dict_sha256(model.state_dict()) == KINETICS400_STATE_SHA256:
                 name = f"{KINETICS400_NAME}, input 224x224"
             else:
@@ -233,12 +242,14 @@ def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp
     return det
 
 
-def _load_our_i3d(path):
+def _load_our_i3d(path, trust=False):
     try:
         if path.endswith(".safetensors"):
             sd = load_file(path)
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_torch(path, trust)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise I3DError(f"cannot read I3D state dict '{path}': {e}") from e
     for key in ("state_dict", "model"):

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from larp.core.io import atomic_write
+from larp.core.safe_load import load_array_pickle, load_npz
 from larp.metrics.detectors import RANDOM_LABEL
 
 
@@ -128,16 +129,14 @@ class FeatureStats:
             raise FileNotFoundError(f"stats file not found: '{path}'")
         if path.endswith(".npz"):
             try:
-                with np.load(path) as z:
-                    d = {k: z[k] for k in z.files}
+                d = load_npz(path)  # allow_pickle=False: an object array is refused
             except (OSError, ValueError, zipfile.BadZipFile) as e:
                 raise ValueError(f"'{path}': not a readable .npz stats file ({e})") from e
             return cls._from_moments(d, path)
         if not path.endswith(".pkl"):
             raise ValueError(f"stats file must end in .pkl or .npz: '{path}'")
         try:
-            with open(path, "rb") as f:
-                d = pickle.load(f)
+            d = load_array_pickle(path)  # numpy arrays and plain containers only
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
             raise ValueError(f"'{path}': not a readable stats pickle ({type(e).__name__}: {e}); truncated?") from e
         if not isinstance(d, dict):

@@ -311,9 +311,10 @@ def args_from_config(cfg):
     return ModelArgs(**kw)
 
 
-def load_generator(spec, device="cpu"):
-    """Generator in eval() mode from a hub dir / hub id / training checkpoint; order inferred from keys."""
-    cfg, sd, _layout = read_checkpoint(spec)
+def load_generator(spec, device="cpu", trust=False):
+    """Generator in eval() mode from a hub dir / hub id / training checkpoint; order inferred from keys.
+    `trust` (--trust_checkpoint): see larp.checkpoint.read_checkpoint."""
+    cfg, sd, _layout = read_checkpoint(spec, trust)
     expect_kind(cfg, "generator", os.fspath(spec))
     sd = strip_prefixes(sd)
     if "output_R.weight" in sd:

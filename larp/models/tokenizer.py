@@ -288,9 +288,10 @@ class LARPTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, spec, map_location="cpu"):
-        """Load a hub-mixin dir, a `*.pth`+`*.json` dir, a training checkpoint or a hub id; strict; eval()."""
-        config, sd, _ = read_checkpoint(spec)
+    def from_pretrained(cls, spec, map_location="cpu", trust=False):
+        """Load a hub-mixin dir, a `*.pth`+`*.json` dir, a training checkpoint or a hub id; strict; eval().
+        `trust` (--trust_checkpoint): see larp.checkpoint.read_checkpoint."""
+        config, sd, _ = read_checkpoint(spec, trust)
         return cls.from_config_and_state_dict(config, sd, source=str(spec)).to(map_location)
 
     @classmethod

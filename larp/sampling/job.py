@@ -5,6 +5,7 @@ the CSV and the output folder, and returns a `SamplePlan`: the run settings (rec
 into the run id), the dataset and its FVD clip selection. Every problem is a `SampleError` naming the flag, raised
 before any model or detector loads.
 """
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -13,13 +14,14 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from larp.core.checkpoint import checkpoint_kind, expect_kind, peek_checkpoint
+from larp.core.checkpoint import checkpoint_kind, expect_kind, local_path, peek_checkpoint
 from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, GeometryError, I3DError, SampleError,
                               VideoReadError)
 from larp.data.dataset import VideoDataset, check_labels, read_video_csv, resolve_csv, select_fvd_clips
 from larp.metrics.detectors import check_i3d_spec
 from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import clip_geometry
+from larp.core.safe_load import loaded_spec
 from larp.core.utils import DTYPES, dtype_name
 
 
@@ -29,8 +31,10 @@ class SampleJob:
 
     The shard is [starting_index, starting_index + num_samples) of the run's [0, num_samples_total)
     (num_samples_total None: num_samples). frame_num / input_size None: the tokenizer's; fvd_size None: input_size
-    (64 for frame prediction); i3d None: the default detector (larp.metrics.detectors.check_i3d_spec). `dtype` is stored in its
-    canonical spelling (fp32, bf16, fp16).
+    (64 for frame prediction); i3d None: the default detector (larp.metrics.detectors.check_i3d_spec). `dtype` is
+    stored in its canonical spelling (fp32, bf16, fp16). A hub id may pin a revision: `owner/name@COMMIT`.
+    trust_checkpoint: also load files that hold more than tensors and plain data, or TorchScript of unknown digest
+    (dangerous; see larp/core/safe_load.py).
     """
     ar_model: str
     tokenizer: str
@@ -55,6 +59,7 @@ class SampleJob:
     replace: bool = False
     stats_only: bool = False
     device: str = "auto"
+    trust_checkpoint: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -80,7 +85,8 @@ class SampleJob:
 class SamplePlan:
     """What `prepare` found: the run settings, the clips to compare against and the sizes to use.
 
-    Global sample i is conditioned on (and compared with) clip `dataset[chosen[i]]`.
+    Global sample i is conditioned on (and compared with) clip `dataset[chosen[i]]`. `ar_model` / `tokenizer`: the
+    local paths to load (a hub id's snapshot folder, fetched once by `prepare`).
     """
     settings: dict
     dataset: Dataset
@@ -88,6 +94,8 @@ class SamplePlan:
     class_names: dict
     fvd_size: int
     i3d_spec: str
+    ar_model: str
+    tokenizer: str
 
 
 def _spec_id(spec):
@@ -95,13 +103,26 @@ def _spec_id(spec):
     return os.path.abspath(spec) if os.path.exists(spec) else spec
 
 
-def read_model_config(spec, flag, want):
-    """The config dict of a checkpoint, checked cheaply before any model is built (larp.core.checkpoint.peek_checkpoint)
-    and required to be a `want` ('tokenizer' or 'generator')."""
+def resolve_model(spec, flag):
+    """(local path, spec as the settings record it) of a model flag: a hub id is fetched once, here, and recorded
+    as `owner/name@COMMIT`, the commit of the snapshot that is then loaded; a local path as itself."""
     if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
         raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either
     try:
-        cfg = peek_checkpoint(spec)
+        path = local_path(spec)
+    except CheckpointError as e:
+        raise SampleError(f"--{flag}: {e}") from None
+    return path, loaded_spec(spec, path)
+
+
+def read_model_config(spec, flag, want, trust=False):
+    """The config dict of a checkpoint, checked cheaply before any model is built
+    (larp.core.checkpoint.peek_checkpoint)
+    and required to be a `want` ('tokenizer' or 'generator'). `trust`: --trust_checkpoint."""
+    if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
+        raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either
+    try:
+        cfg = peek_checkpoint(spec, trust)
     except CheckpointError as e:
         raise SampleError(f"--{flag}: {e}") from None
     try:
@@ -161,11 +182,13 @@ def prepare(job):
         csv_paths = resolve_csv(job.dataset_csv)
     except CSVNotFoundError as e:
         raise SampleError(f"--dataset_csv {job.dataset_csv}: {e}") from None
-    tok_cfg = read_model_config(job.tokenizer, "tokenizer", "tokenizer")
-    ar_cfg = read_model_config(job.ar_model, "ar_model", "generator")
+    tok_path, tok_spec = resolve_model(job.tokenizer, "tokenizer")
+    ar_path, ar_spec = resolve_model(job.ar_model, "ar_model")
+    tok_cfg = read_model_config(tok_path, "tokenizer", "tokenizer", job.trust_checkpoint)
+    ar_cfg = read_model_config(ar_path, "ar_model", "generator", job.trust_checkpoint)
     frame_num, input_size = check_models(job, tok_cfg, ar_cfg)
     try:
-        i3d_spec = check_i3d_spec(job.i3d)
+        i3d_spec = check_i3d_spec(job.i3d, job.trust_checkpoint)
     except I3DError as e:
         raise SampleError(f"--i3d: {e}") from None
     fvd_size = job.fvd_size or (64 if job.frame_prediction else input_size)
@@ -183,6 +206,7 @@ def prepare(job):
     chosen = select_fvd_clips(len(dataset), total, seed=job.dataset_split_seed)
     class_names = {int(l): str(a) for l, a in zip(df["label"], df["action"])}
 
-    settings = run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
+    recorded = dataclasses.replace(job, tokenizer=tok_spec, ar_model=ar_spec)  # hub ids with the commit loaded
+    settings = run_settings(recorded, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
     return SamplePlan(settings=settings, dataset=dataset, chosen=chosen, class_names=class_names,
-                      fvd_size=int(fvd_size), i3d_spec=i3d_spec)
+                      fvd_size=int(fvd_size), i3d_spec=i3d_spec, ar_model=ar_path, tokenizer=tok_path)

@@ -18,6 +18,7 @@ from filelock import FileLock
 from larp.core.errors import SampleError
 from larp.metrics.fvd import FeatureStats, frechet_distance
 from larp.core.io import atomic_write, atomic_write_text
+from larp.core.safe_load import load_npy
 from larp.models.sampling_params import SAMPLING_FIELDS
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", *SAMPLING_FIELDS,
@@ -180,7 +181,7 @@ def finalize(output_dir, settings, replace=False, log=print):
         gen = functools.reduce(operator.add, [FeatureStats.load(p["gen"]) for p in paths])
         gt = functools.reduce(operator.add, [FeatureStats.load(p["gt"]) for p in paths])
         value = float(frechet_distance(gen, gt))
-        nll = np.concatenate([np.load(p["nll"]) for p in paths])
+        nll = np.concatenate([load_npy(p["nll"]) for p in paths])  # allow_pickle=False
         with open(paths[0]["meta"]) as f:
             detector = json.load(f)["detector"]
         row = {k: settings.get(k, "") for k in REPORT_COLUMNS}

@@ -77,14 +77,15 @@ def _clock(device):
     return time.perf_counter()
 
 
-def load_models(tokenizer_spec, ar_model_spec, device):
-    """(tokenizer, generator) in eval mode on `device`; the tokenizer's quantizer made deterministic."""
+def load_models(tokenizer_spec, ar_model_spec, device, trust=False):
+    """(tokenizer, generator) in eval mode on `device`; the tokenizer's quantizer made deterministic. `trust`:
+    --trust_checkpoint (larp/core/safe_load.py)."""
     try:
-        tokenizer = LARPTokenizer.from_pretrained(tokenizer_spec).to(device).eval()
+        tokenizer = LARPTokenizer.from_pretrained(tokenizer_spec, trust=trust).to(device).eval()
     except CheckpointError as e:
         raise SampleError(f"--tokenizer: {e}") from None
     try:
-        model = load_generator(ar_model_spec, device=device).eval()
+        model = load_generator(ar_model_spec, device=device, trust=trust).eval()
     except CheckpointError as e:
         raise SampleError(f"--ar_model: {e}") from None
     tokenizer.set_vq_eval_deterministic(True)
@@ -294,8 +295,8 @@ def run(job):
         if device.type == "cuda" and world > 1 and job.device in (None, "", "auto", "cuda"):
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         t0 = time.perf_counter()
-        models = load_models(job.tokenizer, job.ar_model, device)
-        detector = load_i3d(plan.i3d_spec, device)
+        models = load_models(plan.tokenizer, plan.ar_model, device, job.trust_checkpoint)  # what prepare resolved
+        detector = load_i3d(plan.i3d_spec, device, trust=job.trust_checkpoint)
         log(f"models and I3D loaded in {time.perf_counter() - t0:.1f} s on {device}")
         sample_chunks(job, plan, todo, models, detector, device, log=log)
     result = finalize(out, settings, replace=job.replace, log=log)

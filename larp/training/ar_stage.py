@@ -40,6 +40,7 @@ class ARStage:
         self.scaler = make_scaler(self.amp, device)
         self.train_set, self.detector = None, None
         self.val_videos, self.val_labels, self.val_dataset = None, None, None  # (rank 0) evaluation clips
+        self.trust_checkpoint = False  # --trust_checkpoint: also for the FVD detector file
 
     @staticmethod
     def check_csv(cfg, df, csv):
@@ -48,23 +49,26 @@ class ARStage:
             check_labels(df, cfg.model.num_classes, csv, "model.num_classes")
 
     @staticmethod
-    def preflight(cfg):
-        """Pre-flight of the frozen tokenizer and of the small-FVD detector; returns lines to print."""
-        notes = [check_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, cfg.model.latent_shape)]
+    def preflight(cfg, trust=False):
+        """Pre-flight of the frozen tokenizer and of the small-FVD detector (`trust`: --trust_checkpoint); returns
+        lines to print."""
+        notes = [check_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, cfg.model.latent_shape, trust)]
         if cfg.eval.fvd_videos:
-            check_i3d_spec(cfg.eval.i3d)
+            check_i3d_spec(cfg.eval.i3d, trust)
         return notes
 
     @classmethod
-    def from_config(cls, cfg, info, run_dir, note):
-        """Frozen tokenizer, generator, training set (token cache or clips) and (rank 0) the evaluation clips."""
-        tok = load_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, info.device)
+    def from_config(cls, cfg, info, run_dir, note, trust=False):
+        """Frozen tokenizer, generator, training set (token cache or clips) and (rank 0) the evaluation clips.
+        `trust` (--trust_checkpoint) lets the files read here hold more than tensors and plain data."""
+        tok = load_frozen_tokenizer(cfg.vae.checkpoint, cfg.data, info.device, trust)
         stage = cls(cfg, build_ar_model(cfg.model, tok).to(info.device), tok, info.device)
+        stage.trust_checkpoint = trust
         m = cfg.model
         if cfg.cache_tokens:
             if info.is_main:
                 os.makedirs(run_dir, exist_ok=True)
-            stage.train_set = TokenItems(token_cache(stage, cfg, info, run_dir, note))
+            stage.train_set = TokenItems(token_cache(stage, cfg, info, run_dir, note, trust))
             labels = stage.train_set.labels
         else:
             stage.train_set = clip_dataset(cfg.data, cfg.data.csv, train=True)
@@ -134,7 +138,7 @@ class ARStage:
                          real=self.val_videos if self.num_cond_frames else None, labels=self.val_labels)
         if self.fvd_videos:
             if self.detector is None:
-                self.detector = load_i3d(self.i3d, device=self.device, verbose=False)
+                self.detector = load_i3d(self.i3d, device=self.device, verbose=False, trust=self.trust_checkpoint)
             ds = self.val_dataset
             items = [ds[i] for i in select_fvd_clips(len(ds), self.fvd_videos)]
             real = torch.stack([it["video"] for it in items]).to(self.device)

@@ -1,8 +1,9 @@
 """Training checkpoints: save, check before resuming, and load, with the per-rank RNG states.
 
 Checkpoints are plain dicts: {"model": {"name", "args", "sd"}, "optimizer", "ema", "step", "epoch", "cfg" (plain
-data), "rng" (one state per rank)} plus what the stage adds (`stage.state_dict()`). Under FSDP the full state is
-gathered first, so both modes write the same format (see larp/training/fsdp.py). With the data order of
+data), "rng" (one state per rank)} plus what the stage adds (`stage.state_dict()`): tensors and plain data only, so
+they load with torch.load(weights_only=True) (older ones hold numpy RNG arrays: larp/core/safe_load.py admits those).
+Under FSDP the full state is gathered first, so both modes write the same format (see larp/training/fsdp.py). With the data order of
 larp/training/loader.py, evaluation under a forked RNG and the restored RNG states, a resumed run repeats the
 uninterrupted one exactly.
 """
@@ -13,8 +14,9 @@ import torch
 
 from larp.core import dist
 from larp.core.checkpoint import check_state_dict, check_weights_file, strip_prefixes
-from larp.core.errors import CheckpointError, one_line
+from larp.core.errors import CheckpointError, UnsafeFileError, one_line
 from larp.core.io import atomic_save
+from larp.core.safe_load import load_torch
 from larp.core.utils import seed_everything
 from larp.training import fsdp
 from larp.training.optim import EMA
@@ -23,7 +25,10 @@ RESUME_HINT = "pass --replace to start fresh (it deletes this run's checkpoints 
 
 
 def capture_rng():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain data (numpy's key as an int64 tensor: no numpy pickles)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                       cached), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -31,7 +36,9 @@ def capture_rng():
 
 def restore_rng(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]  # key: a tensor, or a uint32 array in older checkpoints
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -55,16 +62,19 @@ def save_checkpoint(path, stage, ema, cfg, step, epoch, sharded=False):
     atomic_save(ckpt, path)
 
 
-def check_resume(path, cfg):
+def check_resume(path, cfg, trust=False):
     """Cheap check of the checkpoint a run would resume from: readable (mmap: the tensors are not read) and of
-    the stage / model the config `cfg` (plain data) trains. Raises CheckpointError naming the file; never modifies
-    it. Returns the checkpoint's step."""
+    the stage / model the config `cfg` (plain data) trains. Raises CheckpointError naming the file (UnsafeFileError
+    when it needs more than tensors and plain data, unless `trust`: --trust_checkpoint); never modifies it. Returns
+    the checkpoint's step."""
     try:
         check_weights_file(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; cannot resume from it: {RESUME_HINT}") from e
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_torch(path, trust, mmap=True)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: cannot resume from it ({one_line(e)}); {RESUME_HINT}") from e
     saved = ckpt.get("cfg") if isinstance(ckpt, dict) else None
@@ -86,11 +96,14 @@ def _trains(cfg):
             f"{'NAR' if m.get('order') == 'nar' else m.get('order')} generator ({m.get('name')})")
 
 
-def load_checkpoint(path, stage, ema, info, sharded=False):
-    """Restore the model, its optimizer, the EMA, the stage's own state and this rank's RNG.
+def load_checkpoint(path, stage, ema, info, sharded=False, trust=False):
+    """Restore the model, its optimizer, the EMA, the stage's own state and this rank's RNG (`trust`: see
+    check_resume).
     Returns (step, saved cfg, ema): a checkpoint written without EMA starts a new one from the loaded weights."""
     try:  # FSDP: the ranks of a node share one page-cache copy of the file and keep their shards
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=sharded)
+        ckpt = load_torch(path, trust, mmap=sharded)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: cannot resume from it ({one_line(e)}); {RESUME_HINT}") from e
     raw = stage.model

@@ -12,12 +12,12 @@ def require_tokenizer_spec(spec):
         raise StageError("vae.checkpoint is not set: pass --opts vae.checkpoint <tokenizer dir, checkpoint or hub id>")
 
 
-def check_frozen_tokenizer(spec, data, latent_shape):
+def check_frozen_tokenizer(spec, data, latent_shape, trust=False):
     """Pre-flight: the tokenizer checkpoint `spec` is one, readable, of the config's clip geometry and token count
-    (its config only: no weights are read). Returns a line describing it."""
+    (its config only: no weights are read; `trust`: --trust_checkpoint). Returns a line describing it."""
     require_tokenizer_spec(spec)
     try:
-        tok = peek_checkpoint(spec)
+        tok = peek_checkpoint(spec, trust)
     except CheckpointError as e:
         raise CheckpointError(f"vae.checkpoint: {e}") from None
     expect_kind(tok, "tokenizer", f"vae.checkpoint {spec}")
@@ -30,11 +30,11 @@ def check_frozen_tokenizer(spec, data, latent_shape):
     return f"vae.checkpoint: {spec} ({describe_checkpoint(tok)})"
 
 
-def load_frozen_tokenizer(spec, data, device):
+def load_frozen_tokenizer(spec, data, device, trust=False):
     """The tokenizer `spec` (directory, checkpoint or hub id) in eval mode with deterministic VQ and no grads;
-    its clip geometry must be the config's."""
+    its clip geometry must be the config's. `trust`: --trust_checkpoint."""
     require_tokenizer_spec(spec)
-    tok = LARPTokenizer.from_pretrained(spec).to(device).eval()
+    tok = LARPTokenizer.from_pretrained(spec, trust=trust).to(device).eval()
     tok.set_vq_eval_deterministic(True)
     for p in tok.parameters():
         p.requires_grad_(False)

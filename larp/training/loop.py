@@ -43,10 +43,11 @@ def wrap_model(raw, train, info):
     return model
 
 
-def preflight(cfg, run_dir, world_size=1, replace=False):
+def preflight(cfg, run_dir, world_size=1, replace=False, trust=False):
     """The cheap checks of everything a run needs, so a launch script fails with one line before torchrun starts
     N processes: the batch split, the CSVs (columns, listed videos present; the stage checks what it needs of
-    them), the stage's own inputs and the checkpoint to resume from. Returns lines to print."""
+    them), the stage's own inputs and the checkpoint to resume from. Returns lines to print. `trust`
+    (--trust_checkpoint) lets those files hold more than tensors and plain data (larp/core/safe_load.py)."""
     notes = []
     if cfg.train.parallel == "fsdp":
         fsdp.require()
@@ -66,24 +67,25 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
                 raise VideoReadError(f"{e}; fix the CSV or {SKIP_HINT}") from None
             notes.append(f"data.skip_bad: {e} (they will be skipped)")
         notes.append(f"data.{key}: {len(df)} videos listed in {csv}")
-    notes += stage_cls.preflight(cfg)
+    notes += stage_cls.preflight(cfg, trust)
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     if os.path.exists(latest) and not replace:
-        notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg))}")
+        notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg), trust)}")
     else:
         notes.append(f"starts fresh in {run_dir}")
     return notes
 
 
-def train(cfg, run_dir, info, replace=False, wandb_mode=None):
-    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None)."""
-    notes = preflight(cfg, run_dir, info.world_size, replace)  # one clear error before anything is written
+def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
+    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None).
+    `trust`: --trust_checkpoint (see preflight)."""
+    notes = preflight(cfg, run_dir, info.world_size, replace, trust)  # one clear error before anything is written
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     prepare_run_dir(run_dir, info, replace)
-    stage, run, step = start(cfg, run_dir, info, notes, wandb_mode)
+    stage, run, step = start(cfg, run_dir, info, notes, wandb_mode, trust)
     step, last = run_steps(stage, run, step)
     final = run_eval(stage, info, run_dir, step, run.log, run.sharded)
     export_dir = os.path.join(run_dir, "export")
@@ -122,14 +124,14 @@ class Run:
         return self.cfg.train.parallel == "fsdp"
 
 
-def start(cfg, run_dir, info, notes, wandb_mode):
+def start(cfg, run_dir, info, notes, wandb_mode, trust=False):
     """Build the stage, wrap its model, resume from ckpt_latest.pth when there is one, open the logs.
     Returns (stage, run, step)."""
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     resuming = os.path.exists(latest)
     pending = [n for n in notes if n.startswith("data.skip_bad")]
     try:
-        stage = STAGES[cfg.stage].from_config(cfg, info, run_dir, pending.append)
+        stage = STAGES[cfg.stage].from_config(cfg, info, run_dir, pending.append, trust)
     except VideoReadError as e:  # the clip index of the token cache or of the evaluation videos
         raise VideoReadError(f"{e}; {SKIP_HINT}") from e
     tc = cfg.train
@@ -139,7 +141,7 @@ def start(cfg, run_dir, info, notes, wandb_mode):
     ema = EMA(stage.model, tc.ema_decay) if tc.ema_decay > 0 else None
     step = 0
     if resuming:
-        step, saved_cfg, ema = load_checkpoint(latest, stage, ema, info, tc.parallel == "fsdp")
+        step, saved_cfg, ema = load_checkpoint(latest, stage, ema, info, tc.parallel == "fsdp", trust)
     else:
         seed_everything(cfg.seed + 1000 * info.rank)  # per-rank streams (dropout, VQ sampling)
     log = RunLogger(run_dir, enabled=info.is_main, resume_step=step if resuming else None)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from larp.core import dist
 from larp.core.io import atomic_save
+from larp.core.safe_load import load_torch
 from larp.training.stage_data import clip_dataset
 
 
@@ -37,10 +38,10 @@ def _fingerprint(tok, spec):
     return h.hexdigest()
 
 
-def token_cache(stage, cfg, info, run_dir, note):
+def token_cache(stage, cfg, info, run_dir, note, trust=False):
     """Tokens of every evaluation-mode clip of the training CSV (all non-overlapping windows, center crop),
     encoded once (sharded over ranks) into <run_dir>/token_cache.pt and reused while the tokenizer, clips and
-    geometry match."""
+    geometry match. Read back as tensors and plain data only (larp/core/safe_load.py; `trust`: --trust_checkpoint)."""
     d = cfg.data
     ds = clip_dataset(d, d.csv, train=False)
     ncf = stage.num_cond_frames
@@ -49,7 +50,7 @@ def token_cache(stage, cfg, info, run_dir, note):
         "input_size": d.input_size, "num_cond_frames": ncf, "encode_dtype": cfg.vae.encode_dtype}
     path = os.path.join(run_dir, "token_cache.pt")
     if os.path.exists(path):
-        cache = torch.load(path, map_location="cpu", weights_only=False)
+        cache = load_torch(path, trust)
         if cache.get("meta") == meta:
             note(f"token cache: reusing {path} ({cache['tokens'].shape[0]} clips)")
             return cache
@@ -70,7 +71,7 @@ def token_cache(stage, cfg, info, run_dir, note):
     atomic_save(part, part_path)
     dist.barrier()
     if info.is_main:
-        parts = [torch.load(os.path.join(run_dir, f".token_cache_part{r}.pt")) for r in range(info.world_size)]
+        parts = [load_torch(os.path.join(run_dir, f".token_cache_part{r}.pt"), trust) for r in range(info.world_size)]
         order = torch.cat([p["index"] for p in parts]).argsort()
         cache = {"meta": meta, "tokens": torch.cat([p["tokens"] for p in parts])[order],
                  "labels": torch.tensor([c[2] for c in ds.clips], dtype=torch.long),
@@ -80,4 +81,4 @@ def token_cache(stage, cfg, info, run_dir, note):
             os.remove(os.path.join(run_dir, f".token_cache_part{r}.pt"))
         note(f"token cache: wrote {path} ({cache['tokens'].shape[0]} clips)")
     dist.barrier()
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch(path, trust)

@@ -49,13 +49,14 @@ class TokenizerStage:
         """Pre-flight of a CSV: the tokenizer needs nothing beyond the common checks (no labels)."""
 
     @staticmethod
-    def preflight(cfg):
-        """Pre-flight of the stage's own inputs: none beyond the CSVs."""
+    def preflight(cfg, trust=False):
+        """Pre-flight of the stage's own inputs: none beyond the CSVs (it reads no checkpoint)."""
         return []
 
     @classmethod
-    def from_config(cls, cfg, info, run_dir, note):
-        """The stage with its training set and (rank 0) its evaluation clips."""
+    def from_config(cls, cfg, info, run_dir, note, trust=False):
+        """The stage with its training set and (rank 0) its evaluation clips (it reads no checkpoint: `trust`,
+        --trust_checkpoint, is for the AR stage's signature)."""
         stage = cls(cfg, info.device)
         if info.is_main and cfg.eval.num_videos:
             stage.val_videos = eval_clips(cfg.data, cfg.eval.num_videos)[0].to(info.device)
