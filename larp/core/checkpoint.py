@@ -220,6 +220,19 @@ def read_checkpoint(spec, trust=False):
     return _read_training_checkpoint(spec, trust)
 
 
+def read_pth(path, trust, unreadable):
+    """A *.pth file checked for truncation and read through larp.core.safe_load.load_torch (`trust`:
+    --trust_checkpoint). A file that cannot be read is a CheckpointError `<path>: <unreadable> (<cause>)`; one
+    refused as unsafe stays an UnsafeFileError."""
+    check_weights_file(path)
+    try:
+        return load_torch(path, trust)
+    except UnsafeFileError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: {unreadable} ({_first_line(e)})") from e
+
+
 def _read_folder(spec, trust=False):
     """(config, state dict, layout) of a hub-mixin folder or a *.pth + *.json folder."""
     cfg_path = os.path.join(spec, "config.json")
@@ -231,14 +244,7 @@ def _read_folder(spec, trust=False):
     if len(pths) == 1 and len(jsons) == 1:
         cfg = read_config_json(os.path.join(spec, jsons[0]))
         pth = os.path.join(spec, pths[0])
-        check_weights_file(pth)
-        try:
-            sd = load_torch(pth, trust)
-        except UnsafeFileError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{pth}: not a readable state dict ({_first_line(e)})") from e
-        return cfg, sd, "pth_json"
+        return cfg, read_pth(pth, trust, "not a readable state dict"), "pth_json"
     raise CheckpointError(
         f"{spec}: expected config.json + model.safetensors, or exactly one *.pth + one *.json "
         f"(found {len(pths)} .pth, {len(jsons)} .json)")
@@ -246,13 +252,7 @@ def _read_folder(spec, trust=False):
 
 def _read_training_checkpoint(spec, trust=False):
     """(args with the size name as "__name__", state dict, "train_ckpt") of a training checkpoint file."""
-    check_weights_file(spec)
-    try:
-        ckpt = load_torch(spec, trust)
-    except UnsafeFileError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{spec}: cannot be read as a torch checkpoint ({_first_line(e)})") from e
+    ckpt = read_pth(spec, trust, "cannot be read as a torch checkpoint")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "sd" in ckpt["model"]:
         m = ckpt["model"]
         cfg = dict(m.get("args") or {})
