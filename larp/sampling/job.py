@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from larp.core.checkpoint import checkpoint_kind, expect_kind, peek_checkpoint
 from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, GeometryError, I3DError, SampleError,
                               VideoReadError)
-from larp.data.dataset import VideoDataset, check_labels, read_video_csv, resolve_csv, select_fvd_clips
+from larp.data.dataset import (FRAME_TRANSFORM, VideoDataset, check_labels, clip_set_name, read_video_csv,
+                               resolve_csv, select_fvd_clips)
 from larp.metrics.detectors import check_i3d_spec
 from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import clip_geometry
@@ -88,6 +89,7 @@ class SamplePlan:
     class_names: dict
     fvd_size: int
     i3d_spec: str
+    stats_meta: dict  # what the run's feature stats record (larp.metrics.fvd.FeatureStats.meta)
 
 
 def _spec_id(spec):
@@ -184,5 +186,9 @@ def prepare(job):
     class_names = {int(l): str(a) for l, a in zip(df["label"], df["action"])}
 
     settings = run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
+    resize = FRAME_TRANSFORM if fvd_size == input_size else \
+        f"{FRAME_TRANSFORM} to {input_size}, then bilinear (antialias) to {fvd_size}"
+    meta = {"frames": frame_num, "size": int(fvd_size), "resize": resize, "clips": clip_set_name(csv_paths),
+            "draw": f"{total} of {len(dataset)} clips, seed {job.dataset_split_seed}"}
     return SamplePlan(settings=settings, dataset=dataset, chosen=chosen, class_names=class_names,
-                      fvd_size=int(fvd_size), i3d_spec=i3d_spec)
+                      fvd_size=int(fvd_size), i3d_spec=i3d_spec, stats_meta=meta)
