@@ -1,4 +1,4 @@
-"""Sample videos from a trained generator and compute FVD against the same real clips.
+r"""Sample videos from a trained generator and compute FVD against the same real clips.
 
 Class-conditional (UCF-101 protocol, 10,000 clips):
   python sample.py --ar_model hywang66/LARP-L-long-AR --tokenizer hywang66/LARP-L-long-tokenizer \
@@ -11,38 +11,36 @@ Frame prediction (K600, 5 conditioning frames, FVD at 64x64): add --frame_predic
 Hub ids may be pinned to a commit (--ar_model_revision / --tokenizer_revision, or owner/name@COMMIT); the run
 settings and the report row record the commit actually loaded. Files are read safely (docs/security.md).
 
-Outputs, resuming and the seeding rule are described in larp/sampling/run.py; the checks made before any model loads
-in larp/sampling/job.py.
+Outputs (sampled_videos/, samples.csv, preview.png, fvd_report.csv, timing.json), resuming and the seeding rule are
+described in larp/sampling/run.py; the checks made before any model loads in larp/sampling/job.py.
 """
-import argparse
-
-from larp.sampling import run as sampling
+from larp.core.cli import TRUST_HELP, parser
 from larp.core.errors import SampleError, run_cli
-from larp.core.safe_load import TRUST_HELP, with_revision
-from larp.models.sampling_params import SamplingParams
-from larp.sampling.job import SampleJob
-from larp.core.utils import DTYPES
+from larp.models.sampling_params import SamplingParams  # plain dataclass: no torch, no networks
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--ar_model", required=True, help="generator: hub id, hub-style dir or training .pth")
     p.add_argument("--tokenizer", required=True, help="LARP tokenizer: hub id, hub-style dir, .pth+.json dir")
     p.add_argument("--ar_model_revision", default=None, help="hub commit of --ar_model (a hub id)")
     p.add_argument("--tokenizer_revision", default=None, help="hub commit of --tokenizer (a hub id)")
     p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="folder of this run (videos, stats, report); shards of one "
+                   "run share it")
     p.add_argument("--num_samples", type=int, default=10000, help="samples of this shard")
     p.add_argument("--num_samples_total", type=int, default=None, help="samples of the whole run "
                    "(default: --num_samples, with --starting_index 0)")
     p.add_argument("--starting_index", type=int, default=0, help="first global sample index of this shard")
-    p.add_argument("--sample_batch_size", type=int, default=32)
+    p.add_argument("--sample_batch_size", type=int, default=32, help="videos generated per batch")
     SamplingParams.add_arguments(p)  # --cfg_scale --cfg_interval --temperature --top_k --top_p
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype")
+    p.add_argument("--dtype", default="fp32", help="autocast dtype: fp32, bf16 or fp16 (float32, bfloat16, "
+                   "float16 also accepted)")
     p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
     p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
-    p.add_argument("--frame_prediction", action="store_true")
-    p.add_argument("--num_cond_frames", type=int, default=5)
+    p.add_argument("--frame_prediction", action="store_true", help="frame prediction (K600): condition on the "
+                   "first --num_cond_frames frames of each clip instead of its class")
+    p.add_argument("--num_cond_frames", type=int, default=5, help="frame prediction: conditioning frames")
     p.add_argument("--stats_only", action="store_true", help="do not write mp4 files")
     p.add_argument("--replace", action="store_true", help="redo ranges whose stats already exist")
     p.add_argument("--chunk_size", type=int, default=256, help="samples per saved chunk: a killed shard resumes "
@@ -50,11 +48,12 @@ def build_parser():
     p.add_argument("--i3d", default=None, help="I3D detector: kinetics400, torchscript/state-dict path, `random` "
                    "or `random:S` (default: $LARP_I3D, else checkpoints/i3d_torchscript.pt, else kinetics400)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed * 1_000_003 + i")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num_frames", type=int, default=None, help="default: the tokenizer's")
-    p.add_argument("--input_size", type=int, default=None, help="default: the tokenizer's")
-    p.add_argument("--fvd_size", type=int, default=None, help="default: input size (64 for frame prediction)")
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--num_frames", type=int, default=None, help="clip length (default: the tokenizer's)")
+    p.add_argument("--input_size", type=int, default=None, help="frame size (default: the tokenizer's)")
+    p.add_argument("--fvd_size", type=int, default=None, help="real and generated frames are resized to this for "
+                   "FVD (default: the input size; 64 for frame prediction)")
+    p.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
     return p
 
 
@@ -64,6 +63,8 @@ def parse_args(argv=None):
 
 def make_job(args):
     """The typed SampleJob of the parsed flags: argparse stays here, the library sees typed values only."""
+    from larp.core.safe_load import with_revision  # imports torch: after the flags are parsed
+    from larp.sampling.job import SampleJob
     try:
         params = SamplingParams.from_args(args)
     except ValueError as e:  # "temperature: must be >= 0 (0 = greedy), got -1.0"
@@ -83,8 +84,9 @@ def make_job(args):
 
 def main(args):
     """Sample and score one shard; returns the FVD once the whole run is covered, else None."""
+    from larp.sampling import run as sampling
     return sampling.run(make_job(args))
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args())
+    run_cli(main, parse_args())  # the flags are parsed before torch is imported: --help answers at once

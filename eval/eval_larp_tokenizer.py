@@ -8,34 +8,25 @@ Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--
 with seed 42) is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
-DIR/metrics.json and a preview grid DIR/preview.png (input row, reconstruction row, ...). A hub id may be pinned
-with --revision COMMIT (or owner/name@COMMIT); metrics.json records the commit actually loaded. Files are read
-safely (docs/security.md).
+DIR/metrics.json (with the settings it depends on) and a preview grid DIR/preview.png (input row, reconstruction
+row, ...). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being the tokenizer's run
+folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
+these (its numbers are printed again), refused when they differ; --replace redoes it. A hub id may be pinned with
+--revision COMMIT (or owner/name@COMMIT); metrics.json records the commit actually loaded. Files are read safely
+(docs/security.md).
 """
-import argparse
+import hashlib
 import json
 import os
 
-import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
-
-from larp.core.checkpoint import expect_kind, local_path, read_checkpoint
+from larp.core.cli import TRUST_HELP, parser
 from larp.core.errors import CheckpointError, I3DError, LarpError, UsageError, VideoReadError, run_cli
-from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
-from larp.metrics.detectors import check_i3d_spec, load_i3d
-from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
-from larp.core.io import atomic_write_text
-from larp.core.safe_load import TRUST_HELP, loaded_spec, with_revision
-from larp.models.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
-from larp.metrics.image import psnr, ssim
-from larp.models.tokenizer import LARPTokenizer, clip_geometry
-from larp.core.utils import autocast, get_device
-from larp.core.visualize import save_video_grid_png
 
 
 def reconstruct(model, x, amp):
     """(B, 3, T, H, W) in [0, 1] -> (tokens (B, N), reconstruction clamped to [0, 1], float32)."""
+    import torch
+    from larp.core.utils import autocast
     with torch.no_grad(), autocast(x.device, "bf16" if amp else "fp32"):
         enc = model.encode(x)
         rec = model.decode(enc["encoded"])
@@ -44,12 +35,17 @@ def reconstruct(model, x, amp):
 
 def evaluate(model, loader, device, amp=False, detector=None, lpips_model=None, num_preview=8, progress=True):
     """Metric sums over all clips -> dict of means (+ FVD when a detector is given) and preview videos."""
+    import torch
+    from larp.core.utils import progress_bar
+    from larp.metrics.fvd import FeatureStats, frechet_distance
+    from larp.metrics.image import psnr, ssim
+    from larp.models.losses import lpips_video
     sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count, codes, preview = 0, set(), []
     real_stats = fake_stats = None
     if detector is not None:
         real_stats, fake_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
-    for batch in tqdm(loader, desc="reconstruct", disable=not progress, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc="reconstruct", disable=not progress, dynamic_ncols=True):
         x = batch["video"].to(device)  # (B, 3, T, H, W)
         tokens, rec = reconstruct(model, x, amp)
         x = x.float()
@@ -76,6 +72,8 @@ def evaluate(model, loader, device, amp=False, detector=None, lpips_model=None, 
 
 
 def save_preview(preview, path):
+    import torch
+    from larp.core.visualize import save_video_grid_png
     videos, labels = [], []
     for i, (x, r) in enumerate(preview):
         videos += [x, r]
@@ -87,6 +85,11 @@ def check_args(args):
     """One clear error for each bad flag before any video is read. Returns the tokenizer checkpoint (config, state
     dict, layout), the clip geometry (frame_num, input_size), the detector spec (None with --no_fvd) and the
     tokenizer as the report records it (a hub id with the commit loaded)."""
+    from larp.core.checkpoint import expect_kind, local_path, read_checkpoint
+    from larp.core.safe_load import loaded_spec, with_revision
+    from larp.data.dataset import read_video_csv
+    from larp.metrics.detectors import check_i3d_spec
+    from larp.models.tokenizer import clip_geometry
     spec = with_revision(args.tokenizer, args.revision)
     try:
         path = local_path(spec)  # a hub id: fetched once, here
@@ -111,14 +114,68 @@ def check_args(args):
     return ckpt, geometry, i3d, loaded_spec(spec, path)
 
 
-def main(args):
-    (config, sd, _), (frame_num, input_size), i3d, tokenizer = check_args(args)
-    device = get_device(args.device)
-    try:
-        model = LARPTokenizer.from_config_and_state_dict(config, sd, source=str(args.tokenizer))
-    except CheckpointError as e:
-        raise CheckpointError(f"--tokenizer: {e}") from None
-    model = model.to(device).set_vq_eval_deterministic(args.det)
+def settings_of(args, geometry, i3d, tokenizer):
+    """What the result depends on: stored in metrics.json and hashed into the default output folder's name.
+    `tokenizer`: as check_args records it (a hub id with the commit loaded)."""
+    from larp.data.dataset import resolve_csv
+    local = [os.path.abspath(spec) if spec and os.path.exists(spec) else spec for spec in (tokenizer, i3d)]
+    return {"tokenizer": local[0], "dataset_csv": "+".join(resolve_csv(args.dataset_csv)), "det": args.det,
+            "use_amp": args.use_amp, "num_frames": geometry[0], "input_size": geometry[1],
+            "max_clips": args.max_clips, "i3d": local[1], "skip_bad": args.skip_bad, "lpips_net": args.lpips_net}
+
+
+def run_name(spec):
+    """The name a tokenizer goes by: its run folder for a training export (save/<run>/export) or checkpoint
+    (save/<run>/ckpt_latest.pth -> <run>_ckpt_latest), else the folder or hub name."""
+    path = os.path.abspath(spec) if os.path.exists(spec) else os.path.normpath(spec)
+    base, parent = os.path.basename(path), os.path.basename(os.path.dirname(path))
+    if base == "export":
+        return parent
+    return f"{parent}_{os.path.splitext(base)[0]}" if base.endswith(".pth") else base
+
+
+def output_dir(args, settings):
+    if args.out:
+        return args.out
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join("eval_results", f"tokenizer_{run_name(args.tokenizer)}_{digest}")
+
+
+def earlier_result(out, settings, replace):
+    """The metrics of an evaluation with these settings already in `out` (kept), or None; another evaluation's
+    result there is an error (never overwritten unless --replace)."""
+    path = os.path.join(out, "metrics.json")
+    if replace or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("settings") == settings:
+        return old
+    differ = [f"{k}: {old['settings'].get(k)!r} there vs {v!r} now" for k, v in settings.items()
+              if old["settings"].get(k) != v] if isinstance(old.get("settings"), dict) else ["it records no settings"]
+    raise UsageError(f"{path} holds the result of another evaluation ({'; '.join(differ)}); choose another --out "
+                     f"or pass --replace to overwrite it")
+
+
+def print_metrics(metrics, lpips_net):
+    from larp.metrics.fvd import fvd_label
+    from larp.models.losses import lpips_backbone_path
+    print(f"mse={metrics['mse']:.6f}")
+    print(f"psnr={metrics['psnr']:.4f}")
+    print(f"ssim={metrics['ssim']:.4f}")
+    if "lpips" in metrics:
+        print(f"lpips={metrics['lpips']:.4f}")
+    else:
+        print(f"lpips: not computed (no {lpips_net} weights at {lpips_backbone_path(lpips_net)})")
+    if metrics.get("fvd") is not None:
+        print(fvd_label(metrics["i3d"]))
+        print(f"fvd={metrics['fvd']:.4f}")
+
+
+def load_clips(args, frame_num, input_size):
+    """The evaluation clips of --dataset_csv (all, or --max_clips drawn with seed 42) -> (dataset, total)."""
+    from torch.utils.data import Subset
+    from larp.data.dataset import VideoDataset, select_fvd_clips
     try:
         ds = VideoDataset(args.dataset_csv, frame_num=frame_num, input_size=input_size, train=False,
                           skip_bad=args.skip_bad)
@@ -129,61 +186,77 @@ def main(args):
     total = len(ds)
     if args.max_clips and args.max_clips < total:
         ds = Subset(ds, select_fvd_clips(total, args.max_clips))
+    return ds, total
+
+
+def main(args):
+    from torch.utils.data import DataLoader
+    from larp.core.io import atomic_write_text
+    from larp.core.utils import get_device
+    from larp.metrics.detectors import load_i3d
+    from larp.models.losses import build_lpips, lpips_available
+    from larp.models.tokenizer import LARPTokenizer
+    (config, sd, _), (frame_num, input_size), i3d, tokenizer = check_args(args)
+    settings = settings_of(args, (frame_num, input_size), i3d, tokenizer)
+    out = output_dir(args, settings)
+    kept = earlier_result(out, settings, args.replace)
+    if kept is not None:
+        print(f"{out}/metrics.json already holds this evaluation (same settings): kept, printed below; --replace "
+              f"redoes it")
+        print_metrics(kept, args.lpips_net)
+        return kept
+    device = get_device(args.device)
+    try:
+        model = LARPTokenizer.from_config_and_state_dict(config, sd, source=str(args.tokenizer))
+    except CheckpointError as e:
+        raise CheckpointError(f"--tokenizer: {e}") from None
+    model = model.to(device).set_vq_eval_deterministic(args.det)
+    ds, total = load_clips(args, frame_num, input_size)
     print(f"tokenizer: {args.tokenizer} ({model.bottleneck_token_num} tokens, codebook {model.codebook_size}, "
           f"{'argmax' if args.det else 'sampled'} VQ)  clips: {len(ds)} of {total}", flush=True)
-    lpips_model = None
-    if lpips_available(args.lpips_net):
-        lpips_model = build_lpips(args.lpips_net).to(device)
-    detector = None
-    if i3d is not None:
-        detector = load_i3d(i3d, device, batch_size=args.batch_size, trust=args.trust_checkpoint)
+    lpips_model = build_lpips(args.lpips_net).to(device) if lpips_available(args.lpips_net) else None
+    detector = load_i3d(i3d, device, batch_size=args.batch_size, trust=args.trust_checkpoint) if i3d is not None \
+        else None
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
 
-    out = args.out or os.path.join("eval_results", "tokenizer_" + os.path.basename(os.path.normpath(args.tokenizer)))
     os.makedirs(out, exist_ok=True)
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
     report = {**metrics, "tokenizer": tokenizer, "dataset_csv": str(args.dataset_csv), "det": args.det,
-              "use_amp": args.use_amp, "i3d": None if detector is None else detector.name}
+              "use_amp": args.use_amp, "i3d": None if detector is None else detector.name, "settings": settings}
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
-    print(f"mse={metrics['mse']:.6f}")
-    print(f"psnr={metrics['psnr']:.4f}")
-    print(f"ssim={metrics['ssim']:.4f}")
-    if "lpips" in metrics:
-        print(f"lpips={metrics['lpips']:.4f}")
-    else:
-        print(f"lpips: not computed (no {args.lpips_net} weights at {lpips_backbone_path(args.lpips_net)})")
-    if detector is not None:
-        print(fvd_label(detector))
-        print(f"fvd={metrics['fvd']:.4f}")
+    print_metrics(report, args.lpips_net)
     print(f"wrote {out}/metrics.json and {out}/preview.png")
     return metrics
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--tokenizer", required=True, help="hub-mixin dir, *.pth+*.json dir, training checkpoint or hub id")
     p.add_argument("--revision", default=None, help="hub commit of --tokenizer (a hub id)")
     p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--dataset_csv", required=True, help="CSV path or name under data/metadata (several joined by +)")
-    p.add_argument("--det", action="store_true", help="deterministic (argmax) VQ; default samples as in training")
+    p.add_argument("--det", action="store_true", help="deterministic (argmax) VQ; off: samples as in training")
     p.add_argument("--use_amp", action="store_true", help="bf16 autocast where the device supports it")
-    p.add_argument("--num_frames", type=int, default=None, help="default: the tokenizer's frame_num")
-    p.add_argument("--input_size", type=int, default=None, help="default: the tokenizer's input_size")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_frames", type=int, default=None, help="clip length (default: the tokenizer's frame_num)")
+    p.add_argument("--input_size", type=int, default=None, help="frame size (default: the tokenizer's input_size)")
+    p.add_argument("--batch_size", type=int, default=8, help="clips per batch")
     p.add_argument("--max_clips", type=int, default=0, help="evaluate this many clips drawn with seed 42 (0 = all)")
     p.add_argument("--i3d", default=None, help="kinetics400 | i3d_torchscript.pt | state dict | random[:SIZE] "
                    "(default: $LARP_I3D, else checkpoints/i3d_torchscript.pt, else kinetics400)")
-    p.add_argument("--no_fvd", action="store_true")
+    p.add_argument("--no_fvd", action="store_true", help="skip the FVD (and the detector)")
     p.add_argument("--skip_bad", action="store_true", help="leave unreadable videos out of the clip index (counted)")
-    p.add_argument("--lpips_net", default="vgg", choices=["vgg", "alex", "squeeze"])
-    p.add_argument("--num_preview", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output folder (default eval_results/tokenizer_<name>)")
+    p.add_argument("--lpips_net", default="vgg", choices=["vgg", "alex", "squeeze"], help="LPIPS backbone")
+    p.add_argument("--num_preview", type=int, default=8, help="clips shown in preview.png")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, help="output folder (default: eval_results/tokenizer_<run>_<hash of the "
+                   "settings>)")
+    p.add_argument("--replace", action="store_true", help="redo an evaluation whose metrics.json is in the output "
+                   "folder (default: kept when its settings match, refused when not)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args())
+    run_cli(main, get_args())  # the flags are parsed before torch is imported: --help answers at once

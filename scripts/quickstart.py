@@ -63,7 +63,8 @@ def run_stages(stages, times, log_dir):
         procs.append((name, done_file, log_path, time.perf_counter(),
                       subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)))
     while any(p[4].poll() is None for p in procs):
-        show_progress(procs)
+        if sys.stdout.isatty():  # a status line rewritten in place: on a terminal only, never into a log file
+            show_progress(procs)
         time.sleep(2)
     print(flush=True)
     for name, done_file, log_path, t0, proc in procs:
@@ -75,7 +76,7 @@ def run_stages(stages, times, log_dir):
 
 
 def show_progress(procs):
-    """One status line with the latest tqdm state (or last line) of every running stage's log."""
+    """One status line with the last line of every running stage's log."""
     parts = []
     for name, _, log_path, _, proc in procs:
         with open(log_path, "rb") as f:

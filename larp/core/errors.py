@@ -66,6 +66,11 @@ class NonFiniteLossError(LarpError, FloatingPointError):
         self.step = step  # 1-based, as the step column of metrics.csv
 
 
+class StatsMismatchError(LarpError, ValueError):
+    """Feature statistics computed on different clips (length, size, resize, clip set, draw) or detectors, merged
+    or compared; the message names each differing field with both values."""
+
+
 class SampleError(LarpError):
     """A user error found before (or instead of) long work; the message is one line naming the cause."""
 

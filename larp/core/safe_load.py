@@ -25,9 +25,6 @@ from larp.core.errors import UnsafeFileError, UsageError
 
 TRUST_FLAG = "--trust_checkpoint"
 TRUST_HINT = f"pass {TRUST_FLAG} only if you trust where the file comes from (it can then run any code)"
-TRUST_HELP = ("DANGEROUS: also load checkpoints, token caches and TorchScript detectors that hold more than tensors "
-              "and plain data, or whose digest is unknown; such a file can run any code on this machine. Only for "
-              "files from a source you trust (docs/security.md)")
 
 
 # ---------------------------------------------------------------------------------------------- torch files

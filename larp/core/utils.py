@@ -1,9 +1,12 @@
-"""Small helpers used across the package: device, dtype and autocast selection, seeding."""
+"""Small helpers used across the package: device, dtype and autocast selection, seeding, progress bars and the
+lines printed beside them."""
 import contextlib
 import random
+import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from larp.core.errors import UsageError
 
@@ -60,3 +63,17 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm on a terminal only: output redirected to a file gets no progress bar (its carriage-return updates would
+    fill the log); the callers log a plain line per interval or chunk instead."""
+    stream = kwargs.get("file") or sys.stderr
+    kwargs["disable"] = kwargs.get("disable", False) or not getattr(stream, "isatty", lambda: False)()
+    return tqdm(iterable, **kwargs)
+
+
+def say(text):
+    """Print a line to stdout without running into a progress bar on the terminal (tqdm clears and redraws it)."""
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()

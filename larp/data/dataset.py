@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from larp.core.io import atomic_write_text
-from larp.data.video_io import count_frames, read_clip
+from larp.data.video_io import count_frames, read_clip, read_frames
 from larp.core.errors import CSVError, CSVNotFoundError, VideoReadError
+from larp.core.utils import progress_bar
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")
@@ -46,7 +46,10 @@ def resolve_csv(spec):
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
             where = f"{METADATA_DIR}/{part}" + ("" if part.endswith(".csv") else "[.csv]")
-            raise CSVNotFoundError(f"CSV file '{part}' not found (looked for {os.path.abspath(part)} and {where})")
+            hint = "" if os.path.dirname(part) else \
+                "; the dataset CSVs are built by `bash set_datasets.sh` (README: Datasets)"
+            raise CSVNotFoundError(f"CSV file '{part}' not found (looked for {os.path.abspath(part)} and "
+                                   f"{where}){hint}")
         paths.append(os.path.abspath(found))
     return paths
 
@@ -131,6 +134,9 @@ def check_videos_exist(df, csv):
                              f"({bad[0][1]})")
 
 
+FRAME_TRANSFORM = "short side resized (antialias), centre crop"  # what transform_frames does, as stats record it
+
+
 def transform_frames(frames, input_size):
     """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: short side resized to S (antialias), center
     crop."""
@@ -144,6 +150,16 @@ def transform_frames(frames, input_size):
     top, left = (h - input_size) // 2, (w - input_size) // 2
     x = x[:, :, top:top + input_size, left:left + input_size].clamp_(0, 1)
     return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+
+
+def clip_set_name(paths):
+    """How stats record a set of CSVs or a folder: paths relative to the project root when under it, else
+    absolute, joined by '+'."""
+    names = []
+    for p in paths:
+        rel = os.path.relpath(os.path.abspath(p), PROJECT_ROOT)
+        names.append(os.path.abspath(p) if rel.startswith("..") else rel)
+    return "+".join(names)
 
 
 def select_fvd_clips(num_clips, num_samples_total, seed=42):
@@ -190,8 +206,8 @@ def frame_counts(paths, cache_dir=None, cache_name="videos", skip_bad=False, wor
                 return counts
     workers = workers or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        counts = list(tqdm(pool.map(lambda p: _count_or_none(p, skip_bad), paths), total=len(paths),
-                           desc="counting frames", disable=len(paths) < 200, file=sys.stderr))
+        counts = list(progress_bar(pool.map(lambda p: _count_or_none(p, skip_bad), paths), total=len(paths),
+                                   desc="counting frames", disable=len(paths) < 200, file=sys.stderr))
     if cache_file is not None:
         try:
             atomic_write_text(cache_file, json.dumps({"paths": paths, "counts": counts}))
@@ -283,3 +299,34 @@ class VideoDataset(Dataset):
                 self.num_bad += 1
                 self._warn(f"skipping unreadable video: {e}")
         raise VideoReadError(f"no readable video at all in {self.csv}")
+
+
+class VideoFolder(Dataset):
+    """The first `frame_num` frames of each video in a folder (sorted by name) -> {"video": (3, T, S, S) float in
+    [0, 1], "index": int}, frames as transform_frames makes them."""
+
+    EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
+
+    def __init__(self, folder, frame_num=16, input_size=128):
+        self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(self.EXTENSIONS))
+        if not self.paths:
+            raise ValueError(f"no videos ({', '.join(self.EXTENSIONS)}) in folder '{folder}'")
+        self.frame_num, self.input_size = frame_num, input_size
+
+    def first_length(self):
+        """Frame count of the first video (the length of generated clips, which all have the same)."""
+        return count_frames(self.paths[0])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            frames = read_frames(path, range(self.frame_num))  # (T, H, W, 3) uint8
+        except VideoReadError:
+            if (n := count_frames(path)) < self.frame_num:
+                raise VideoReadError(f"{path} has {n} frames, fewer than the {self.frame_num}-frame clips asked "
+                                     f"for") from None
+            raise
+        return {"video": transform_frames(frames, self.input_size), "index": index}

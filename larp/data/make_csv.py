@@ -13,12 +13,12 @@ K600: `<root>/<split>/<class>/<video>`; label = index of the class folder in the
 Paths are written relative to the project root when the files lie under it (keep data/ links unresolved),
 else absolute.
 """
-import argparse
 import os
 import re
 
 import pandas as pd
 
+from larp.core.cli import HelpFormatter, parser
 from larp.core.io import atomic_write_text
 from larp.data.dataset import CSV_COLUMNS, METADATA_DIR, PROJECT_ROOT, read_video_csv
 from larp.data.video_io import VIDEO_EXTENSIONS
@@ -144,21 +144,21 @@ def check_csvs(specs):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     sub = p.add_subparsers(dest="dataset", required=True)
-    u = sub.add_parser("ucf101", help="UCF-101 from its folder and official split lists")
+    u = sub.add_parser("ucf101", help="UCF-101 from its folder and official split lists", formatter_class=HelpFormatter)
     u.add_argument("--root", required=True, help="folder containing the UCF-101 videos (any nesting)")
     u.add_argument("--splits-dir", default=None, help="folder with classInd.txt, trainlist0N.txt, testlist0N.txt "
                                                       "(default: searched under --root)")
-    u.add_argument("--split", type=int, default=1, choices=(1, 2, 3))
-    u.add_argument("--out", default=METADATA_DIR)
-    k = sub.add_parser("k600", help="Kinetics-600 from <root>/<split>/<class>/<video>")
-    k.add_argument("--root", required=True)
-    k.add_argument("--train-split", default="train")
-    k.add_argument("--val-split", default="val")
-    k.add_argument("--out", default=METADATA_DIR)
-    c = sub.add_parser("check", help="check that every path listed in the CSVs exists")
-    c.add_argument("csvs", nargs="+")
+    u.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official train/test split")
+    u.add_argument("--out", default=METADATA_DIR, help="folder of ucf101_train.csv and ucf101_val.csv")
+    k = sub.add_parser("k600", help="Kinetics-600 from <root>/<split>/<class>/<video>", formatter_class=HelpFormatter)
+    k.add_argument("--root", required=True, help="Kinetics-600 folder holding the split folders")
+    k.add_argument("--train-split", default="train", help="training split folder under --root")
+    k.add_argument("--val-split", default="val", help="validation split folder under --root")
+    k.add_argument("--out", default=METADATA_DIR, help="folder of k600_train.csv and k600_val.csv")
+    c = sub.add_parser("check", help="check that every path listed in the CSVs exists", formatter_class=HelpFormatter)
+    c.add_argument("csvs", nargs="+", help="CSV paths or names under data/metadata/")
     return p.parse_args(argv)
 
 

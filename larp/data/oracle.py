@@ -8,17 +8,17 @@ matched to the nearest class direction. Frames are resized to 32x32 first, so an
 
     python -m larp.data.oracle data/synthetic/val.csv
 """
-import argparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from larp.core.cli import parser
 from larp.data.dataset import check_labels, read_video_csv
 from larp.data.synthetic import COLORS, DIRECTIONS, class_grid, class_names
 from larp.data.video_io import read_frames
 from larp.core.errors import UsageError, VideoReadError, run_cli
+from larp.core.utils import progress_bar
 
 WORK_SIZE = 32
 
@@ -115,7 +115,7 @@ def oracle_predictions(csv_or_df, num_classes=None, progress=False, skip_bad=Fal
     check_labels(df, num_classes, "the CSV" if hasattr(csv_or_df, "columns") else csv_or_df,
                  f"--num-classes {num_classes}")
     preds, labels = [], []
-    for path, label in tqdm(zip(df["path"], df["label"]), total=len(df), desc="oracle", disable=not progress):
+    for path, label in progress_bar(zip(df["path"], df["label"]), total=len(df), desc="oracle", disable=not progress):
         try:
             frames = read_frames(path)
         except VideoReadError as e:
@@ -145,7 +145,7 @@ def accuracy_table(preds, labels, num_classes):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("csv", help="CSV (id,path,action,label) of synthetic or generated videos")
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: the smallest synthetic class set consistent with the labels and action names; "

@@ -9,17 +9,17 @@ so the class can be read from any 4 consecutive frames (see larp/data/oracle.py)
 
     python -m larp.data.synthetic --out data/synthetic --classes 8 --videos-per-class 48
 """
-import argparse
 import os
 import time
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from larp.core.cli import parser
 from larp.core.io import atomic_write_text
 from larp.data.video_io import write_video
 from larp.core.errors import UsageError, run_cli
+from larp.core.utils import progress_bar
 
 # Saturated colors with well separated hues (in the order used to build classes).
 COLORS = {
@@ -124,7 +124,7 @@ def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=
         raise UsageError(f"--videos-per-class {videos_per_class} with val fraction {val_fraction} leaves an empty split")
     rows = {"train": [], "val": []}
     jobs = [(label, k) for label in range(classes) for k in range(videos_per_class)]
-    for label, k in tqdm(jobs, desc="synthetic videos", disable=not progress):
+    for label, k in progress_bar(jobs, desc="synthetic videos", disable=not progress):
         rng = np.random.default_rng([seed, label, k])
         video = render_video(label, classes, frames, size, rng)
         vid = f"{names[label]}_{k:03d}"
@@ -140,15 +140,16 @@ def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--out", required=True, help="output folder (videos/, train.csv, val.csv)")
-    p.add_argument("--classes", type=int, default=8, choices=VALID_CLASS_COUNTS)
-    p.add_argument("--videos-per-class", type=int, default=48)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--classes", type=int, default=8, choices=VALID_CLASS_COUNTS, help="number of classes (colours x "
+                   "directions)")
+    p.add_argument("--videos-per-class", type=int, default=48, help="videos of each class")
+    p.add_argument("--frames", type=int, default=16, help="frames per video")
+    p.add_argument("--size", type=int, default=32, help="frame height = width (pixels)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the whole set")
+    p.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4s")
+    p.add_argument("--val-fraction", type=float, default=0.25, help="share of each class's videos in val.csv")
     return p.parse_args(argv)
 
 

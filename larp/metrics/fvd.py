@@ -2,19 +2,28 @@
 
 The detector (I3D, which one and how it runs) is larp.metrics.detectors. Statistics keep the float64 sum and sum
 of outer products, so shards from several processes merge exactly; mu = sum/n and sigma = sum_outer/n - mu mu^T
-(population covariance).
+(population covariance). They also record what the features were computed on (`FeatureStats.meta`: clip length,
+size, resize, clip set and draw; with the detector), so stats of different clips never merge or compare silently.
 """
+import json
 import os
 import pickle
 import zipfile
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from larp.core.errors import StatsMismatchError
 from larp.core.io import atomic_write
 from larp.core.safe_load import load_array_pickle, load_npz
+from larp.core.utils import progress_bar
 from larp.metrics.detectors import RANDOM_LABEL
+
+# What features were computed on, besides the detector: clip length, frame size, how frames reached that size,
+# which clips (CSV / folder) and which of them (the draw). Merged stats must agree on all of them.
+META_KEYS = ("frames", "size", "resize", "clips", "draw")
+# The two sides of an FVD must agree on these (their clip sets and draws differ by design: real vs generated).
+COMPARE_KEYS = ("frames", "size", "resize")
 
 
 def fvd_label(detector):
@@ -29,11 +38,15 @@ def fvd_label(detector):
 class FeatureStats:
     """Float64 running sum and sum of outer products of features; shards merge with `+`.
 
+    `meta` records what the features were computed on (META_KEYS: frames, size, resize, clips, draw); a key it
+    lacks is unknown (stats written before they recorded it, or by another tool). Merging stats whose known values
+    differ, or comparing two whose frames / size / resize / detector differ, raises StatsMismatchError.
     Stats loaded from an .npz holding only mu/sigma (no count) can be compared but not merged.
     """
 
-    def __init__(self, num_features=None, detector=None):
+    def __init__(self, num_features=None, detector=None, meta=None):
         self.num_features, self.detector = num_features, detector
+        self.meta = {k: v for k, v in (meta or {}).items() if k in META_KEYS and v is not None}
         self.num_items = 0
         self.sum = None        # (F,) float64
         self.sum_outer = None  # (F, F) float64
@@ -62,14 +75,26 @@ class FeatureStats:
             raise ValueError(f"feature size mismatch: stats have {self.num_features} features, {what} have {num}")
         self.num_features = num
 
+    def provenance(self):
+        """{"detector", "frames", ...}: what is known of how the features were computed."""
+        return {"detector": self.detector or None, **self.meta}
+
+    def _is_empty(self):
+        return self._moments is None and not self.num_items
+
     def __add__(self, other):
         if not isinstance(other, FeatureStats):
             return NotImplemented
         if self._moments is not None or other._moments is not None:
             raise ValueError("cannot merge stats loaded from mu/sigma without an item count")
-        if self.detector and other.detector and self.detector != other.detector:
-            raise ValueError(f"cannot merge stats from different detectors: '{self.detector}' vs '{other.detector}'")
-        out = FeatureStats(self.num_features, self.detector or other.detector)
+        differ = mismatches(self, other, ("detector",) + META_KEYS)
+        if differ:
+            kind = "detectors" if differ[0][0] == "detector" else "clips"
+            raise StatsMismatchError(f"cannot merge stats from different {kind}: {describe(differ)}")
+        # a key known to one side only is unknown for the merged stats (an empty accumulator knows nothing)
+        meta = other.meta if self._is_empty() else self.meta if other._is_empty() else \
+            {k: v for k, v in self.meta.items() if other.meta.get(k) == v}
+        out = FeatureStats(self.num_features, self.detector or other.detector, meta)
         if other.num_features is not None:
             out._check_features(other.num_features, "the other stats")
         for s in (self, other):
@@ -93,15 +118,16 @@ class FeatureStats:
 
     def to_dict(self):
         return {"num_items": self.num_items, "num_features": self.num_features, "raw_mean": self.sum,
-                "raw_cov": self.sum_outer, "detector": self.detector}
+                "raw_cov": self.sum_outer, "detector": self.detector, "meta": dict(self.meta)}
 
     def save(self, path):
-        """.pkl: plain dict (num_items, num_features, raw_mean = sum, raw_cov = sum of outer products, detector);
-        .npz: mu, sigma, n (+ detector). Atomic."""
+        """.pkl: plain dict (num_items, num_features, raw_mean = sum, raw_cov = sum of outer products, detector,
+        meta: a dict of str / int); .npz: mu, sigma, n (+ detector, meta as a JSON string). Atomic."""
         path = os.fspath(path)
         if path.endswith(".pkl"):
             if self._moments is not None:
-                d = {"mu": self._moments[0], "sigma": self._moments[1], "detector": self.detector}
+                d = {"mu": self._moments[0], "sigma": self._moments[1], "detector": self.detector,
+                     "meta": dict(self.meta)}
             else:
                 d = self.to_dict()
 
@@ -113,6 +139,8 @@ class FeatureStats:
             extra = {"n": np.int64(self.num_items)} if self._moments is None else {}
             if self.detector:
                 extra["detector"] = np.array(self.detector)
+            if self.meta:
+                extra["meta"] = np.array(json.dumps(self.meta, sort_keys=True))  # a str array, no pickling
 
             def write(tmp):
                 with open(tmp, "wb") as f:
@@ -144,7 +172,7 @@ class FeatureStats:
         if "mu" in d and "sigma" in d:
             return cls._from_moments(d, path)
         detector = d.get("detector")
-        stats = cls(detector=str(detector) if detector is not None else None)
+        stats = cls(detector=str(detector) if detector is not None else None, meta=_read_meta(d.get("meta")))
         if d.get("raw_mean") is not None and d.get("raw_cov") is not None:
             stats.sum = np.asarray(d["raw_mean"], dtype=np.float64)
             stats.sum_outer = np.asarray(d["raw_cov"], dtype=np.float64)
@@ -161,13 +189,52 @@ class FeatureStats:
             raise ValueError(f"'{path}': expected arrays 'mu' and 'sigma', found {sorted(d)}")
         mu, sigma = np.asarray(d["mu"], np.float64), np.asarray(d["sigma"], np.float64)
         detector = d.get("detector")
-        stats = cls(mu.shape[0], str(detector) if detector is not None else None)
+        stats = cls(mu.shape[0], str(detector) if detector is not None else None, _read_meta(d.get("meta")))
         if d.get("n") is not None:  # with a count the sums are recoverable, so the stats stay mergeable
             n = int(d["n"])
             stats.num_items, stats.sum, stats.sum_outer = n, n * mu, n * (sigma + np.outer(mu, mu))
         else:
             stats.num_items, stats._moments = None, (mu, sigma)
         return stats
+
+
+def _read_meta(value):
+    """The `meta` of a stats file: a dict (.pkl) or a JSON string array (.npz); absent or unreadable: unknown."""
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.shape == () else None
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def mismatches(a, b, keys):
+    """[(key, a's value, b's value)] of the `keys` both stats record, with different values."""
+    pa, pb = a.provenance(), b.provenance()
+    return [(k, pa[k], pb[k]) for k in keys if pa.get(k) is not None and pb.get(k) is not None and pa[k] != pb[k]]
+
+
+def describe(differ, names=None):
+    """"frames 16 vs 8; size 128 vs 32" (with names: "frames 16 (real) vs 8 (fake)")."""
+    n1, n2 = (f" ({names[0]})", f" ({names[1]})") if names else ("", "")
+    return "; ".join(f"{k} {v1!r}{n1} vs {v2!r}{n2}" for k, v1, v2 in differ)
+
+
+def check_comparable(a, b, names=("first", "second")):
+    """Raise StatsMismatchError when two stats record different detectors, clip lengths, sizes or resizes. Returns
+    a one-line note naming what one of them does not record (None when both record everything), for the CLIs."""
+    differ = mismatches(a, b, ("detector",) + COMPARE_KEYS)
+    if differ:
+        raise StatsMismatchError(f"the {names[0]} and {names[1]} stats were computed differently: "
+                                 f"{describe(differ, names)}; FVD needs the same detector, clip length, size and "
+                                 f"resize on both sides")
+    unknown = [f"the {name} stats do not record {', '.join(missing)}" for name, s in zip(names, (a, b))
+               if (missing := [k for k in ("detector",) + COMPARE_KEYS if s.provenance().get(k) is None])]
+    if not unknown:
+        return None
+    return f"note: {'; '.join(unknown)} (written by an older version or another tool): not checked"
 
 
 def _moments(x, which):
@@ -194,6 +261,8 @@ def frechet_distance(a, b):
     which has the same eigenvalues as S1 S2; this avoids the complex/unstable sqrtm of a non-symmetric product
     and stays accurate for rank-deficient covariances (fewer items than features).
     """
+    if isinstance(a, FeatureStats) and isinstance(b, FeatureStats):
+        check_comparable(a, b)
     mu1, s1 = _moments(a, "first")
     mu2, s2 = _moments(b, "second")
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
@@ -215,11 +284,12 @@ def _video_batch(batch):
     return batch
 
 
-def compute_stats(detector, batches, total=None, desc="I3D features", stats=None, progress=True):
-    """Run the detector over an iterable of video batches (B, 3, T, H, W) in [0, 1] -> FeatureStats."""
-    stats = stats if stats is not None else FeatureStats(detector=getattr(detector, "name", None))
+def compute_stats(detector, batches, total=None, desc="I3D features", stats=None, progress=True, meta=None):
+    """Run the detector over an iterable of video batches (B, 3, T, H, W) in [0, 1] -> FeatureStats (recording
+    `meta`, see FeatureStats)."""
+    stats = stats if stats is not None else FeatureStats(detector=getattr(detector, "name", None), meta=meta)
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
-    for batch in tqdm(batches, total=total, desc=desc, disable=not progress, dynamic_ncols=True):
+    for batch in progress_bar(batches, total=total, desc=desc, disable=not progress, dynamic_ncols=True):
         stats.add(detector(_video_batch(batch)))
     return stats

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from larp.core.checkpoint import checkpoint_kind, expect_kind, local_path, peek_checkpoint
 from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, GeometryError, I3DError, SampleError,
                               VideoReadError)
-from larp.data.dataset import VideoDataset, check_labels, read_video_csv, resolve_csv, select_fvd_clips
+from larp.data.dataset import (FRAME_TRANSFORM, VideoDataset, check_labels, clip_set_name, read_video_csv,
+                               resolve_csv, select_fvd_clips)
 from larp.metrics.detectors import check_i3d_spec
 from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import clip_geometry
@@ -96,6 +97,7 @@ class SamplePlan:
     i3d_spec: str
     ar_model: str
     tokenizer: str
+    stats_meta: dict  # what the run's feature stats record (larp.metrics.fvd.FeatureStats.meta)
 
 
 def _spec_id(spec):
@@ -208,5 +210,10 @@ def prepare(job):
 
     recorded = dataclasses.replace(job, tokenizer=tok_spec, ar_model=ar_spec)  # hub ids with the commit loaded
     settings = run_settings(recorded, frame_num, input_size, fvd_size, csv_paths, i3d_spec)
+    resize = FRAME_TRANSFORM if fvd_size == input_size else \
+        f"{FRAME_TRANSFORM} to {input_size}, then bilinear (antialias) to {fvd_size}"
+    meta = {"frames": frame_num, "size": int(fvd_size), "resize": resize, "clips": clip_set_name(csv_paths),
+            "draw": f"{total} of {len(dataset)} clips, seed {job.dataset_split_seed}"}
     return SamplePlan(settings=settings, dataset=dataset, chosen=chosen, class_names=class_names,
-                      fvd_size=int(fvd_size), i3d_spec=i3d_spec, ar_model=ar_path, tokenizer=tok_path)
+                      fvd_size=int(fvd_size), i3d_spec=i3d_spec, ar_model=ar_path, tokenizer=tok_path,
+                      stats_meta=meta)

@@ -16,7 +16,7 @@ import numpy as np
 from filelock import FileLock
 
 from larp.core.errors import SampleError
-from larp.metrics.fvd import FeatureStats, frechet_distance
+from larp.metrics.fvd import FeatureStats, check_comparable, frechet_distance
 from larp.core.io import atomic_write, atomic_write_text
 from larp.core.safe_load import load_npy
 from larp.models.sampling_params import SAMPLING_FIELDS
@@ -180,6 +180,7 @@ def finalize(output_dir, settings, replace=False, log=print):
         paths = [stats_paths(output_dir, a, b) for a, b in tiling]
         gen = functools.reduce(operator.add, [FeatureStats.load(p["gen"]) for p in paths])
         gt = functools.reduce(operator.add, [FeatureStats.load(p["gt"]) for p in paths])
+        check_comparable(gen, gt, ("generated", "real"))
         value = float(frechet_distance(gen, gt))
         nll = np.concatenate([load_npy(p["nll"]) for p in paths])  # allow_pickle=False
         with open(paths[0]["meta"]) as f:

@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from larp.models.generator import load_generator
 from larp.core.errors import CheckpointError, SampleError
@@ -51,7 +50,7 @@ from larp.core.io import atomic_write, atomic_write_text, resize_video, to_uint8
 from larp.sampling.output_folder import SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths, write_csv
 from larp.sampling.job import prepare
 from larp.models.tokenizer import LARPTokenizer
-from larp.core.utils import autocast, get_device
+from larp.core.utils import autocast, get_device, progress_bar, say
 from larp.core.visualize import save_preview_png
 
 SEED_STRIDE = 1_000_003
@@ -122,8 +121,8 @@ class ChunkState:
     """What one chunk [c, d) accumulates until its files are written: feature statistics, NLLs, sample rows, the
     pending mp4 writes and the timing."""
 
-    def __init__(self, detector, t_start):
-        self.gen_stats, self.gt_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
+    def __init__(self, detector, t_start, meta):
+        self.gen_stats, self.gt_stats = (FeatureStats(detector=detector.name, meta=meta) for _ in range(2))
         self.nlls, self.rows, self.pending, self.tm, self.t_start = [], [], [], _new_timing(), t_start
 
 
@@ -141,10 +140,10 @@ def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     timings, k, chunk = [], 0, None
     with ThreadPoolExecutor(max_workers=4) as pool:
         t_data = time.perf_counter()
-        for batch, idx in tqdm(zip(loader, batches), total=len(batches), unit="batch",
+        for batch, idx in progress_bar(zip(loader, batches), total=len(batches), unit="batch",
                                desc=f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"):
             if chunk is None:
-                chunk = ChunkState(detector, t_data)
+                chunk = ChunkState(detector, t_data, plan.stats_meta)
             video, fake = generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_data)
             queue_writes(job, plan, batch, idx, video, fake, chunk, pool)
             if idx[0] == 0:
@@ -275,7 +274,7 @@ def run(job):
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
 
     def log(msg):
-        print(prefix + msg, flush=True)
+        say(prefix + msg)
 
     a, b = rank_range(job.starting_index, job.num_samples, rank, world)
     out, settings = job.output_dir, plan.settings
@@ -300,9 +299,24 @@ def run(job):
         log(f"models and I3D loaded in {time.perf_counter() - t0:.1f} s on {device}")
         sample_chunks(job, plan, todo, models, detector, device, log=log)
     result = finalize(out, settings, replace=job.replace, log=log)
+    log(outputs_line(out))
     if result["fvd"] is None:
         log(f"covered {result['covered']} of {settings['num_samples_total']} samples; the FVD is computed when "
             f"the remaining shards finish")
         return None
     print(f"fvd={result['fvd']:.6f}", flush=True)
     return result["fvd"]
+
+
+def outputs_line(out):
+    """The closing line: what a user looks at in the output folder, of what exists so far."""
+    shown = []
+    for name, what in (("sampled_videos", "generated mp4s"), ("gt_videos", "real clips"),
+                       ("samples.csv", "index, class, video"), ("preview.png", "first samples"),
+                       ("fvd_report.csv", "FVD row"), ("timing.json", None)):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shown.append(f"{path}/ ({len(os.listdir(path))} {what})")
+        elif os.path.exists(path):
+            shown.append(f"{path}" + (f" ({what})" if what else ""))
+    return "outputs: " + ", ".join(shown)

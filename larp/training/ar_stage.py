@@ -41,6 +41,7 @@ class ARStage:
         self.train_set, self.detector = None, None
         self.val_videos, self.val_labels, self.val_dataset = None, None, None  # (rank 0) evaluation clips
         self.trust_checkpoint = False  # --trust_checkpoint: also for the FVD detector file
+        self.class_names = {}  # label -> the `action` of the evaluation CSV, for the preview rows
 
     @staticmethod
     def check_csv(cfg, df, csv):
@@ -78,6 +79,8 @@ class ARStage:
                              f"{m.num_classes}")
         if info.is_main and stage.evaluates:
             stage.val_videos, stage.val_labels, stage.val_dataset = eval_clips(cfg.data, cfg.eval.num_videos)
+            df = stage.val_dataset.df
+            stage.class_names = {int(label): str(name) for label, name in zip(df["label"], df["action"])}
         return stage
 
     def build_optimizer(self):
@@ -171,7 +174,13 @@ class ARStage:
         if real is not None:
             save_preview_png(png_path, fake, [""] * fake.shape[0], real=real)
         else:
-            save_preview_png(png_path, fake, [f"class {int(c)}" for c in (labels if labels is not None else cond)])
+            names = [self.class_name(int(c)) for c in (labels if labels is not None else cond)]
+            save_preview_png(png_path, fake, names)
+
+    def class_name(self, label):
+        """The CSV's action name of a class (as sampling previews show it); `class N` where the CSV has none."""
+        name = self.class_names.get(label)
+        return name if name and name != str(label) else f"class {label}"
 
     @torch.no_grad()
     def small_fvd(self, model, real_videos, cond):

@@ -8,10 +8,10 @@ import csv
 import io
 import os
 import secrets
-import sys
 import time
 
 from larp.core.io import atomic_write_text
+from larp.core.utils import say
 
 
 def _has_wandb_credentials():
@@ -49,7 +49,7 @@ class RunLogger:
         if not self.enabled:
             return
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
-        print(line, file=sys.stdout, flush=True)
+        say(line)  # never on the same line as the progress bar
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
 

@@ -8,11 +8,10 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 from larp.core import dist
 from larp.core.io import atomic_write_text
-from larp.core.utils import seed_everything
+from larp.core.utils import progress_bar, say, seed_everything
 from larp.data.dataset import check_videos_exist, read_video_csv
 from larp.core.errors import ConfigError, StageError, VideoReadError
 from larp.training import fsdp
@@ -23,7 +22,8 @@ from larp.training.config_build import from_dict
 from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
 from larp.training.optim import EMA, lr_at
-from larp.training.run_folder import clean_run_dir, export_model, remove_stale_temps
+from larp.training.run_folder import (clean_run_dir, export_model, finished_step, mark_finished,
+                                      remove_stale_temps, unmark_finished)
 from larp.training.tokenizer_stage import TokenizerStage
 
 STAGES = {"tokenizer": TokenizerStage, "ar": ARStage}
@@ -69,16 +69,38 @@ def preflight(cfg, run_dir, world_size=1, replace=False, trust=False):
         notes.append(f"data.{key}: {len(df)} videos listed in {csv}")
     notes += stage_cls.preflight(cfg, trust)
     latest = os.path.join(run_dir, "ckpt_latest.pth")
-    if os.path.exists(latest) and not replace:
+    done = None if replace else finished_step(run_dir, step_plan(cfg))
+    if done is not None:
+        notes.append(finished_note(run_dir, done))
+    elif os.path.exists(latest) and not replace:
         notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg), trust)}")
     else:
         notes.append(f"starts fresh in {run_dir}")
     return notes
 
 
+def step_plan(cfg):
+    """What sets the number of steps: train.max_steps, else the epochs over the training set at this batch."""
+    if cfg.train.max_steps:
+        return {"train.max_steps": cfg.train.max_steps}
+    return {"train.epochs": cfg.train.epochs, "batch_size": cfg.batch_size, "data.csv": cfg.data.csv}
+
+
+def finished_note(run_dir, step):
+    return (f"{run_dir} finished at step {step} (model in {os.path.join(run_dir, 'export')}): nothing to do; raise "
+            f"train.max_steps (or train.epochs) to train on, or pass --replace to start over")
+
+
 def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
-    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None).
-    `trust`: --trust_checkpoint (see preflight)."""
+    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None). A run that
+    finished with the same step plan (finished.json) is left as it is: no step, evaluation or export. `trust`:
+    --trust_checkpoint (see preflight)."""
+    done = None if replace else finished_step(run_dir, step_plan(cfg))
+    if done is not None:
+        if info.is_main:
+            say(finished_note(run_dir, done))
+        return {"step": done, "last": {}, "eval": {}, "run_dir": run_dir, "export": os.path.join(run_dir, "export"),
+                "finished": True} if info.is_main else None
     notes = preflight(cfg, run_dir, info.world_size, replace, trust)  # one clear error before anything is written
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg.train.deterministic:
@@ -90,7 +112,11 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
     final = run_eval(stage, info, run_dir, step, run.log, run.sharded)
     export_dir = os.path.join(run_dir, "export")
     export_model(stage.model, run.ema, export_dir, run.sharded)
-    run.log.log(f"exported {cfg.stage} model to {export_dir}")
+    if info.is_main:
+        mark_finished(run_dir, step, step_plan(cfg))
+    run.log.log(f"finished at step {step}: {cfg.stage} model in {export_dir}/; "
+                + ", ".join(p for p in (os.path.join(run_dir, n) for n in ("metrics.csv", "log.txt", "previews/"))
+                            if os.path.exists(p)))
     dist.barrier()
     run.log.close()
     if not info.is_main:
@@ -105,6 +131,7 @@ def prepare_run_dir(run_dir, info, replace):
         if replace:
             clean_run_dir(run_dir)
         remove_stale_temps(run_dir)
+        unmark_finished(run_dir)  # it trains on: finished again only once it exports
     dist.barrier()
 
 
@@ -150,10 +177,9 @@ def start(cfg, run_dir, info, notes, wandb_mode, trust=False):
     plain = to_dict(cfg)
     if resuming:
         log.log(f"resumed from {latest} at step {step}")
-        saved_cfg = _as_stored_now(saved_cfg)
-        changed = sorted(k for k in plain if k != "seed" and plain.get(k) != saved_cfg.get(k))
+        changed = changed_keys(_as_stored_now(saved_cfg), {k: v for k, v in plain.items() if k != "seed"})
         if changed:
-            log.log(f"note: config differs from the checkpoint's in section(s) {changed}")
+            log.log(f"note: config differs from the checkpoint's: {'; '.join(changed)}")
     if info.is_main:
         atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
     log.init_wandb(plain, name=os.path.basename(run_dir), mode=wandb_mode or cfg.wandb.mode,
@@ -175,8 +201,8 @@ def run_steps(stage, run, step):
             f"{B} ({B // info.world_size}/rank x {info.world_size}), {spe} steps/epoch, {total} steps, "
             f"device {info.device}")
     base_lr, schedule = cfg.optimizer.args["lr"], dataclasses.asdict(cfg.lr_schedule)
-    bar = tqdm(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True, desc=cfg.stage)
-    window, last = StepWindow(cfg, info, log), {}
+    bar = progress_bar(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True, desc=cfg.stage)
+    window, last = StepWindow(cfg, info, log, total), {}
     while step < total:
         epoch, offset = divmod(step, spe)
         for batch in batches(make_loader(dataset, B, cfg.data.num_workers, cfg.seed, info, epoch, offset)):
@@ -215,8 +241,8 @@ def after_step(stage, run, step, epoch, total, spe):
 class StepWindow:
     """The steps since the last log line: their losses, timing and the unreadable videos skipped so far."""
 
-    def __init__(self, cfg, info, log):
-        self.skip_bad, self.log, self.device = cfg.data.skip_bad, log, info.device
+    def __init__(self, cfg, info, log, total):
+        self.skip_bad, self.log, self.device, self.total = cfg.data.skip_bad, log, info.device, total
         self.losses, self.t0, self.last, self.reported = [], time.time(), {}, 0
         self.skipped = torch.zeros((), dtype=torch.long, device=info.device)  # (data.skip_bad)
 
@@ -227,7 +253,7 @@ class StepWindow:
         self.last = logs
 
     def flush(self, stage, step, lr, epoch):
-        """One metrics.csv row for the window; then a new window starts."""
+        """One metrics.csv row and one log line for the window; then a new window starts."""
         dt = time.time() - self.t0
         row = {**self.last, "loss_avg": sum(self.losses) / len(self.losses), "lr": lr, "epoch": epoch,
                "step_time": dt / len(self.losses)}
@@ -240,7 +266,21 @@ class StepWindow:
                              f"(all ranks), each time replaced by the next readable one")
                 self.reported = total_skipped
         self.log.metrics(step, row)
+        self.log.log(f"step {step}/{self.total}: loss {row['loss_avg']:.4f}, lr {lr:.3g}, "
+                     f"{row['step_time']:.3f} s/step")
         self.losses, self.t0 = [], time.time()
+
+
+def changed_keys(old, new, prefix=""):
+    """["train.max_steps: 2 -> 3", ...]: every key of `new` (nested dicts as dotted keys) whose value differs."""
+    out = []
+    for k in sorted(new):
+        a, b = old.get(k) if isinstance(old, dict) else None, new[k]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def _as_stored_now(saved):

@@ -1,12 +1,17 @@
-"""A run folder: what --replace removes, the temp files of killed writes, and the exported model."""
+"""A run folder: what --replace removes, the temp files of killed writes, the exported model and the mark of a
+finished run."""
 import glob
+import json
 import os
 import shutil
 
 from larp.core import dist
+from larp.core.io import atomic_write_text
 from larp.training import fsdp
 
-RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "previews", "wandb")
+FINISHED = "finished.json"  # written after the export: {"step", "plan"}; a rerun with the same plan does nothing
+RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "previews", "wandb",
+             FINISHED)
 
 
 def clean_run_dir(run_dir):
@@ -41,3 +46,24 @@ def export_model(raw, ema, directory, sharded=False):
     raw.load_state_dict(ema.weights_like(raw))
     raw.save_pretrained(directory)
     raw.load_state_dict(backup)
+
+
+def mark_finished(run_dir, step, plan):
+    """The run exported its model at `step`; `plan` is what set its number of steps (loop.step_plan)."""
+    atomic_write_text(os.path.join(run_dir, FINISHED), json.dumps({"step": step, "plan": plan}, indent=2) + "\n")
+
+
+def unmark_finished(run_dir):
+    if os.path.exists(os.path.join(run_dir, FINISHED)):
+        os.remove(os.path.join(run_dir, FINISHED))
+
+
+def finished_step(run_dir, plan):
+    """The step at which the run finished with the same step `plan`, or None (not finished, or asked to go on)."""
+    try:
+        with open(os.path.join(run_dir, FINISHED)) as f:
+            mark = json.load(f)
+    except (OSError, ValueError):
+        return None
+    exported = os.path.exists(os.path.join(run_dir, "export"))
+    return mark.get("step") if exported and mark.get("plan") == plan else None

@@ -6,11 +6,11 @@ import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from larp.core import dist
 from larp.core.io import atomic_save
 from larp.core.safe_load import load_torch
+from larp.core.utils import progress_bar
 from larp.training.stage_data import clip_dataset
 
 
@@ -60,7 +60,7 @@ def token_cache(stage, cfg, info, run_dir, note, trust=False):
     loader = DataLoader(Subset(ds, mine), batch_size=max(1, cfg.batch_size // info.world_size),
                         num_workers=d.num_workers, shuffle=False)
     toks, conds = [], []
-    for batch in tqdm(loader, desc="caching tokens", disable=not info.is_main, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc="caching tokens", disable=not info.is_main, dynamic_ncols=True):
         t, c = stage.encode(batch["video"].to(info.device))
         toks.append(t.cpu())
         conds.append(c.cpu() if c is not None else None)

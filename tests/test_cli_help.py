@@ -1,0 +1,83 @@
+"""`--help` of every entry point: each flag says its default (or that it is required) and has a line of help, and
+the script entry points answer it without importing torch or the networks."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = ["train.py", "sample.py", "eval/compute_fvd.py", "eval/eval_larp_tokenizer.py",
+           "eval/calc_fvd_from_multiple_feature_stats.py"]
+MODULES = [["larp.data.synthetic"], ["larp.data.oracle"], ["larp.data.make_csv", "ucf101"],
+           ["larp.data.make_csv", "k600"]]  # these import torch through the library; only their help is checked
+
+# Runs an entry point with --help in a fresh interpreter, then reports the help text and the modules it imported.
+RUNNER = """
+import contextlib, io, json, runpy, sys
+kind, target, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.argv = [target, *extra, "--help"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        run = runpy.run_path if kind == "script" else runpy.run_module
+        run(target, run_name="__main__")
+    except SystemExit:
+        pass
+print(json.dumps({"help": out.getvalue(), "modules": sorted(sys.modules)}))
+"""
+
+
+def run_help(kind, target, *extra):
+    res = subprocess.run([sys.executable, "-c", RUNNER, kind, target, *extra], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def flag_helps(text):
+    """{flag: its help text, joined into one line} from an argparse help page (options section)."""
+    helps, flag = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        m = re.match(r"^  (?:-\w(?: \S+)?, )?(--[\w-]+)(.*)$", line)
+        if m:
+            flag = m.group(1)
+            helps[flag] = m.group(2).strip()
+        elif flag and line.startswith("    "):
+            helps[flag] += " " + line.strip()
+    helps.pop("--help", None)
+    return helps
+
+
+def check_flags(target, text):
+    helps = flag_helps(text)
+    assert len(helps) >= 2, (target, text)
+    for flag, h in helps.items():
+        words = re.sub(r"^[A-Z_\[\]{},.\d ]+\s", "", h)  # drop the metavar (e.g. "NUM_FRAMES", "{1,2,3}")
+        assert len(words) > 12, f"{target} {flag}: no help text ({h!r})"
+        assert "default" in h.lower() or "(required)" in h, f"{target} {flag}: default not shown ({h!r})"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help_shows_defaults_without_importing_torch(script):
+    result = run_help("script", script)
+    check_flags(script, result["help"])
+    heavy = [m for m in result["modules"] if m == "torch" or m.startswith("torch.")
+             or (m.startswith("larp.models.") and m != "larp.models.sampling_params")]
+    assert not heavy, f"{script} --help imported {heavy[:5]}"
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: " ".join(m))
+def test_module_help_shows_defaults(module):
+    check_flags(" ".join(module), run_help("module", *module)["help"])
+
+
+def test_the_help_check_can_fail():
+    """A flag without help text, and one whose default is not shown, are both caught."""
+    page = "options:\n  -h, --help  show\n  --a A       the a flag (default: 1)\n  --b B\n"
+    with pytest.raises(AssertionError, match="--b: no help text"):
+        check_flags("x", page)
+    with pytest.raises(AssertionError, match="--b: default not shown"):
+        check_flags("x", page.replace("--b B\n", "--b B       a flag that hides its value\n"))
