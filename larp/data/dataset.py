@@ -19,8 +19,8 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from larp.core.io import atomic_write_text
@@ -132,18 +132,12 @@ def check_videos_exist(df, csv):
 
 
 def transform_frames(frames, input_size):
-    """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: short side resized to S (antialias), center
-    crop."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
-    h, w = x.shape[-2:]
-    if min(h, w) != input_size:
-        scale = input_size / min(h, w)
-        new_h, new_w = max(input_size, round(h * scale)), max(input_size, round(w * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        h, w = new_h, new_w
-    top, left = (h - input_size) // 2, (w - input_size) // 2
-    x = x[:, :, top:top + input_size, left:left + input_size].clamp_(0, 1)
-    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+    """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: the reference's torchvision
+    `Resize(S, antialias=True)` + `CenterCrop(S)` on the (3,T,H,W) float clip (short side to S, long side
+    truncated, e.g. 320x240 -> 170x128; crop offset rounded), so real clips equal the reference's bit for bit."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W)
+    x = TF.center_crop(TF.resize(x, input_size, antialias=True), input_size)
+    return x.contiguous()  # (3, T, S, S)
 
 
 def select_fvd_clips(num_clips, num_samples_total, seed=42):
