@@ -21,7 +21,8 @@ from larp.core.io import atomic_write, atomic_write_text
 from larp.models.sampling_params import SAMPLING_FIELDS
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", *SAMPLING_FIELDS,
-                  "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
+                  "dtype", "tokenizer_dtype", "seed", "frame_prediction", "num_cond_frames", "paste_cond_frames",
+                  "argmax_cond", "fvd_size", "mean_nll", "fvd", "detector"]
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
 
