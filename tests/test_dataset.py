@@ -52,7 +52,7 @@ def test_resolve_and_join(tmp_path, monkeypatch, video_dir):
     assert resolve_csv("part1") == [str(tmp_path / "part1.csv")]
     assert resolve_csv("part1.csv+part2") == [str(tmp_path / "part1.csv"), str(tmp_path / "part2.csv")]
     joined = read_video_csv("part1+part2.csv")
-    assert list(joined.columns) == ["id", "path", "action", "label"]
+    assert list(joined.columns) == ["id", "path", "action", "label", "csv_path"]
     assert [os.path.realpath(p) for p in joined.path] == [os.path.realpath(d / p) for p in df.path]
     assert len(VideoDataset("part1+part2", frame_num=8, input_size=16, train=True)) == 4
     with pytest.raises(FileNotFoundError, match="nope"):

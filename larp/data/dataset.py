@@ -1,8 +1,8 @@
 """Video CSVs (`id,path,action,label`) and the clip dataset used for training and FVD evaluation.
 
 Training mode: one item per video, a random `frame_num` window at the native frame rate.
-Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted,
-each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
+Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted as the CSVs spell
+them, each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
 videos is slow, so the per-video frame counts are cached to disk, keyed on the listed paths and their
 size/mtime.
 """
@@ -72,7 +72,8 @@ def _read_one_csv(csv_path):
 
 
 def read_video_csv(spec):
-    """DataFrame with columns id,path,action,label of all CSVs in `spec`, paths made absolute.
+    """DataFrame with columns id,path,action,label of all CSVs in `spec`, paths made absolute (csv_path: the path
+    as the CSV spells it).
 
     Relative paths are taken relative to the project root where the file exists there, else to the CSV's folder.
     Raises CSVNotFoundError / CSVError naming the file and what is wrong with it.
@@ -98,9 +99,10 @@ def read_video_csv(spec):
             raise CSVError(f"{csv_path}: label '{df['label'][row]}' in data row {row + 1} is not a class index "
                            f"(expected an integer >= 0)")
         csv_dir = os.path.dirname(csv_path)
+        df["csv_path"] = df["path"].astype(str)  # as spelled: the FVD clip order sorts these
         df["path"] = [_absolute(p, csv_dir) for p in df["path"]]
         df["label"] = labels.astype(int)
-        frames.append(df[list(CSV_COLUMNS)])
+        frames.append(df[[*CSV_COLUMNS, "csv_path"]])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -227,7 +229,7 @@ class VideoDataset(Dataset):
                 raise CSVError(f"no {frame_num}-frame clips in {csv}: every video is shorter than {frame_num} frames")
 
     def _enumerate_clips(self, cache_dir):
-        order = sorted(range(len(self.df)), key=lambda i: self.df["path"][i])
+        order = sorted(range(len(self.df)), key=lambda i: self.df["csv_path"][i])  # the reference: CSV spelling
         paths = [self.df["path"][i] for i in order]
         labels = [int(self.df["label"][i]) for i in order]
         csv_files = resolve_csv(self.csv)
