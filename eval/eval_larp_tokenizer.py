@@ -1,14 +1,20 @@
-"""Reconstruction quality of a LARP tokenizer on the evaluation clips of a CSV.
+"""Reconstruction quality of a LARP tokenizer, by default with the reference's rFVD protocol.
 
-    python eval/eval_larp_tokenizer.py --tokenizer hywang66/LARP-L-long-tokenizer --dataset_csv ucf101_val --det
+    python eval/eval_larp_tokenizer.py --tokenizer hywang66/LARP-L-long-tokenizer --use_amp --det
     python eval/eval_larp_tokenizer.py --tokenizer quickstart/runs/tokenizer/export --dataset_csv quickstart/data/val.csv \
         --det --i3d random:32
 
-Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--max_clips N` draws N of them
-with seed 42) is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
+The reference's protocol (its eval/eval_larp_tokenizer.py + rfvd_evaluator.py): `--dataset_csv ucf101_train.csv`,
+one random native-rate window of `frame_num` frames per video (9,537 clips; shorter videos padded with their last
+frame), resized and centre-cropped as the FVD clips are; `--use_amp` autocasts in fp16 (`--amp_dtype`). Here the
+window of video i is drawn from torch.Generator(--seed * 1_000_003 + i), so runs repeat (the reference leaves it
+unseeded). `--clips all` takes every non-overlapping clip of the FVD protocol instead (not the reference's).
+`--max_clips N` draws N of the clips with seed 42.
+Every clip is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
-DIR/metrics.json and a preview grid DIR/preview.png (input row, reconstruction row, ...).
+DIR/metrics.json (with the protocol card of the FVD) and a preview grid DIR/preview.png (input row,
+reconstruction row, ...).
 """
 import argparse
 import json
@@ -20,20 +26,21 @@ from tqdm import tqdm
 
 from larp.core.checkpoint import expect_kind, read_checkpoint
 from larp.core.errors import CheckpointError, I3DError, LarpError, UsageError, VideoReadError, run_cli
-from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
+from larp.data.dataset import VideoDataset, check_videos_exist, read_video_csv, select_fvd_clips
 from larp.metrics.detectors import check_i3d_spec, load_i3d
 from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
 from larp.core.io import atomic_write_text
 from larp.models.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
 from larp.metrics.image import psnr, ssim
 from larp.models.tokenizer import LARPTokenizer, clip_geometry
-from larp.core.utils import autocast, get_device
+from larp.core.utils import autocast, dtype_name, get_device
 from larp.core.visualize import save_video_grid_png
 
 
 def reconstruct(model, x, amp):
-    """(B, 3, T, H, W) in [0, 1] -> (tokens (B, N), reconstruction clamped to [0, 1], float32)."""
-    with torch.no_grad(), autocast(x.device, "bf16" if amp else "fp32"):
+    """(B, 3, T, H, W) in [0, 1] -> (tokens (B, N), reconstruction clamped to [0, 1], float32). `amp`: the
+    autocast dtype name (fp32: none)."""
+    with torch.no_grad(), autocast(x.device, amp):
         enc = model.encode(x)
         rec = model.decode(enc["encoded"])
     return enc["bottleneck_rep"], rec.float().clamp(0, 1)
@@ -90,9 +97,14 @@ def check_args(args):
         raise CheckpointError(f"--tokenizer: {e}") from None
     config = ckpt[0]
     try:
-        read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
+        df = read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
     except LarpError as e:
         raise UsageError(f"--dataset_csv: {e}") from None
+    if not args.skip_bad:
+        try:
+            check_videos_exist(df, args.dataset_csv)  # one stat per video, before any model loads
+        except VideoReadError as e:
+            raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
     geometry = clip_geometry(config, args.num_frames, args.input_size)
     i3d = None
     if not args.no_fvd:
@@ -114,8 +126,8 @@ def main(args):
         raise CheckpointError(f"--tokenizer: {e}") from None
     model = model.to(device).set_vq_eval_deterministic(args.det)
     try:
-        ds = VideoDataset(args.dataset_csv, frame_num=frame_num, input_size=input_size, train=False,
-                          skip_bad=args.skip_bad)
+        ds = VideoDataset(args.dataset_csv, frame_num=frame_num, input_size=input_size, train=args.clips == "window",
+                          skip_bad=args.skip_bad, window_seed=args.seed)
     except VideoReadError as e:
         raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
     if ds.num_bad:
@@ -124,7 +136,8 @@ def main(args):
     if args.max_clips and args.max_clips < total:
         ds = Subset(ds, select_fvd_clips(total, args.max_clips))
     print(f"tokenizer: {args.tokenizer} ({model.bottleneck_token_num} tokens, codebook {model.codebook_size}, "
-          f"{'argmax' if args.det else 'sampled'} VQ)  clips: {len(ds)} of {total}", flush=True)
+          f"{'argmax' if args.det else 'sampled'} VQ)  clips: {len(ds)} of {total} "
+          f"({'one window per video, seed %d' % args.seed if args.clips == 'window' else 'every clip'})", flush=True)
     lpips_model = None
     if lpips_available(args.lpips_net):
         lpips_model = build_lpips(args.lpips_net).to(device)
@@ -132,14 +145,16 @@ def main(args):
     if i3d is not None:
         detector = load_i3d(i3d, device, batch_size=args.batch_size)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
+    amp = dtype_name(args.amp_dtype) if args.use_amp else "fp32"
+    metrics, preview = evaluate(model, loader, device, amp, detector, lpips_model, args.num_preview)
 
     out = args.out or os.path.join("eval_results", "tokenizer_" + os.path.basename(os.path.normpath(args.tokenizer)))
     os.makedirs(out, exist_ok=True)
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
     report = {**metrics, "tokenizer": str(args.tokenizer), "dataset_csv": str(args.dataset_csv), "det": args.det,
-              "use_amp": args.use_amp, "i3d": None if detector is None else detector.name}
+              "use_amp": args.use_amp, "amp_dtype": amp, "clips": args.clips, "seed": args.seed,
+              "i3d": None if detector is None else detector.name}
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     print(f"mse={metrics['mse']:.6f}")
     print(f"psnr={metrics['psnr']:.4f}")
@@ -158,9 +173,15 @@ def main(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="hub-mixin dir, *.pth+*.json dir, training checkpoint or hub id")
-    p.add_argument("--dataset_csv", required=True, help="CSV path or name under data/metadata (several joined by +)")
+    p.add_argument("--dataset_csv", default="ucf101_train.csv",
+                   help="CSV path or name under data/metadata (several joined by +); the reference's: ucf101_train")
+    p.add_argument("--clips", default="window", choices=["window", "all"], help="window: one random window per "
+                   "video, seeded by --seed (the reference's rFVD); all: every non-overlapping clip from frame 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows (--clips window)")
     p.add_argument("--det", action="store_true", help="deterministic (argmax) VQ; default samples as in training")
-    p.add_argument("--use_amp", action="store_true", help="bf16 autocast where the device supports it")
+    p.add_argument("--use_amp", action="store_true", help="autocast in --amp_dtype where the device supports it")
+    p.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="the autocast dtype of --use_amp (the reference's default: float16)")
     p.add_argument("--num_frames", type=int, default=None, help="default: the tokenizer's frame_num")
     p.add_argument("--input_size", type=int, default=None, help="default: the tokenizer's input_size")
     p.add_argument("--batch_size", type=int, default=8)

@@ -266,7 +266,7 @@ def main(args):
                                      *SAMPLE_ARGS], os.path.join(samples, order, "fvd_report.csv"))
                 for order in ("nar", "raster")]
                + [("eval_tokenizer", [py, "eval/eval_larp_tokenizer.py", "--tokenizer", tok, "--dataset_csv",
-                                      os.path.join(data, "val.csv"), "--det", "--no_fvd",
+                                      os.path.join(data, "val.csv"), "--det", "--no_fvd", "--clips", "all",
                                       "--out", os.path.join(q, "eval_tokenizer")],
                    os.path.join(q, "eval_tokenizer", "metrics.json"))], times, logs)
 

@@ -209,11 +209,14 @@ class VideoDataset(Dataset):
     no clip (`len // T`, the FVD protocol).
     `skip_bad=True` replaces an unreadable video by the next readable item, counts it in `num_bad` and warns once.
     The eval-mode clip index is cached in `cache_dir` (default: the folder of the first CSV).
+    `window_seed` (training mode): item i's window start is drawn from torch.Generator(window_seed * 1_000_003 + i)
+    instead of the global RNG, so a pass over the set (the reference's rFVD protocol) repeats.
     """
 
-    def __init__(self, csv, frame_num=16, input_size=128, train=True, hflip=False, skip_bad=False, cache_dir=None):
+    def __init__(self, csv, frame_num=16, input_size=128, train=True, hflip=False, skip_bad=False, cache_dir=None,
+                 window_seed=None):
         self.csv, self.frame_num, self.input_size = csv, frame_num, input_size
-        self.train, self.hflip, self.skip_bad = train, hflip, skip_bad
+        self.train, self.hflip, self.skip_bad, self.window_seed = train, hflip, skip_bad, window_seed
         self.df = read_video_csv(csv)
         if len(self.df) == 0:
             raise CSVError(f"{csv}: no videos listed (only a header?)")
@@ -260,7 +263,10 @@ class VideoDataset(Dataset):
 
     def _load(self, index):
         path, start, label = self.items[index]
-        frames, _ = read_clip(path, self.frame_num, start=start)  # (T, H, W, 3)
+        generator = None
+        if start is None and self.window_seed is not None:
+            generator = torch.Generator().manual_seed(int(self.window_seed) * 1_000_003 + index)
+        frames, _ = read_clip(path, self.frame_num, start=start, generator=generator)  # (T, H, W, 3)
         video = transform_frames(frames, self.input_size)  # (3, T, S, S)
         if self.train and self.hflip and torch.rand(()) < 0.5:
             video = video.flip(-1)
