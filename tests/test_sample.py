@@ -256,7 +256,8 @@ class Recorder:
     """Wraps the detector: keeps every video batch it is given ("gen" and "gt" calls alternate, gen first)."""
 
     def __init__(self, detector):
-        self.detector, self.name, self.is_random, self.seen = detector, detector.name, detector.is_random, []
+        self.detector, self.name, self.is_random, self.sha256 = detector, detector.name, detector.is_random, None
+        self.seen = []
 
     def __call__(self, videos):
         self.seen.append(videos.detach().cpu().clone())
@@ -329,12 +330,18 @@ def test_frame_prediction_scores_all_decoded_frames(data_csv, fp_model, tmp_path
     rep = report(tmp_path / "fp")
     assert len(rep) == 1 and bool(rep["frame_prediction"][0]) and rep["fvd_size"][0] == 64
     assert not bool(rep["paste_cond_frames"][0]) and rep["tokenizer_dtype"][0] == "fp32" and rep["dtype"][0] == "bf16"
+    card = json.loads(rep["protocol"][0])
+    assert card["frames_scored"] == "every decoded frame" and "sampled (per-sample seeds)" in card["condition"]
+    assert card["num_samples"] == 4 and card["resize"].startswith("torchvision Resize(32, antialias) + CenterCrop(32), "
+                                                                  "then Resize((64, 64))")
+    assert card["precision"] == "generator weights bf16, tokenizer fp32, detector fp32"
 
     pasted, gen_p, real_p, tokens_p = recording_run(monkeypatch, data_csv, tmp_path / "fp_paste", ar=fp_model,
                                                     paste_cond_frames=True, **FP_FLAGS)
     assert torch.equal(tokens_p, tokens) and torch.equal(real_p, real)
     assert torch.equal(gen_p[:, :, :3], real[:, :, :3]) and torch.equal(gen_p[:, :, 3:], gen[:, :, 3:])
     assert pasted != pytest.approx(value)
+    assert json.loads(report(tmp_path / "fp_paste")["protocol"][0])["frames_scored"].endswith("replaced by the real ones")
     s = pd.read_csv(tmp_path / "fp" / "samples.csv")
     assert s["gt_path"].tolist() == [f"gt_videos/{i}.mp4" for i in range(4)]
     for i in range(4):

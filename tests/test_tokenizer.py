@@ -224,7 +224,9 @@ def test_eval_script_end_to_end(golden_dir, golden_model, tmp_path, capsys):
         assert any(line.startswith(key) for line in text.splitlines()), key
     assert "not comparable to published FVD" in text
     assert (out / "preview.png").stat().st_size > 0
-    assert json.loads((out / "metrics.json").read_text())["num_clips"] == 4
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_clips"] == 4 and report["protocol"]["num_samples"] == 4
+    assert report["protocol"]["clips"].endswith("4 of the 8 drawn with random.Random(42).sample")
     # independent check of the MSE on the same 4 clips (seed-42 selection of the FVD protocol clips)
     import random
     ds = VideoDataset(str(val_csv), frame_num=8, input_size=32, train=False)

@@ -241,7 +241,8 @@ def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
     paths = stats_paths(out, a, b)
     atomic_write(paths["nll"], lambda tmp: np.save(tmp, np.concatenate(nlls)))
     write_csv(paths["samples"], rows, SAMPLE_COLUMNS)
-    meta = {"range": [a, b], "detector": fvd_label(detector), "timing": tm}
+    meta = {"range": [a, b], "detector": fvd_label(detector), "detector_sha256": getattr(detector, "sha256", None),
+            "timing": tm}
     atomic_write_text(paths["meta"], json.dumps(meta, indent=2) + "\n")
     gt_stats.save(paths["gt"])  # atomic
     gen_stats.save(paths["gen"])  # last: its presence marks the range finished
