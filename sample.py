@@ -7,7 +7,8 @@ Class-conditional (UCF-101 protocol, 10,000 clips):
 Parallel shards (any order, any machines, same --output_dir); the last one to finish computes the FVD:
   python sample.py ... --num_samples 2500 --num_samples_total 10000 --starting_index 0|2500|5000|7500
   torchrun --nproc_per_node 8 sample.py ...   (ranks split this process's range)
-Frame prediction (K600, 5 conditioning frames, FVD at 64x64): add --frame_prediction (and --cfg_scale 1).
+Frame prediction (K600, 5 conditioning frames, all 16 decoded frames scored at 64x64): add --frame_prediction
+(and --cfg_scale 1).
 Hub ids may be pinned to a commit (--ar_model_revision / --tokenizer_revision, or owner/name@COMMIT); the run
 settings and the report row record the commit actually loaded. Files are read safely (docs/security.md).
 
@@ -34,13 +35,20 @@ def build_parser():
     p.add_argument("--starting_index", type=int, default=0, help="first global sample index of this shard")
     p.add_argument("--sample_batch_size", type=int, default=32, help="videos generated per batch")
     SamplingParams.add_arguments(p)  # --cfg_scale --cfg_interval --temperature --top_k --top_p
-    p.add_argument("--dtype", default="fp32", help="autocast dtype: fp32, bf16 or fp16 (float32, bfloat16, "
-                   "float16 also accepted)")
+    p.add_argument("--dtype", default="bf16", help="the generator's weights are cast to it (the reference's default, "
+                   "bfloat16): fp32, bf16 or fp16 (float32, bfloat16, float16 also accepted)")
+    p.add_argument("--tokenizer_dtype", default=None, help="the tokenizer's weights are cast to it: fp32, bf16 or "
+                   "fp16 (default as the reference: fp16 class-conditional, fp32 frame prediction)")
     p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
     p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
     p.add_argument("--frame_prediction", action="store_true", help="frame prediction (K600): condition on the "
                    "first --num_cond_frames frames of each clip instead of its class")
     p.add_argument("--num_cond_frames", type=int, default=5, help="frame prediction: conditioning frames")
+    p.add_argument("--paste_cond_frames", action="store_true", help="frame prediction: score (and save) the "
+                   "generated clip with its conditioning frames replaced by the real ones (not the reference "
+                   "protocol, which scores all decoded frames; lowers the FVD)")
+    p.add_argument("--argmax_cond", action="store_true", help="frame prediction: condition tokens by argmax VQ "
+                   "(the reference samples them; here from per-sample seeds)")
     p.add_argument("--stats_only", action="store_true", help="do not write mp4 files")
     p.add_argument("--replace", action="store_true", help="redo ranges whose stats already exist")
     p.add_argument("--chunk_size", type=int, default=256, help="samples per saved chunk: a killed shard resumes "
@@ -74,8 +82,10 @@ def make_job(args):
     return SampleJob(ar_model=ar_model, tokenizer=tokenizer, output_dir=args.output_dir,
                      dataset_csv=args.dataset_csv, num_samples=args.num_samples,
                      num_samples_total=args.num_samples_total, starting_index=args.starting_index, params=params,
-                     seed=args.seed, dtype=args.dtype, dataset_split_seed=args.dataset_split_seed,
-                     frame_prediction=args.frame_prediction, num_cond_frames=args.num_cond_frames,
+                     seed=args.seed, dtype=args.dtype, tokenizer_dtype=args.tokenizer_dtype,
+                     dataset_split_seed=args.dataset_split_seed, frame_prediction=args.frame_prediction,
+                     num_cond_frames=args.num_cond_frames, paste_cond_frames=args.paste_cond_frames,
+                     argmax_cond=args.argmax_cond,
                      frame_num=args.num_frames, input_size=args.input_size, fvd_size=args.fvd_size,
                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
                      num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Link your dataset folders under data/, build data/metadata/*.csv; make_csv checks every listed video exists.
+# Link your dataset downloads where the shipped CSVs expect them, then check that every listed video is there.
 #
-#   bash set_datasets.sh --ucf101 /datasets/UCF-101 [--ucf101-splits /datasets/ucfTrainTestlist] [--split 1] \
-#                        [--k600 /datasets/kinetics-600]
+#   bash set_datasets.sh --ucf101 /datasets/UCF-101 [--k600 /datasets/kinetics-dataset/k600]
 #
-# or edit the variables below (environment variables of the same name work too). Empty = skip that dataset.
+# data/metadata/ ships the reference's lists (ucf101_train.csv, ucf101_val.csv: official split 1; k600_val.csv),
+# whose paths are data/ucf101/<Action>/v_*.avi and data/k600/val/<youtube_id>_<start>_<end>.mp4. So:
+#   --ucf101 DIR  the official UCF-101/ folder (DIR/<Action>/v_<Action>_gXX_cYY.avi) -> data/ucf101
+#   --k600 DIR    the CVDF download (DIR/{train,val}/*.mp4, DIR/annotations/) -> data/k600; k600_train.csv, not
+#                 shipped, is built from DIR/train with `python -m larp.data.make_csv k600 --splits train`
+# Environment variables UCF101_DIR / K600_DIR work too. Empty = skip that dataset.
 set -euo pipefail
 
-UCF101_DIR="${UCF101_DIR:-}"                # folder with the UCF-101 videos (any nesting)
-UCF101_SPLITS_DIR="${UCF101_SPLITS_DIR:-}"  # folder with classInd.txt, trainlist0N.txt, testlist0N.txt
-UCF101_SPLIT="${UCF101_SPLIT:-1}"           # official split 1, 2 or 3
-K600_DIR="${K600_DIR:-}"                    # Kinetics-600 tree: <dir>/train/<class>/<video>, <dir>/val/...
+UCF101_DIR="${UCF101_DIR:-}"
+K600_DIR="${K600_DIR:-}"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --ucf101) UCF101_DIR="$2"; shift 2 ;;
-    --ucf101-splits) UCF101_SPLITS_DIR="$2"; shift 2 ;;
-    --split) UCF101_SPLIT="$2"; shift 2 ;;
     --k600) K600_DIR="$2"; shift 2 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (see: bash set_datasets.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,14 +47,12 @@ link() {
 
 if [[ -n "$UCF101_DIR" ]]; then
   link ucf101 "$UCF101_DIR"
-  SPLIT_ARGS=()
-  if [[ -n "$UCF101_SPLITS_DIR" ]]; then
-    link ucf101_splits "$UCF101_SPLITS_DIR"
-    SPLIT_ARGS=(--splits-dir data/ucf101_splits)
-  fi
-  "$PYTHON" -m larp.data.make_csv ucf101 --root data/ucf101 "${SPLIT_ARGS[@]}" --split "$UCF101_SPLIT"
+  "$PYTHON" -m larp.data.make_csv check data/metadata/ucf101_train.csv data/metadata/ucf101_val.csv
 fi
 if [[ -n "$K600_DIR" ]]; then
   link k600 "$K600_DIR"
-  "$PYTHON" -m larp.data.make_csv k600 --root data/k600
+  if [[ -d data/k600/train ]]; then
+    "$PYTHON" -m larp.data.make_csv k600 --root data/k600 --splits train
+  fi
+  "$PYTHON" -m larp.data.make_csv check data/metadata/k600_val.csv
 fi

@@ -11,8 +11,12 @@ larp.data.dataset.VideoDataset (every non-overlapping clip, optionally `--num_cl
 uses the first `--num_frames` frames of every .mp4/.avi/.webm/.mkv/.gif in it (sorted). The clip length, unless
 given, is the one a stats input records, else the length of a folder's first video, else 16. Computed stats record
 their clip length, size, resize, clips and draw: two sides that differ in length, size, resize or detector are an
-error, not an FVD. Prints the detector line and `fvd=<value>` last.
+error, not an FVD. Prints the detector line, the protocol card (`protocol: {...}`: detector and its digest, the clip
+sets and their draw, resize, precision, counts), with `--bootstrap N` a percentile confidence interval of the FVD
+over N resamples of both feature sets (`fvd_ci95=[lo, hi]`; needs the features, so CSV or folder sources), and
+`fvd=<value>` last.
 """
+import json
 import os
 import sys
 
@@ -82,8 +86,9 @@ def clip_length(args, kinds, loaded):
     return PROTOCOL_FRAMES, "the FVD protocol's default"
 
 
-def stats_for(spec, kind, detector, args, name, frames=None):
-    """FeatureStats of one side, loaded or computed on `frames`-frame clips (default --num_frames)."""
+def stats_for(spec, kind, detector, args, name, frames=None, keep=None):
+    """FeatureStats of one side, loaded or computed on `frames`-frame clips (default --num_frames); its per-clip
+    features are appended to `keep` when given."""
     from torch.utils.data import DataLoader
     from larp.metrics.fvd import FeatureStats, compute_stats
     if kind == "stats":
@@ -92,21 +97,48 @@ def stats_for(spec, kind, detector, args, name, frames=None):
     try:
         ds, meta = video_dataset(spec, kind, frames, args.size, args.num_clips, args.seed, args.skip_bad)
         loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, shuffle=False)
-        return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)", meta=meta)
+        return compute_stats(detector, loader, desc=f"{name} features ({len(ds)} videos)", meta=meta, keep=keep)
     except (CSVError, VideoReadError) as e:
         if f"{frames}-frame" not in str(e):  # not a clip-length problem
             raise
         raise type(e)(f"{e}; the clip length is {frames} frames: set it with --num_frames") from None
 
 
+def clip_set(spec, kind, args, frames):
+    """How one side's clips were chosen, for the protocol card."""
+    if kind == "stats":
+        return f"precomputed statistics {spec}"
+    if kind == "folder":
+        chosen = f"the first {args.num_clips} videos" if args.num_clips else "every video"
+        return f"{spec}: {chosen} (sorted), first {frames} frames"
+    chosen = (f"{args.num_clips} drawn with random.Random({args.seed}).sample" if args.num_clips else "all")
+    return f"{spec}: the non-overlapping {frames}-frame clips of the paths sorted as spelled, {chosen}"
+
+
+def protocol_card(args, kinds, stats, detector, label, frames):
+    """The settings behind the FVD: detector and digest, clip sets, resize, precision, counts."""
+    videos = any(k != "stats" for k in kinds.values())
+    return {"detector": label.removeprefix("detector: "),
+            "detector_sha256": getattr(detector, "sha256", None),
+            "clips": {n: clip_set(getattr(args, n), kinds[n], args, frames) for n in ("real", "fake")},
+            "resize": (f"torchvision Resize({args.size}, antialias) + CenterCrop({args.size}); detector input "
+                       "224x224") if videos else "as when the statistics were computed",
+            "precision": f"detector {args.i3d_precision}" if videos else "as when the statistics were computed",
+            "num_samples": {n: s.num_items for n, s in stats.items()}}
+
+
 def compute_fvd(args):
-    """-> (fvd, real_stats, fake_stats, label)."""
+    """-> (fvd, real_stats, fake_stats, label, protocol card, features {"real": (n, F), "fake": (m, F)} or None)."""
+    import numpy as np
     from larp.core.utils import get_device
     from larp.metrics.detectors import check_i3d_spec, load_i3d
     from larp.metrics.fvd import check_comparable, frechet_distance, fvd_label
     kinds = {"real": source_kind(args.real), "fake": source_kind(args.fake)}
+    if args.bootstrap and "stats" in kinds.values():
+        raise UsageError("--bootstrap resamples the per-clip features: give CSVs or folders, not stats files "
+                         f"({', '.join(getattr(args, n) for n, k in kinds.items() if k == 'stats')})")
     stats = {n: stats_for(getattr(args, n), "stats", None, args, n) for n in kinds if kinds[n] == "stats"}
-    detector = None
+    detector, frames, feats = None, None, {"real": [], "fake": []}
     if len(stats) < 2:
         check_i3d_spec(args.i3d, args.trust_checkpoint)
         frames, source = clip_length(args, kinds, stats)
@@ -115,7 +147,7 @@ def compute_fvd(args):
                             precision=args.i3d_precision, trust=args.trust_checkpoint)
     for name in ("real", "fake"):
         if name not in stats:
-            stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name, frames)
+            stats[name] = stats_for(getattr(args, name), kinds[name], detector, args, name, frames, feats[name])
         out = getattr(args, f"save_{name}")
         if out:
             stats[name].save(out)
@@ -128,7 +160,9 @@ def compute_fvd(args):
         label = fvd_label(detector)
     else:
         label = fvd_label(names["fake"] or names["real"] or "unknown (stats files do not record it)")
-    return frechet_distance(stats["real"], stats["fake"]), stats["real"], stats["fake"], label
+    card = protocol_card(args, kinds, stats, detector, label, frames)
+    feats = {n: np.concatenate(f) for n, f in feats.items()} if args.bootstrap else None
+    return frechet_distance(stats["real"], stats["fake"]), stats["real"], stats["fake"], label, card, feats
 
 
 def get_args(argv=None):
@@ -149,6 +183,9 @@ def get_args(argv=None):
     p.add_argument("--num_clips", type=int, default=0, help="use this many clips (CSV: drawn with --seed; 0 = all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the --num_clips draw from a CSV")
     p.add_argument("--skip_bad", action="store_true", help="CSV sources: leave unreadable videos out (counted)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="confidence interval of the FVD from N "
+                   "bootstrap resamples of both feature sets (CSV or folder sources; 0: none)")
+    p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resamples")
     p.add_argument("--batch_size", type=int, default=16, help="clips per detector batch")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -161,12 +198,20 @@ def main(args):
     for out in (args.save_real, args.save_fake):
         if out and not out.endswith(STATS_EXTS):
             raise UsageError(f"stats output must end in .pkl or .npz: '{out}'")
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap {args.bootstrap}: expected a number of resamples >= 0")
     try:
-        fvd, real, fake, label = compute_fvd(args)
+        fvd, real, fake, label, card, feats = compute_fvd(args)
     except (FileNotFoundError, ValueError) as e:  # stats files that cannot be read or merged
         raise UsageError(str(e)) from e
     print(f"real items: {real.num_items}  fake items: {fake.num_items}")
     print(label)
+    if feats is not None:
+        from larp.metrics.fvd import bootstrap_fvd
+        card["bootstrap"] = ci = bootstrap_fvd(feats["real"], feats["fake"], args.bootstrap, args.bootstrap_seed)
+        print(f"fvd_ci95=[{ci['lo']:.4f}, {ci['hi']:.4f}] (percentile bootstrap, {ci['num']} resamples, seed "
+              f"{args.bootstrap_seed}, std {ci['std']:.4f})")
+    print(f"protocol: {json.dumps(card)}")
     print(f"fvd={fvd:.4f}")
     return fvd
 

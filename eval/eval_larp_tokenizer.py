@@ -1,14 +1,19 @@
-"""Reconstruction quality of a LARP tokenizer on the evaluation clips of a CSV.
+"""Reconstruction quality of a LARP tokenizer, by default with the reference's rFVD protocol.
 
-    python eval/eval_larp_tokenizer.py --tokenizer hywang66/LARP-L-long-tokenizer --dataset_csv ucf101_val --det
+    python eval/eval_larp_tokenizer.py --tokenizer hywang66/LARP-L-long-tokenizer --use_amp --det
     python eval/eval_larp_tokenizer.py --tokenizer quickstart/runs/tokenizer/export --dataset_csv quickstart/data/val.csv \
         --det --i3d random:32
 
-Every clip of the FVD protocol (larp.data.dataset.VideoDataset(train=False); `--max_clips N` draws N of them
-with seed 42) is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
+The reference's protocol (its eval/eval_larp_tokenizer.py + rfvd_evaluator.py): `--dataset_csv ucf101_train.csv`,
+one random native-rate window of `frame_num` frames per video (9,537 clips; shorter videos padded with their last
+frame), resized and centre-cropped as the FVD clips are; `--use_amp` autocasts in fp16 (`--amp_dtype`). Here the
+window of video i is drawn from torch.Generator(--seed * 1_000_003 + i), so runs repeat (the reference leaves it
+unseeded). `--clips all` takes every non-overlapping clip of the FVD protocol instead (not the reference's).
+`--max_clips N` draws N of the clips with seed 42.
+Every clip is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
-DIR/metrics.json (with the settings it depends on) and a preview grid DIR/preview.png (input row, reconstruction
+DIR/metrics.json (with the settings it depends on and the protocol card of the FVD) and a preview grid DIR/preview.png (input row, reconstruction
 row, ...). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being the tokenizer's run
 folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
 these (its numbers are printed again), refused when they differ; --replace redoes it. A hub id may be pinned with
@@ -24,16 +29,17 @@ from larp.core.errors import CheckpointError, I3DError, LarpError, UsageError, V
 
 
 def reconstruct(model, x, amp):
-    """(B, 3, T, H, W) in [0, 1] -> (tokens (B, N), reconstruction clamped to [0, 1], float32)."""
+    """(B, 3, T, H, W) in [0, 1] -> (tokens (B, N), reconstruction clamped to [0, 1], float32). `amp`: the
+    autocast dtype name (fp32: none)."""
     import torch
     from larp.core.utils import autocast
-    with torch.no_grad(), autocast(x.device, "bf16" if amp else "fp32"):
+    with torch.no_grad(), autocast(x.device, amp):
         enc = model.encode(x)
         rec = model.decode(enc["encoded"])
     return enc["bottleneck_rep"], rec.float().clamp(0, 1)
 
 
-def evaluate(model, loader, device, amp=False, detector=None, lpips_model=None, num_preview=8, progress=True):
+def evaluate(model, loader, device, amp="fp32", detector=None, lpips_model=None, num_preview=8, progress=True):
     """Metric sums over all clips -> dict of means (+ FVD when a detector is given) and preview videos."""
     import torch
     from larp.core.utils import progress_bar
@@ -87,7 +93,7 @@ def check_args(args):
     tokenizer as the report records it (a hub id with the commit loaded)."""
     from larp.core.checkpoint import expect_kind, local_path, read_checkpoint
     from larp.core.safe_load import loaded_spec, with_revision
-    from larp.data.dataset import read_video_csv
+    from larp.data.dataset import check_videos_exist, read_video_csv
     from larp.metrics.detectors import check_i3d_spec
     from larp.models.tokenizer import clip_geometry
     spec = with_revision(args.tokenizer, args.revision)
@@ -99,9 +105,14 @@ def check_args(args):
         raise CheckpointError(f"--tokenizer: {e}") from None
     config = ckpt[0]
     try:
-        read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
+        df = read_video_csv(args.dataset_csv)  # exists, has the columns, labels are class indices
     except LarpError as e:
         raise UsageError(f"--dataset_csv: {e}") from None
+    if not args.skip_bad:
+        try:
+            check_videos_exist(df, args.dataset_csv)  # one stat per video, before any model loads
+        except VideoReadError as e:
+            raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
     geometry = clip_geometry(config, args.num_frames, args.input_size)
     i3d = None
     if not args.no_fvd:
@@ -114,13 +125,29 @@ def check_args(args):
     return ckpt, geometry, i3d, loaded_spec(spec, path)
 
 
+def protocol_card(args, detector, count, total, amp, size, frame_num):
+    """What the rFVD measured: detector and digest, clip set and draw, resize, precision, count."""
+    if args.clips == "window":
+        clips = (f"one random {frame_num}-frame window per video of {args.dataset_csv} (video i: "
+                 f"torch.Generator({args.seed} * 1_000_003 + i))")
+    else:
+        clips = f"every non-overlapping {frame_num}-frame clip of {args.dataset_csv} (paths sorted as spelled)"
+    if count < total:
+        clips += f"; {count} of the {total} drawn with random.Random(42).sample"
+    return {"detector": detector.name, "detector_sha256": detector.sha256, "clips": clips,
+            "resize": f"torchvision Resize({size}, antialias) + CenterCrop({size}); detector input 224x224",
+            "precision": f"tokenizer autocast {amp}, {'argmax' if args.det else 'sampled'} VQ; detector fp32",
+            "num_samples": count}
+
+
 def settings_of(args, geometry, i3d, tokenizer):
     """What the result depends on: stored in metrics.json and hashed into the default output folder's name.
     `tokenizer`: as check_args records it (a hub id with the commit loaded)."""
     from larp.data.dataset import resolve_csv
     local = [os.path.abspath(spec) if spec and os.path.exists(spec) else spec for spec in (tokenizer, i3d)]
     return {"tokenizer": local[0], "dataset_csv": "+".join(resolve_csv(args.dataset_csv)), "det": args.det,
-            "use_amp": args.use_amp, "num_frames": geometry[0], "input_size": geometry[1],
+            "use_amp": args.use_amp, "amp_dtype": args.amp_dtype, "clips": args.clips, "seed": args.seed,
+            "num_frames": geometry[0], "input_size": geometry[1],
             "max_clips": args.max_clips, "i3d": local[1], "skip_bad": args.skip_bad, "lpips_net": args.lpips_net}
 
 
@@ -173,12 +200,13 @@ def print_metrics(metrics, lpips_net):
 
 
 def load_clips(args, frame_num, input_size):
-    """The evaluation clips of --dataset_csv (all, or --max_clips drawn with seed 42) -> (dataset, total)."""
+    """The evaluation clips of --dataset_csv (one window per video, or every clip; all of them, or --max_clips drawn
+    with seed 42) -> (dataset, total)."""
     from torch.utils.data import Subset
     from larp.data.dataset import VideoDataset, select_fvd_clips
     try:
-        ds = VideoDataset(args.dataset_csv, frame_num=frame_num, input_size=input_size, train=False,
-                          skip_bad=args.skip_bad)
+        ds = VideoDataset(args.dataset_csv, frame_num=frame_num, input_size=input_size, train=args.clips == "window",
+                          skip_bad=args.skip_bad, window_seed=args.seed)
     except VideoReadError as e:
         raise VideoReadError(f"{e}; pass --skip_bad to leave unreadable videos out (they are counted)") from None
     if ds.num_bad:
@@ -192,7 +220,7 @@ def load_clips(args, frame_num, input_size):
 def main(args):
     from torch.utils.data import DataLoader
     from larp.core.io import atomic_write_text
-    from larp.core.utils import get_device
+    from larp.core.utils import dtype_name, get_device
     from larp.metrics.detectors import load_i3d
     from larp.models.losses import build_lpips, lpips_available
     from larp.models.tokenizer import LARPTokenizer
@@ -213,18 +241,23 @@ def main(args):
     model = model.to(device).set_vq_eval_deterministic(args.det)
     ds, total = load_clips(args, frame_num, input_size)
     print(f"tokenizer: {args.tokenizer} ({model.bottleneck_token_num} tokens, codebook {model.codebook_size}, "
-          f"{'argmax' if args.det else 'sampled'} VQ)  clips: {len(ds)} of {total}", flush=True)
+          f"{'argmax' if args.det else 'sampled'} VQ)  clips: {len(ds)} of {total} "
+          f"({'one window per video, seed %d' % args.seed if args.clips == 'window' else 'every clip'})", flush=True)
     lpips_model = build_lpips(args.lpips_net).to(device) if lpips_available(args.lpips_net) else None
     detector = load_i3d(i3d, device, batch_size=args.batch_size, trust=args.trust_checkpoint) if i3d is not None \
         else None
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
+    amp = dtype_name(args.amp_dtype) if args.use_amp else "fp32"
+    metrics, preview = evaluate(model, loader, device, amp, detector, lpips_model, args.num_preview)
 
     os.makedirs(out, exist_ok=True)
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
     report = {**metrics, "tokenizer": tokenizer, "dataset_csv": str(args.dataset_csv), "det": args.det,
-              "use_amp": args.use_amp, "i3d": None if detector is None else detector.name, "settings": settings}
+              "use_amp": args.use_amp, "amp_dtype": amp, "clips": args.clips, "seed": args.seed,
+              "i3d": None if detector is None else detector.name, "settings": settings}
+    if detector is not None:
+        report["protocol"] = protocol_card(args, detector, metrics["num_clips"], total, amp, input_size, frame_num)
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     print_metrics(report, args.lpips_net)
     print(f"wrote {out}/metrics.json and {out}/preview.png")
@@ -236,9 +269,15 @@ def get_args(argv=None):
     p.add_argument("--tokenizer", required=True, help="hub-mixin dir, *.pth+*.json dir, training checkpoint or hub id")
     p.add_argument("--revision", default=None, help="hub commit of --tokenizer (a hub id)")
     p.add_argument("--trust_checkpoint", action="store_true", help=TRUST_HELP)
-    p.add_argument("--dataset_csv", required=True, help="CSV path or name under data/metadata (several joined by +)")
+    p.add_argument("--dataset_csv", default="ucf101_train.csv",
+                   help="CSV path or name under data/metadata (several joined by +); the reference's: ucf101_train")
+    p.add_argument("--clips", default="window", choices=["window", "all"], help="window: one random window per "
+                   "video, seeded by --seed (the reference's rFVD); all: every non-overlapping clip from frame 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows (--clips window)")
     p.add_argument("--det", action="store_true", help="deterministic (argmax) VQ; off: samples as in training")
-    p.add_argument("--use_amp", action="store_true", help="bf16 autocast where the device supports it")
+    p.add_argument("--use_amp", action="store_true", help="autocast in --amp_dtype where the device supports it")
+    p.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="the autocast dtype of --use_amp (the reference's default: float16)")
     p.add_argument("--num_frames", type=int, default=None, help="clip length (default: the tokenizer's frame_num)")
     p.add_argument("--input_size", type=int, default=None, help="frame size (default: the tokenizer's input_size)")
     p.add_argument("--batch_size", type=int, default=8, help="clips per batch")

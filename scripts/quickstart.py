@@ -37,7 +37,8 @@ NUM_SAMPLES = 128          # per generator; val has 96 videos x 2 eight-frame cl
 FVD_CLIPS = 32
 # cfg 4 + top-k 10: oracle accuracy 0.65 against 0.27 with cfg 2, top-k 0 on one 600-step NAR (README)
 SAMPLE_ARGS = ["--cfg_scale", "4.0", "--temperature", "1.0", "--top_k", "10", "--top_p", "1.0",
-               "--sample_batch_size", "64", "--i3d", "random:32"]
+               "--sample_batch_size", "64", "--i3d", "random:32",
+               "--dtype", "fp32", "--tokenizer_dtype", "fp32"]  # CPU: fp32 (the release protocol casts to bf16 / fp16)
 
 
 def run_stages(stages, times, log_dir):
@@ -266,7 +267,7 @@ def main(args):
                                      *SAMPLE_ARGS], os.path.join(samples, order, "fvd_report.csv"))
                 for order in ("nar", "raster")]
                + [("eval_tokenizer", [py, "eval/eval_larp_tokenizer.py", "--tokenizer", tok, "--dataset_csv",
-                                      os.path.join(data, "val.csv"), "--det", "--no_fvd",
+                                      os.path.join(data, "val.csv"), "--det", "--no_fvd", "--clips", "all",
                                       "--out", os.path.join(q, "eval_tokenizer")],
                    os.path.join(q, "eval_tokenizer", "metrics.json"))], times, logs)
 

@@ -133,10 +133,9 @@ def test_all_training_scripts_present():
         assert f"train_larp_{stage}.sh" in names and f"train_larp_{stage}_reproduce.sh" in names
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
-def test_every_script_command_parses(script, tmp_path):
-    """Run the script with a fake torchrun and a fake python that record their arguments, then parse those like
-    train.py. The pre-flight `python train.py --check NPROC` must check exactly what torchrun then launches."""
+def run_script(script, tmp_path):
+    """Run a launch script with a fake torchrun and a fake python that record their arguments: (torchrun calls,
+    pre-flight python calls), each an argv list."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, out in (("torchrun", "argv.jsonl"), ("python", "check.jsonl")):
@@ -148,6 +147,14 @@ def test_every_script_command_parses(script, tmp_path):
     subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, timeout=60)
     calls = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
     checks = [json.loads(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
+    return calls, checks
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_every_script_command_parses(script, tmp_path):
+    """Run the script with a fake torchrun and a fake python that record their arguments, then parse those like
+    train.py. The pre-flight `python train.py --check NPROC` must check exactly what torchrun then launches."""
+    calls, checks = run_script(script, tmp_path)
     assert calls, f"{script} did not call torchrun"
     assert len(checks) == len(calls), f"{script}: one pre-flight `python train.py --check` per torchrun call"
     for argv, check in zip(calls, checks):

@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from torchvision import transforms
 
 from larp.data import dataset as ds_mod
 from larp.data.dataset import (VideoDataset, read_video_csv, resolve_csv, select_fvd_clips, transform_frames)
+from larp.core.io import resize_video
 from larp.data.video_io import write_video
 from larp.core.errors import VideoReadError
 
@@ -51,7 +52,7 @@ def test_resolve_and_join(tmp_path, monkeypatch, video_dir):
     assert resolve_csv("part1") == [str(tmp_path / "part1.csv")]
     assert resolve_csv("part1.csv+part2") == [str(tmp_path / "part1.csv"), str(tmp_path / "part2.csv")]
     joined = read_video_csv("part1+part2.csv")
-    assert list(joined.columns) == ["id", "path", "action", "label"]
+    assert list(joined.columns) == ["id", "path", "action", "label", "csv_path"]
     assert [os.path.realpath(p) for p in joined.path] == [os.path.realpath(d / p) for p in df.path]
     assert len(VideoDataset("part1+part2", frame_num=8, input_size=16, train=True)) == 4
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -127,17 +128,33 @@ def test_train_items(video_dir):
     assert len(starts) > 1  # the window start is random
 
 
-def test_transform_frames_matches_pil():
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (2, 60, 90, 3), dtype=np.uint8)
-    out = transform_frames(frames, 40)  # short side 60 -> 40, width 90 -> 60, center crop cols 10:50
-    assert out.shape == (3, 2, 40, 40) and out.dtype == torch.float32
-    for t in range(2):
-        ref = np.asarray(Image.fromarray(frames[t]).resize((60, 40), Image.BILINEAR), np.float32)[:, 10:50] / 255
-        got = out[:, t].permute(1, 2, 0).numpy()
-        assert np.abs(got - ref).max() < 2.5 / 255
-    same = transform_frames(frames[:, :, 15:75], 60)  # already square at the target size: exact
-    np.testing.assert_allclose(same.permute(1, 2, 3, 0).numpy(), frames[:, :, 15:75] / 255, atol=1e-6)
+@pytest.mark.parametrize("height, width", [(240, 320), (256, 340), (97, 131), (131, 97), (61, 83), (128, 171),
+                                           (100, 100)])
+def test_transform_frames_equals_torchvision(height, width):
+    """Bit for bit the reference's eval transform: Resize(S, antialias=True) + CenterCrop(S) on the (3,T,H,W) float
+    clip, for UCF (320x240), K600-like (340x256), odd sizes and sizes below S (upsampled)."""
+    frames = np.random.default_rng(height * width).integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W), as the reference
+    ref = transforms.Compose([transforms.Resize(128, antialias=True), transforms.CenterCrop(128)])(clip)
+    out = transform_frames(frames, 128)
+    assert out.shape == (3, 3, 128, 128) and out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(out, ref)
+
+
+def test_transform_frames_truncates_the_long_side():
+    """320x240 -> 170x128 (torchvision truncates 170.67), crop columns 21:149; rounding (171) shifts the crop."""
+    frames = np.random.default_rng(0).integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255.0
+    resized = torch.nn.functional.interpolate(clip, size=(128, 170), mode="bilinear", antialias=True)
+    assert torch.equal(transform_frames(frames, 128), resized[..., 21:149])
+
+
+def test_fp_resize_equals_torchvision():
+    """The frame-prediction resize to 64x64 is the reference's Resize((64, 64)) on (B*T, 3, H, W) frames."""
+    video = torch.rand(2, 3, 4, 128, 128, generator=torch.Generator().manual_seed(0))  # (B, 3, T, H, W)
+    frames = video.permute(0, 2, 1, 3, 4).reshape(8, 3, 128, 128)
+    ref = transforms.Resize((64, 64))(frames).reshape(2, 4, 3, 64, 64).permute(0, 2, 1, 3, 4)
+    assert torch.equal(resize_video(video, 64), ref)
 
 
 def test_hflip(video_dir, tmp_path):

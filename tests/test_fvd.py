@@ -1,5 +1,6 @@
 """FVD: Frechet distance vs a scipy reference, mergeable stats, file formats, detector loading, our I3D."""
 import hashlib
+import json
 import pickle
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import larp.metrics.detectors as detectors
 import larp.metrics.i3d_weights
 from larp.metrics.detectors import check_i3d_spec, load_i3d
-from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
+from larp.metrics.fvd import FeatureStats, bootstrap_fvd, compute_stats, frechet_distance, fvd_label
 from larp.core.errors import I3DError, LarpError
 from larp.metrics.i3d import InceptionI3d, MaxPool3dSame, fuse_batchnorm, pad_same, random_i3d
 
@@ -57,6 +58,19 @@ def test_frechet_needs_two_items_and_same_size():
         frechet_distance(one, two)
     with pytest.raises(ValueError, match="feature size mismatch"):
         frechet_distance(two, FeatureStats().add(np.zeros((3, 4))))
+
+
+def test_bootstrap_interval():
+    """The percentile bootstrap repeats with its seed, brackets the FVD of the full sets, resamples with
+    replacement (an identical pair of sets still spreads), and narrows with 4x the items (about 1/2 as wide)."""
+    real, fake = features(200, d=8, seed=1), features(200, d=8, seed=2, shift=0.3)
+    ci = bootstrap_fvd(real, fake, num=200, seed=0)
+    assert ci == bootstrap_fvd(real, fake, num=200, seed=0) and ci != bootstrap_fvd(real, fake, num=200, seed=1)
+    point = frechet_distance(FeatureStats().add(real), FeatureStats().add(fake))
+    assert ci["lo"] < point < ci["hi"] and ci["num"] == 200 and ci["std"] > 0
+    assert bootstrap_fvd(real, real, num=50, seed=0)["hi"] > 0
+    big = bootstrap_fvd(features(800, d=8, seed=1), features(800, d=8, seed=2, shift=0.3), num=200, seed=0)
+    assert big["hi"] - big["lo"] < 0.7 * (ci["hi"] - ci["lo"])
 
 
 def test_three_shards_merge_to_the_whole():
@@ -257,7 +271,10 @@ def test_compute_fvd_cli_folders_csv_and_stats(tmp_path, capsys):
                         "--save_real", str(tmp_path / "real.pkl"), "--save_fake", str(tmp_path / "fake.npz")])
     value = cf.main(args)
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == f"fvd={value:.4f}" and "random I3D, not comparable to published FVD" in out[-2]
+    assert out[-1] == f"fvd={value:.4f}" and "random I3D, not comparable to published FVD" in out[-3]
+    card = json.loads(out[-2].removeprefix("protocol: "))
+    assert card["num_samples"] == {"real": 3, "fake": 4} and card["precision"] == "detector fp32"
+    assert "Resize(32, antialias) + CenterCrop(32)" in card["resize"] and "every video" in card["clips"]["real"]
     # independent computation: first 8 frames of each file through the same detector
     det = load_i3d("random:32", "cpu", verbose=False)
     feats = [det(torch.stack([transform_frames(read_frames(str(p), range(8)), 32) for p in paths]))
@@ -274,6 +291,17 @@ def test_compute_fvd_cli_folders_csv_and_stats(tmp_path, capsys):
     assert csv_stats.num_items == 6
     with pytest.raises(LarpError, match="not a folder of videos"):
         cf.main(cf.get_args(["--real", str(tmp_path / "nope"), "--fake", str(tmp_path / "fake.npz")]))
+    # --bootstrap: an interval around the same FVD from the features; stats files have none to resample
+    capsys.readouterr()
+    again = cf.main(cf.get_args(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), *common,
+                                 "--bootstrap", "50"]))
+    out = capsys.readouterr().out
+    lo, hi = (float(v) for v in out.split("fvd_ci95=[")[1].split("]")[0].split(", "))
+    assert again == pytest.approx(value, rel=1e-6) and lo <= hi
+    assert json.loads(out.split("protocol: ")[1].splitlines()[0])["bootstrap"]["num"] == 50
+    with pytest.raises(LarpError, match="--bootstrap resamples the per-clip features.*real.pkl"):
+        cf.main(cf.get_args(["--real", str(tmp_path / "real.pkl"), "--fake", str(tmp_path / "fake"), "--bootstrap",
+                             "10"]))
 
 
 def test_calc_fvd_from_multiple_feature_stats(tmp_path, capsys):

@@ -44,14 +44,16 @@ def test_ucf101(tmp_path, split):
     train, val = make_csv.ucf101_tables(str(videos), str(lists), split)
     assert list(train.columns) == ["id", "path", "action", "label"]
     assert len(train) == 18 and len(val) == 6
-    val_groups = {int(i.split("_g")[1][:2]) for i in val.id}
+    val_groups = {int(p.split("_g")[1][:2]) for p in val.path}
     assert val_groups == {g for g in range(1, 5) if (g + split) % 4 == 0}
     for df in (train, val):
+        assert df.id.tolist() == list(range(len(df))) and df.path.tolist() == sorted(df.path)
         for _, row in df.iterrows():
-            assert row.action == row.id.split("_")[1]
-            assert row.label == SORTED_ACTIONS.index(row.action)
-            assert os.path.isabs(row.path) and os.path.isfile(row.path) and row.path.endswith(row.id + ".avi")
-    assert val[val.action == "HandStandPushups"].label.tolist() == [4]
+            name = os.path.basename(row.path)
+            assert row.action == os.path.basename(os.path.dirname(row.path))  # the folder, as the reference
+            assert row.label == SORTED_ACTIONS.index(name.split("_")[1])  # sorted file-name actions
+            assert os.path.isabs(row.path) and os.path.isfile(row.path)
+    assert val[val.action == "HandstandPushups"].label.tolist() == [4]
 
 
 def test_ucf101_splits_found_under_root_and_errors(tmp_path):
@@ -71,7 +73,7 @@ def test_ucf101_missing_video(tmp_path):
         make_csv.ucf101_tables(str(videos), str(lists), 1)
 
 
-def test_k600(tmp_path):
+def test_k600_class_folders(tmp_path, capsys):
     classes = ["zumba", "abseiling", "playing cello"]
     for split, n in (("train", 3), ("val", 1)):
         for c in classes:
@@ -79,14 +81,31 @@ def test_k600(tmp_path):
             for k in range(n):
                 (tmp_path / split / c / f"{c[:3]}{k}.mp4").write_bytes(b"x")
             (tmp_path / split / c / "notes.txt").write_text("not a video")
-    train, val = make_csv.k600_tables(str(tmp_path))
+    tables = make_csv.k600_tables(str(tmp_path))
+    train, val = tables["train"], tables["val"]
     assert len(train) == 9 and len(val) == 3
     expected = {"abseiling": 0, "playing cello": 1, "zumba": 2}
     assert all(expected[a] == l for a, l in zip(train.action, train.label))
-    assert sorted(val.id) == ["abs0", "pla0", "zum0"]
+    assert sorted(os.path.basename(p) for p in val.path) == ["abs0.mp4", "pla0.mp4", "zum0.mp4"]
+    assert "sort differently from the reference" in capsys.readouterr().out
     (tmp_path / "val" / "unknown").mkdir()
     with pytest.raises(ValueError, match="unknown"):
         make_csv.k600_tables(str(tmp_path))
+
+
+def test_k600_cvdf_layout(tmp_path):
+    """Flat videos + annotations: annotation order, existing videos only, labels over all annotated classes."""
+    (tmp_path / "val").mkdir()
+    (tmp_path / "annotations").mkdir()
+    rows = [("zumba", "b" * 11, 5, 15), ("abseiling", "a" * 11, 0, 10), ("juggling", "c" * 11, 3, 13)]
+    (tmp_path / "annotations" / "val.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n" + "".join(f"{l},{y},{a},{b},val\n" for l, y, a, b in rows))
+    for label, y, a, b in rows[:2]:  # the juggling video was never downloaded
+        (tmp_path / "val" / f"{y}_{a:06d}_{b:06d}.mp4").write_bytes(b"x")
+    val = make_csv.k600_tables(str(tmp_path), ("val",))["val"]
+    assert val.id.tolist() == [1, 2] and val.action.tolist() == ["zumba", "abseiling"]
+    assert val.label.tolist() == [2, 0]  # sorted: abseiling, juggling, zumba
+    assert [os.path.basename(p) for p in val.path] == ["bbbbbbbbbbb_000005_000015.mp4", "aaaaaaaaaaa_000000_000010.mp4"]
 
 
 def test_cli_and_check(tmp_path, capsys):
@@ -106,21 +125,32 @@ def test_cli_and_check(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_set_datasets_script(tmp_path):
-    """set_datasets.sh in a scratch copy of the project root: links data/ucf101, writes CSVs with data/ paths."""
+    """set_datasets.sh in a scratch copy of the project root (the first rows of the shipped CSVs as its CSVs):
+    links data/ucf101 and data/k600 to downloads laid out as the official ones, checks every listed video, builds
+    k600_train.csv with the same spelling."""
+    from tests.test_metadata import k600_download, shipped, ucf_download
     project = tmp_path / "project"
-    project.mkdir()
+    (project / "data" / "metadata").mkdir(parents=True)
     for name in ("larp", ".venv"):
         os.symlink(os.path.join(PROJECT_ROOT, name), project / name)
     (project / "set_datasets.sh").write_bytes(open(os.path.join(PROJECT_ROOT, "set_datasets.sh"), "rb").read())
-    videos, lists = fake_ucf(tmp_path / "datasets")
+    csvs = {n: shipped(n).head(12) for n in ("ucf101_train.csv", "ucf101_val.csv", "k600_val.csv")}
+    for name, df in csvs.items():
+        df.to_csv(project / "data" / "metadata" / name, index=False)
+    ucf, _ = ucf_download(tmp_path / "downloads", csvs["ucf101_train.csv"], csvs["ucf101_val.csv"])
+    k600 = k600_download(tmp_path / "downloads", {"val": csvs["k600_val.csv"], "train": csvs["k600_val.csv"].tail(5)})
     env = dict(os.environ, PYTHONPATH="")
-    res = subprocess.run(["bash", "set_datasets.sh", "--ucf101", str(videos), "--ucf101-splits", str(lists)],
+    res = subprocess.run(["bash", "set_datasets.sh", "--ucf101", str(ucf), "--k600", str(k600)],
                          cwd=project, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
-    assert os.path.realpath(project / "data" / "ucf101") == os.path.realpath(videos)
-    df = pd.read_csv(project / "data" / "metadata" / "ucf101_train.csv")
-    assert len(df) == 18 and all(p.startswith("data/ucf101/") for p in df.path)
-    assert "all present" in res.stdout
+    assert os.path.realpath(project / "data" / "ucf101") == os.path.realpath(ucf)
+    assert res.stdout.count("all present") == 4  # ucf101 train + val, the new k600_train, k600_val
+    train = pd.read_csv(project / "data" / "metadata" / "k600_train.csv")
+    assert [p.rsplit("/", 1)[0] for p in train.path] == ["data/k600/train"] * 5
+    os.remove(next((ucf / "ApplyEyeMakeup").iterdir()))
+    res = subprocess.run(["bash", "set_datasets.sh", "--ucf101", str(ucf)], cwd=project, capture_output=True,
+                         text=True, env=env)
+    assert res.returncode != 0 and "1 of 12 listed videos are missing" in res.stderr
     res = subprocess.run(["bash", "set_datasets.sh", "--k600", str(tmp_path / "nowhere")],
                          cwd=project, capture_output=True, text=True, env=env)
     assert res.returncode != 0 and "nowhere" in res.stderr

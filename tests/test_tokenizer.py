@@ -217,14 +217,16 @@ def test_eval_script_end_to_end(golden_dir, golden_model, tmp_path, capsys):
     ev = _eval_module()
     out = tmp_path / "eval"
     metrics = ev.main(ev.get_args(["--tokenizer", str(golden_dir), "--dataset_csv", str(val_csv), "--det",
-                                   "--i3d", "random:32", "--batch_size", "4", "--max_clips", "4",
+                                   "--i3d", "random:32", "--batch_size", "4", "--max_clips", "4", "--clips", "all",
                                    "--device", "cpu", "--out", str(out)]))
     text = capsys.readouterr().out
     for key in ("mse=", "psnr=", "ssim=", "fvd="):
         assert any(line.startswith(key) for line in text.splitlines()), key
     assert "not comparable to published FVD" in text
     assert (out / "preview.png").stat().st_size > 0
-    assert json.loads((out / "metrics.json").read_text())["num_clips"] == 4
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_clips"] == 4 and report["protocol"]["num_samples"] == 4
+    assert report["protocol"]["clips"].endswith("4 of the 8 drawn with random.Random(42).sample")
     # independent check of the MSE on the same 4 clips (seed-42 selection of the FVD protocol clips)
     import random
     ds = VideoDataset(str(val_csv), frame_num=8, input_size=32, train=False)
@@ -234,6 +236,32 @@ def test_eval_script_end_to_end(golden_dir, golden_model, tmp_path, capsys):
         rec = golden_model.decode(golden_model.encode(x)["encoded"]).clamp(0, 1)
     assert metrics["mse"] == pytest.approx((rec - x).pow(2).mean().item(), rel=1e-5)
     assert metrics["fvd"] > 0
+
+
+@pytest.mark.slow
+def test_eval_script_reference_protocol(golden_dir, golden_model, tmp_path):
+    """By default one window per video (the reference's rFVD clip set), drawn from per-video seeds: a rerun gives
+    the same numbers, and the MSE is that of the windows recomputed here; --use_amp means fp16."""
+    from larp.data.dataset import read_video_csv, transform_frames
+    from larp.data.synthetic import make_synthetic_dataset
+    from larp.data.video_io import read_clip
+    _, val_csv = make_synthetic_dataset(tmp_path / "syn", classes=4, videos_per_class=4, frames=20, size=32,
+                                        progress=False)  # 20-frame videos: 13 possible 8-frame windows each
+    ev = _eval_module()
+    argv = ["--tokenizer", str(golden_dir), "--dataset_csv", str(val_csv), "--det", "--no_fvd", "--seed", "3",
+            "--batch_size", "4", "--device", "cpu", "--use_amp"]
+    first = ev.main(ev.get_args(argv + ["--out", str(tmp_path / "a")]))
+    again = ev.main(ev.get_args(argv + ["--out", str(tmp_path / "b")]))
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    paths = read_video_csv(str(val_csv))["path"]
+    assert first["num_clips"] == len(paths) and first["mse"] == again["mse"]
+    assert report["clips"] == "window" and report["amp_dtype"] == "fp16"
+    clips = [read_clip(p, 8, generator=torch.Generator().manual_seed(3 * 1_000_003 + i)) for i, p in enumerate(paths)]
+    assert len({start for _, start in clips}) > 1
+    x = torch.stack([transform_frames(frames, 32) for frames, _ in clips])
+    with torch.no_grad():
+        rec = golden_model.decode(golden_model.encode(x)["encoded"]).clamp(0, 1)  # fp16 autocast is off on the CPU
+    assert first["mse"] == pytest.approx((rec - x).pow(2).mean().item(), rel=1e-5)
 
 
 def test_eval_script_bad_tokenizer_is_one_line(tmp_path):

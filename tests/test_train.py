@@ -57,6 +57,13 @@ def test_lr_schedules():
     assert optim.lr_at(9, 1.0, 110, **sched) == pytest.approx(1.0)
     assert optim.lr_at(60, 1.0, 110, **sched) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: mean of max and floor
     assert optim.lr_at(110, 1.0, 110, **sched) == pytest.approx(0.1)
+    # the reference's: warmup in epochs, from the floor min_lr_ratio * lr up to lr
+    ref = optim.schedule_args({"name": "cosine", "warmup_steps": 0, "warmup_epochs": 2.0, "min_lr_ratio": 0.01,
+                               "warmup_from_min": True}, steps_per_epoch=5)
+    assert ref["warmup_steps"] == 10 and "warmup_epochs" not in ref
+    assert optim.lr_at(0, 1.0, 110, **ref) == pytest.approx(0.01 + 0.99 * 0.1)
+    assert optim.lr_at(9, 1.0, 110, **ref) == pytest.approx(1.0)
+    assert optim.lr_at(110, 1.0, 110, **ref) == pytest.approx(0.01)
     step = {"name": "step", "warmup_steps": 0, "milestones": [5, 8], "gamma": 0.5}
     assert [optim.lr_at(s, 2.0, 10, **step) for s in (0, 4, 5, 7, 8, 9)] == [2.0, 2.0, 1.0, 1.0, 0.5, 0.5]
 

@@ -6,7 +6,7 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 
 def atomic_write(path, write):
@@ -49,10 +49,11 @@ def to_uint8(videos):
 
 
 def resize_video(x, size):
-    """(B, 3, T, H, W) -> (B, 3, T, size, size), antialiased bilinear per frame (no-op at that size)."""
+    """(B, 3, T, H, W) -> (B, 3, T, size, size): every frame through torchvision `Resize((size, size))`
+    (antialiased bilinear), the reference's frame-prediction resize to 64x64; a no-op at that size."""
     b, c, t, h, w = x.shape
     if (h, w) == (size, size):
         return x
-    frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, 3, H, W)
+    frames = TF.resize(frames, [size, size], antialias=True)
     return frames.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)

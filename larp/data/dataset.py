@@ -1,8 +1,8 @@
 """Video CSVs (`id,path,action,label`) and the clip dataset used for training and FVD evaluation.
 
 Training mode: one item per video, a random `frame_num` window at the native frame rate.
-Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted,
-each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
+Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted as the CSVs spell
+them, each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
 videos is slow, so the per-video frame counts are cached to disk, keyed on the listed paths and their
 size/mtime.
 """
@@ -19,8 +19,8 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 
 from larp.core.io import atomic_write_text
 from larp.data.video_io import count_frames, read_clip, read_frames
@@ -75,7 +75,8 @@ def _read_one_csv(csv_path):
 
 
 def read_video_csv(spec):
-    """DataFrame with columns id,path,action,label of all CSVs in `spec`, paths made absolute.
+    """DataFrame with columns id,path,action,label of all CSVs in `spec`, paths made absolute (csv_path: the path
+    as the CSV spells it).
 
     Relative paths are taken relative to the project root where the file exists there, else to the CSV's folder.
     Raises CSVNotFoundError / CSVError naming the file and what is wrong with it.
@@ -101,9 +102,10 @@ def read_video_csv(spec):
             raise CSVError(f"{csv_path}: label '{df['label'][row]}' in data row {row + 1} is not a class index "
                            f"(expected an integer >= 0)")
         csv_dir = os.path.dirname(csv_path)
+        df["csv_path"] = df["path"].astype(str)  # as spelled: the FVD clip order sorts these
         df["path"] = [_absolute(p, csv_dir) for p in df["path"]]
         df["label"] = labels.astype(int)
-        frames.append(df[list(CSV_COLUMNS)])
+        frames.append(df[[*CSV_COLUMNS, "csv_path"]])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -138,18 +140,12 @@ FRAME_TRANSFORM = "short side resized (antialias), centre crop"  # what transfor
 
 
 def transform_frames(frames, input_size):
-    """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: short side resized to S (antialias), center
-    crop."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
-    h, w = x.shape[-2:]
-    if min(h, w) != input_size:
-        scale = input_size / min(h, w)
-        new_h, new_w = max(input_size, round(h * scale)), max(input_size, round(w * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        h, w = new_h, new_w
-    top, left = (h - input_size) // 2, (w - input_size) // 2
-    x = x[:, :, top:top + input_size, left:left + input_size].clamp_(0, 1)
-    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+    """uint8 (T,H,W,3) -> float32 (3,T,S,S) in [0,1], S = input_size: the reference's torchvision
+    `Resize(S, antialias=True)` + `CenterCrop(S)` on the (3,T,H,W) float clip (short side to S, long side
+    truncated, e.g. 320x240 -> 170x128; crop offset rounded), so real clips equal the reference's bit for bit."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W)
+    x = TF.center_crop(TF.resize(x, input_size, antialias=True), input_size)
+    return x.contiguous()  # (3, T, S, S)
 
 
 def clip_set_name(paths):
@@ -229,11 +225,14 @@ class VideoDataset(Dataset):
     no clip (`len // T`, the FVD protocol).
     `skip_bad=True` replaces an unreadable video by the next readable item, counts it in `num_bad` and warns once.
     The eval-mode clip index is cached in `cache_dir` (default: the folder of the first CSV).
+    `window_seed` (training mode): item i's window start is drawn from torch.Generator(window_seed * 1_000_003 + i)
+    instead of the global RNG, so a pass over the set (the reference's rFVD protocol) repeats.
     """
 
-    def __init__(self, csv, frame_num=16, input_size=128, train=True, hflip=False, skip_bad=False, cache_dir=None):
+    def __init__(self, csv, frame_num=16, input_size=128, train=True, hflip=False, skip_bad=False, cache_dir=None,
+                 window_seed=None):
         self.csv, self.frame_num, self.input_size = csv, frame_num, input_size
-        self.train, self.hflip, self.skip_bad = train, hflip, skip_bad
+        self.train, self.hflip, self.skip_bad, self.window_seed = train, hflip, skip_bad, window_seed
         self.df = read_video_csv(csv)
         if len(self.df) == 0:
             raise CSVError(f"{csv}: no videos listed (only a header?)")
@@ -249,7 +248,7 @@ class VideoDataset(Dataset):
                 raise CSVError(f"no {frame_num}-frame clips in {csv}: every video is shorter than {frame_num} frames")
 
     def _enumerate_clips(self, cache_dir):
-        order = sorted(range(len(self.df)), key=lambda i: self.df["path"][i])
+        order = sorted(range(len(self.df)), key=lambda i: self.df["csv_path"][i])  # the reference: CSV spelling
         paths = [self.df["path"][i] for i in order]
         labels = [int(self.df["label"][i]) for i in order]
         csv_files = resolve_csv(self.csv)
@@ -280,7 +279,10 @@ class VideoDataset(Dataset):
 
     def _load(self, index):
         path, start, label = self.items[index]
-        frames, _ = read_clip(path, self.frame_num, start=start)  # (T, H, W, 3)
+        generator = None
+        if start is None and self.window_seed is not None:
+            generator = torch.Generator().manual_seed(int(self.window_seed) * 1_000_003 + index)
+        frames, _ = read_clip(path, self.frame_num, start=start, generator=generator)  # (T, H, W, 3)
         video = transform_frames(frames, self.input_size)  # (3, T, S, S)
         if self.train and self.hflip and torch.rand(()) < 0.5:
             video = video.flip(-1)

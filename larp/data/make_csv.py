@@ -1,15 +1,22 @@
 """Build the dataset CSVs (id,path,action,label) so nobody edits lists by hand.
 
     python -m larp.data.make_csv ucf101 --root data/ucf101 [--splits-dir DIR] [--split 1]
-    python -m larp.data.make_csv k600 --root data/k600 [--train-split train] [--val-split val]
+    python -m larp.data.make_csv k600 --root data/k600 [--splits train val]
     python -m larp.data.make_csv check data/metadata/ucf101_train.csv ...
 
-Building checks that every listed video exists (the `check` command does only that).
+Building checks that every listed video exists (the `check` command does only that). data/metadata/ ships the
+reference's UCF-101 split-1 and K600-val CSVs; these builders write the same rows from the same downloads, so the
+FVD clip draw (which takes the clips sorted by path as spelled in the CSV) is the reference's.
 
-UCF-101: train/val = the official trainlist0N/testlist0N of `--split`; the label of a video is the position of
-its action name (taken from the file name v_<Action>_g.._c..) in the Python-sorted list of all action names
-(file names spell some actions differently from classInd.txt, e.g. HandstandPushups).
-K600: `<root>/<split>/<class>/<video>`; label = index of the class folder in the sorted train classes.
+UCF-101 (the official UCF-101/<Action>/v_<Action>_gXX_cYY.avi): train/val = trainlist0N/testlist0N of `--split`;
+path = <root>/<the list entry>, action = the entry's folder, label = the position of the action in the
+Python-sorted list of the action names of the file names (they spell some differently, e.g. HandStandPushups);
+rows sorted by path, id = row number from 0.
+K600 (the CVDF download, k600/<split>/<youtube_id>_<start:06d>_<end:06d>.mp4 with k600/annotations/<split>.csv or
+.txt): the annotation rows whose video exists, in the annotation's order, path = <root>/<split>/<file>, label =
+the position of the class in the sorted class names of the train annotation (else of this split's), id = row
+number from 1. A `<root>/<split>/<class>/<video>` tree without annotations is read as well (label = index of the
+class folder in the sorted train classes), but its paths sort differently, so its clip draw is not the reference's.
 Paths are written relative to the project root when the files lie under it (keep data/ links unresolved),
 else absolute.
 """
@@ -61,11 +68,11 @@ def _find_file(root, name):
 
 
 def _read_list(path):
-    """Video file names of a split list (lines 'Action/v_Action_g08_c01.avi [label]')."""
+    """Entries 'Action/v_Action_g08_c01.avi' of a split list (lines '<entry> [label]')."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"UCF-101 split list not found: {path}")
     with open(path) as f:
-        return [os.path.basename(line.split()[0]) for line in f if line.strip()]
+        return [line.split()[0] for line in f if line.strip()]
 
 
 def ucf101_tables(root, splits_dir=None, split=1):
@@ -81,48 +88,102 @@ def ucf101_tables(root, splits_dir=None, split=1):
         class_ind = [line.split()[1] for line in f if line.strip()]
     lists = {"train": _read_list(os.path.join(splits_dir, f"trainlist0{split}.txt")),
              "val": _read_list(os.path.join(splits_dir, f"testlist0{split}.txt"))}
-    actions = sorted({ucf_action(n) for names in lists.values() for n in names})
+    actions = sorted({ucf_action(e) for entries in lists.values() for e in entries})
     if sorted(a.lower() for a in actions) != sorted(c.lower() for c in class_ind):
         raise ValueError(f"action names in the split lists ({len(actions)}) do not match classInd.txt "
                          f"({len(class_ind)} classes) in {splits_dir}")
     label_of = {a: i for i, a in enumerate(actions)}
     videos = _index_videos(root)
     tables = []
-    for split_name, names in lists.items():
-        missing = [n for n in names if n not in videos]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} videos of the {split_name} list not found under {root}, "
-                                    f"e.g. {missing[0]}")
-        rows = [{"id": os.path.splitext(n)[0], "path": csv_path_for(videos[n]), "action": ucf_action(n),
-                 "label": label_of[ucf_action(n)]} for n in names]
-        tables.append(pd.DataFrame(rows, columns=list(CSV_COLUMNS)))
-    return tuple(tables)
-
-
-def k600_tables(root, train_split="train", val_split="val"):
-    """(train DataFrame, val DataFrame) of a Kinetics-style tree `<root>/<split>/<class>/<video>`."""
-    tables, classes = [], None
-    for split in (train_split, val_split):
-        split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            raise FileNotFoundError(f"Kinetics split folder not found: {split_dir}")
-        split_classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-        if classes is None:
-            classes = split_classes
-            label_of = {c: i for i, c in enumerate(classes)}
-        unknown = sorted(set(split_classes) - set(classes))
-        if unknown:
-            raise ValueError(f"{split_dir} has classes missing from {train_split}: {unknown[:5]}")
+    for split_name, entries in lists.items():
         rows = []
-        for c in split_classes:
-            for name in sorted(os.listdir(os.path.join(split_dir, c))):
-                if name.lower().endswith(VIDEO_EXTENSIONS):
-                    rows.append({"id": os.path.splitext(name)[0], "path": csv_path_for(os.path.join(split_dir, c, name)),
-                                 "action": c, "label": label_of[c]})
-        if not rows:
-            raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {split_dir}")
-        tables.append(pd.DataFrame(rows, columns=list(CSV_COLUMNS)))
+        for entry in entries:
+            path = os.path.join(root, entry)
+            if not os.path.isfile(path):  # another layout: found by file name, spelled as found
+                path = videos.get(os.path.basename(entry))
+            if path is None:
+                raise FileNotFoundError(f"videos of the {split_name} list not found under {root}, e.g. {entry}")
+            folder = os.path.dirname(entry) or ucf_action(entry)
+            rows.append({"path": csv_path_for(path), "action": folder, "label": label_of[ucf_action(entry)]})
+        tables.append(_numbered(rows, first_id=0))
     return tuple(tables)
+
+
+def _numbered(rows, first_id, sort=True):
+    """DataFrame of `rows` (sorted by path when `sort`) with ids first_id, first_id + 1, ..."""
+    if sort:
+        rows = sorted(rows, key=lambda r: r["path"])
+    rows = [{"id": first_id + i, **r} for i, r in enumerate(rows)]
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+
+
+def _annotation(root, split):
+    """The CVDF annotation file of `split` (annotations/<split>.csv or .txt), or None."""
+    for ext in (".csv", ".txt"):
+        path = os.path.join(root, "annotations", split + ext)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_annotation(path):
+    """(label, file name) of every row of a Kinetics annotation: label,youtube_id,time_start,time_end[,split]."""
+    df = pd.read_csv(path, dtype={"youtube_id": str})
+    missing = {"label", "youtube_id", "time_start", "time_end"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: not a Kinetics annotation (no column(s) {', '.join(sorted(missing))})")
+    names = [f"{y}_{int(a):06d}_{int(b):06d}.mp4"
+             for y, a, b in zip(df["youtube_id"], df["time_start"], df["time_end"])]
+    return list(zip(df["label"].astype(str), names))
+
+
+def _k600_flat(root, split, classes):
+    """Rows of the flat CVDF layout: annotation order, videos that exist, ids from 1."""
+    rows = []
+    for label, name in _read_annotation(_annotation(root, split)):
+        path = os.path.join(root, split, name)
+        if os.path.isfile(path):
+            rows.append({"path": csv_path_for(path), "action": label, "label": classes.index(label)})
+    return _numbered(rows, first_id=1, sort=False)
+
+
+def _k600_folders(root, split, classes):
+    """Rows of a `<split>/<class>/<video>` tree, sorted by path, ids from 1."""
+    split_dir = os.path.join(root, split)
+    split_classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    unknown = sorted(set(split_classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{split_dir} has classes missing from the train split: {unknown[:5]}")
+    rows = [{"path": csv_path_for(os.path.join(split_dir, c, name)), "action": c, "label": classes.index(c)}
+            for c in split_classes for name in sorted(os.listdir(os.path.join(split_dir, c)))
+            if name.lower().endswith(VIDEO_EXTENSIONS)]
+    return _numbered(rows, first_id=1)
+
+
+def k600_tables(root, splits=("train", "val")):
+    """{split: DataFrame} of a Kinetics download: the CVDF layout (flat videos + annotations) or class folders."""
+    tables = {}
+    train = "train" if "train" in splits else splits[0]
+    annotated = _annotation(root, train) or _annotation(root, splits[0])
+    if annotated:
+        classes = sorted({label for label, _ in _read_annotation(annotated)})
+    else:
+        train_dir = os.path.join(root, train)
+        if not os.path.isdir(train_dir):
+            raise FileNotFoundError(f"Kinetics split folder not found: {train_dir}")
+        classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    for split in splits:
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(f"Kinetics split folder not found: {os.path.join(root, split)}")
+        if _annotation(root, split):
+            tables[split] = _k600_flat(root, split, classes)
+        else:
+            tables[split] = _k600_folders(root, split, classes)
+            print(f"note: {root}/{split} has no annotations/{split}.csv: read as <class>/<video> folders, whose "
+                  f"paths sort differently from the reference's CSV (another FVD clip draw)")
+        if tables[split].empty:
+            raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {os.path.join(root, split)}")
+    return tables
 
 
 def write_csv(df, path):
@@ -152,11 +213,11 @@ def parse_args(argv=None):
                                                       "(default: searched under --root)")
     u.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official train/test split")
     u.add_argument("--out", default=METADATA_DIR, help="folder of ucf101_train.csv and ucf101_val.csv")
-    k = sub.add_parser("k600", help="Kinetics-600 from <root>/<split>/<class>/<video>", formatter_class=HelpFormatter)
+    k = sub.add_parser("k600", help="Kinetics-600: the CVDF download (<root>/<split>/*.mp4 + <root>/annotations/) "
+                                     "or <root>/<split>/<class>/<video>", formatter_class=HelpFormatter)
     k.add_argument("--root", required=True, help="Kinetics-600 folder holding the split folders")
-    k.add_argument("--train-split", default="train", help="training split folder under --root")
-    k.add_argument("--val-split", default="val", help="validation split folder under --root")
-    k.add_argument("--out", default=METADATA_DIR, help="folder of k600_train.csv and k600_val.csv")
+    k.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to write as k600_<split>.csv")
+    k.add_argument("--out", default=METADATA_DIR, help="folder of the k600_<split>.csv files")
     c = sub.add_parser("check", help="check that every path listed in the CSVs exists", formatter_class=HelpFormatter)
     c.add_argument("csvs", nargs="+", help="CSV paths or names under data/metadata/")
     return p.parse_args(argv)
@@ -170,9 +231,8 @@ def main(args):
             written += [write_csv(train, os.path.join(args.out, "ucf101_train.csv")),
                         write_csv(val, os.path.join(args.out, "ucf101_val.csv"))]
         if args.dataset == "k600":
-            train, val = k600_tables(args.root, args.train_split, args.val_split)
-            written += [write_csv(train, os.path.join(args.out, "k600_train.csv")),
-                        write_csv(val, os.path.join(args.out, "k600_val.csv"))]
+            written += [write_csv(df, os.path.join(args.out, f"k600_{split}.csv"))
+                        for split, df in k600_tables(args.root, tuple(args.splits)).items()]
         for spec, n in check_csvs(written or args.csvs).items():
             print(f"ok: {spec} ({n} videos, all present)")
     except (FileNotFoundError, ValueError) as e:  # missing folders, lists or videos; malformed names

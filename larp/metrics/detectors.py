@@ -206,7 +206,7 @@ def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp
         model = InceptionI3d().eval()
         model.load_state_dict(sd)
         det = I3DDetector(model.to(device), "ours", f"{KINETICS400_NAME}, input 224x224", device, 224, False,
-                          batch_size, precision=precision)
+                          batch_size, KINETICS400_STATE_SHA256, precision)  # sha256: of the converted state dict
         if verbose:
             print(f"[fvd] detector: {det.name} (converted weights: {source})", flush=True)
         return det

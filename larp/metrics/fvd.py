@@ -284,12 +284,38 @@ def _video_batch(batch):
     return batch
 
 
-def compute_stats(detector, batches, total=None, desc="I3D features", stats=None, progress=True, meta=None):
+def compute_stats(detector, batches, total=None, desc="I3D features", stats=None, progress=True, meta=None,
+                  keep=None):
     """Run the detector over an iterable of video batches (B, 3, T, H, W) in [0, 1] -> FeatureStats (recording
-    `meta`, see FeatureStats)."""
+    `meta`, see FeatureStats). `keep`: a list that receives each batch's features (N, F) too (for `bootstrap_fvd`)."""
     stats = stats if stats is not None else FeatureStats(detector=getattr(detector, "name", None), meta=meta)
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
     for batch in progress_bar(batches, total=total, desc=desc, disable=not progress, dynamic_ncols=True):
-        stats.add(detector(_video_batch(batch)))
+        feats = detector(_video_batch(batch))
+        stats.add(feats)
+        if keep is not None:
+            keep.append(np.asarray(feats, dtype=np.float64))
     return stats
+
+
+def _weighted_moments(x, w):
+    """(mu, population sigma) of the rows of x (n, F) counted w (n,) times."""
+    n = w.sum()
+    mu = w @ x / n
+    return mu, (x * w[:, None]).T @ x / n - np.outer(mu, mu)
+
+
+def bootstrap_fvd(real, fake, num=1000, seed=0, level=0.95):
+    """Percentile bootstrap of the FVD: real (n, F) and fake (m, F) features are each resampled with replacement
+    `num` times (numpy Generator(seed)). Returns {"lo", "hi", "std", "num", "level"}: the (1 - level) / 2 and
+    (1 + level) / 2 quantiles and the standard deviation of the resampled FVDs."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(num)):
+        wr = rng.multinomial(len(real), np.full(len(real), 1 / len(real))).astype(np.float64)
+        wf = rng.multinomial(len(fake), np.full(len(fake), 1 / len(fake))).astype(np.float64)
+        values.append(frechet_distance(_weighted_moments(real, wr), _weighted_moments(fake, wf)))
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return {"lo": float(lo), "hi": float(hi), "std": float(np.std(values)), "num": int(num), "level": level}

@@ -2,7 +2,9 @@
 
 Training samples the code from softmax(cosine / stochastic_temperature) instead of taking the argmax: the
 stochasticity keeps many codes in use and makes the latent space friendlier to the AR prior. Evaluation uses the
-argmax once `eval_deterministic` is set (`LARPTokenizer.set_vq_eval_deterministic(True)`).
+argmax once `eval_deterministic` is set (`LARPTokenizer.set_vq_eval_deterministic(True)`), else samples too (the
+reference's frame-prediction condition). Given `uniforms` (B, N) in [0, 1), a sampled code is the inverse-CDF draw
+of its uniform, so a caller with per-sample seeds gets tokens that do not depend on the batch.
 State-dict names follow the release: `in_linear`, `out_linear`, `regularizer.embedding.weight`.
 """
 from dataclasses import dataclass
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from larp.models.decoding import sample_inverse_cdf
 
 
 @dataclass
@@ -50,18 +54,21 @@ class VectorQuantizer(nn.Module):
             return z @ cb.t()
         return -(z.pow(2).sum(-1, keepdim=True) - 2 * z @ cb.t() + cb.pow(2).sum(-1))
 
-    def forward(self, z):  # z: (B, N, d)
+    def forward(self, z, uniforms=None):  # z: (B, N, d); uniforms: None or (B, N) in [0, 1)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._quantize(z.float())  # code matching in fp32: bf16 scores would change tokens
+            return self._quantize(z.float(), uniforms)  # code matching in fp32: bf16 scores would change tokens
 
-    def _quantize(self, z):
+    def _quantize(self, z, uniforms=None):
         if self.cfg.l2_normalized:
             z = F.normalize(z, dim=-1)
         scores = self.similarity(z)  # (B, N, V)
         sample = self.cfg.stochastic and (self.training or not self.eval_deterministic)
         if sample:
             probs = torch.softmax(scores / self.cfg.stochastic_temperature, dim=-1)
-            idx = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(scores.shape[:-1])
+            if uniforms is None:
+                idx = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(scores.shape[:-1])
+            else:
+                idx = sample_inverse_cdf(probs, uniforms.to(probs.device, probs.dtype))  # (B, N)
         else:
             idx = scores.argmax(dim=-1)  # (B, N)
         z_q = self.lookup(idx)  # (B, N, d)
@@ -108,8 +115,8 @@ class Bottleneck(nn.Module):
         self.out_linear = nn.Linear(bottleneck_dim, out_size or hidden_size)
         self.regularizer = VectorQuantizer(bottleneck_dim, VQConfig(**regularizer.get("args", {})))
 
-    def forward(self, x):  # (B, N, D)
-        out = self.regularizer(self.in_linear(x))
+    def forward(self, x, uniforms=None):  # (B, N, D)
+        out = self.regularizer(self.in_linear(x), uniforms)
         out["output"] = self.out_linear(out["regularized_z"].to(x.dtype))  # (B, N, D_dec)
         return out
 

@@ -36,6 +36,12 @@ class SampleJob:
     stored in its canonical spelling (fp32, bf16, fp16). A hub id may pin a revision: `owner/name@COMMIT`.
     trust_checkpoint: also load files that hold more than tensors and plain data, or TorchScript of unknown digest
     (dangerous; see larp/core/safe_load.py).
+
+    Precision as the reference's sample.py: the generator's weights are cast to `dtype` (bf16 by default) and the
+    tokenizer runs in `tokenizer_dtype` (None: fp16 class-conditional, fp32 frame prediction). Frame prediction:
+    the condition tokens come from the tokenizer's sampling quantiser with per-sample seeds (`argmax_cond`: argmax
+    instead) and all decoded frames are scored (`paste_cond_frames`: the real condition frames replace the decoded
+    ones first, a deliberate deviation, off by default).
     """
     ar_model: str
     tokenizer: str
@@ -46,10 +52,13 @@ class SampleJob:
     starting_index: int = 0
     params: SamplingParams = SamplingParams()
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: str = "bf16"
+    tokenizer_dtype: Optional[str] = None
     dataset_split_seed: int = 42
     frame_prediction: bool = False
     num_cond_frames: int = 5
+    paste_cond_frames: bool = False
+    argmax_cond: bool = False
     frame_num: Optional[int] = None
     input_size: Optional[int] = None
     fvd_size: Optional[int] = None
@@ -66,6 +75,13 @@ class SampleJob:
         if self.dtype not in DTYPES:
             raise SampleError(f"--dtype {self.dtype}: expected one of {sorted(DTYPES)}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if self.tokenizer_dtype is None:
+            object.__setattr__(self, "tokenizer_dtype", "fp32" if self.frame_prediction else "fp16")
+        if self.tokenizer_dtype not in DTYPES:
+            raise SampleError(f"--tokenizer_dtype {self.tokenizer_dtype}: expected one of {sorted(DTYPES)}")
+        object.__setattr__(self, "tokenizer_dtype", dtype_name(self.tokenizer_dtype))
+        if not self.frame_prediction and (self.paste_cond_frames or self.argmax_cond):
+            raise SampleError("--paste_cond_frames and --argmax_cond apply to --frame_prediction only")
         if self.num_samples_total is None:
             object.__setattr__(self, "num_samples_total", self.num_samples)
         total = self.num_samples_total
@@ -164,14 +180,16 @@ def check_models(job, tok_cfg, ar_cfg):
 
 
 def run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec):
-    """Everything that changes the result: stored in run_config.json and hashed into the run id. The keys and
-    values are those of every earlier version, so an existing output folder is still accepted."""
+    """Everything that changes the result: stored in run_config.json and hashed into the run id (an output folder
+    of a version without tokenizer_dtype / paste_cond_frames / argmax_cond, whose real clips were resized
+    differently, is refused rather than merged)."""
     s = {"ar_model": _spec_id(job.ar_model), "tokenizer": _spec_id(job.tokenizer),
          "dataset_csv": "+".join(os.path.abspath(p) for p in csv_paths),
          "dataset_split_seed": int(job.dataset_split_seed), "num_samples_total": int(job.num_samples_total),
-         **job.params.as_dict(), "dtype": dtype_name(job.dtype), "seed": int(job.seed),
-         "frame_prediction": bool(job.frame_prediction),
+         **job.params.as_dict(), "dtype": dtype_name(job.dtype), "tokenizer_dtype": job.tokenizer_dtype,
+         "seed": int(job.seed), "frame_prediction": bool(job.frame_prediction),
          "num_cond_frames": int(job.num_cond_frames) if job.frame_prediction else 0,
+         "paste_cond_frames": bool(job.paste_cond_frames), "argmax_cond": bool(job.argmax_cond),
          "num_frames": frame_num, "input_size": input_size, "fvd_size": int(fvd_size), "i3d": _spec_id(i3d_spec)}
     return json.loads(json.dumps(s))
 

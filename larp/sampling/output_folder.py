@@ -22,7 +22,8 @@ from larp.core.safe_load import load_npy
 from larp.models.sampling_params import SAMPLING_FIELDS
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", *SAMPLING_FIELDS,
-                  "dtype", "seed", "frame_prediction", "num_cond_frames", "fvd_size", "mean_nll", "fvd", "detector"]
+                  "dtype", "tokenizer_dtype", "seed", "frame_prediction", "num_cond_frames", "paste_cond_frames",
+                  "argmax_cond", "fvd_size", "mean_nll", "fvd", "detector", "protocol"]
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
 
@@ -138,6 +139,29 @@ def claim_output_dir(output_dir, settings, start, end):
             atomic_write_text(shards_path, json.dumps(sorted(shards + [[start, end]])) + "\n")
 
 
+def protocol_card(settings, detector, detector_sha256=None):
+    """What the FVD of a run measured, from its settings: detector and weight digest, clip set and draw, resize,
+    precision, sample count (and, for frame prediction, the condition and the frames scored)."""
+    size, fvd, total = settings["input_size"], settings["fvd_size"], settings["num_samples_total"]
+    csvs = ", ".join(os.path.basename(p) for p in settings["dataset_csv"].split("+"))
+    card = {"detector": detector.removeprefix("detector: "), "detector_sha256": detector_sha256,
+            "clips": f"{total} of the non-overlapping {settings['num_frames']}-frame clips of {csvs} (paths sorted "
+                     f"as spelled), drawn with random.Random({settings['dataset_split_seed']}).sample; real "
+                     f"statistics from the same clips",
+            "resize": f"torchvision Resize({size}, antialias) + CenterCrop({size})"
+                      + (f", then Resize(({fvd}, {fvd}))" if fvd != size else "") + "; detector input 224x224",
+            "precision": f"generator weights {settings['dtype']}, tokenizer {settings.get('tokenizer_dtype')}, "
+                         f"detector {'bf16' if detector.endswith(', bf16') else 'fp32'}",
+            "num_samples": total}
+    if settings["frame_prediction"]:
+        k = settings["num_cond_frames"]
+        card["condition"] = (f"tokens of the first {k} frames (the last repeated to the clip length), "
+                             f"{'argmax' if settings.get('argmax_cond') else 'sampled (per-sample seeds)'} VQ")
+        pasted = settings.get("paste_cond_frames")
+        card["frames_scored"] = f"decoded, the first {k} replaced by the real ones" if pasted else "every decoded frame"
+    return card
+
+
 def merge_parts(output_dir):
     """samples.csv and timing.json from every finished range (sorted by index, deduplicated). Caller holds lock."""
     rows, timing = {}, {}
@@ -184,10 +208,12 @@ def finalize(output_dir, settings, replace=False, log=print):
         value = float(frechet_distance(gen, gt))
         nll = np.concatenate([load_npy(p["nll"]) for p in paths])  # allow_pickle=False
         with open(paths[0]["meta"]) as f:
-            detector = json.load(f)["detector"]
+            meta = json.load(f)
+        detector = meta["detector"]
         row = {k: settings.get(k, "") for k in REPORT_COLUMNS}
         row.update(time=datetime.datetime.now().isoformat(timespec="seconds"), run_id=rid,
-                   mean_nll=f"{float(nll.mean()):.6f}", fvd=f"{value:.6f}", detector=detector)
+                   mean_nll=f"{float(nll.mean()):.6f}", fvd=f"{value:.6f}", detector=detector,
+                   protocol=json.dumps(protocol_card(settings, detector, meta.get("detector_sha256"))))
         write_csv(report, [r for r in rows if r.get("run_id") != rid] + [row], REPORT_COLUMNS)
         used = {f"{a}_{b}": timing[f"{a}_{b}"] for a, b in tiling}
         gen_s = sum(t["generate_s"] for t in used.values())

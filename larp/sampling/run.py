@@ -26,11 +26,18 @@ size or the number of ranks. Under torchrun each rank takes a contiguous part of
 talk to each other: files and one lock coordinate them, and whoever completes the coverage of [0, total) computes
 the FVD (once per run id: a re-check inside the lock prevents duplicate or lost rows).
 
+Precision (the reference's sample.py): the generator's weights are cast to `--dtype` (bf16 by default) and the
+tokenizer to `--tokenizer_dtype` (fp16 for class-conditional decoding, fp32 for frame prediction by default); no
+autocast.
+
 Frame prediction: the condition is the tokenizer tokens of the first `num_cond_frames` frames with the last of them
-repeated to the clip length; the generated tokens are decoded to the full clip. For FVD (and the saved mp4) the
-conditioning frames of the generated clip are replaced by the real ones: they are given, not predicted, so the
-score measures the prediction rather than the tokenizer's reconstruction of the context. Real and generated clips
-are resized to `fvd_size` (64 by default, as in the reference protocol).
+repeated to the clip length, quantised by sampling as the reference does (its tokenizer is not made
+deterministic), with per-sample draws: sample i's condition uniforms come from torch.Generator(sample_seed + 2**62),
+a stream apart from its decoding draws, so the condition too depends on the global index only (`--argmax_cond`:
+argmax codes instead). All decoded frames are scored and saved, as in the reference; `--paste_cond_frames`
+replaces the conditioning frames of the generated clip by the real ones first (a deliberate deviation: it scores
+the prediction without the tokenizer's reconstruction of the context, and gives a lower FVD). Real and generated
+clips are resized to `fvd_size` (64 by default, torchvision Resize((64, 64))).
 """
 import json
 import os
@@ -50,10 +57,12 @@ from larp.core.io import atomic_write, atomic_write_text, resize_video, to_uint8
 from larp.sampling.output_folder import SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths, write_csv
 from larp.sampling.job import prepare
 from larp.models.tokenizer import LARPTokenizer
-from larp.core.utils import autocast, get_device, progress_bar, say
+from larp.core.utils import get_device, get_dtype, progress_bar, say
+from larp.models.decoding import make_uniforms
 from larp.core.visualize import save_preview_png
 
 SEED_STRIDE = 1_000_003
+COND_STREAM = 2 ** 62  # condition-token draws of sample i: torch.Generator(sample_seed(seed, i) + COND_STREAM)
 PREVIEW_SAMPLES = 8
 
 
@@ -76,19 +85,28 @@ def _clock(device):
     return time.perf_counter()
 
 
-def load_models(tokenizer_spec, ar_model_spec, device, trust=False):
-    """(tokenizer, generator) in eval mode on `device`; the tokenizer's quantizer made deterministic. `trust`:
-    --trust_checkpoint (larp/core/safe_load.py)."""
+def load_models(job, plan, device):
+    """(tokenizer, generator) in eval mode on `device`, read from what `prepare` resolved (a hub id fetched once),
+    cast to job.tokenizer_dtype and job.dtype; the tokenizer's quantizer samples (the reference's frame-prediction
+    condition) unless job.argmax_cond. job.trust_checkpoint: --trust_checkpoint (larp/core/safe_load.py)."""
+    trust = job.trust_checkpoint
     try:
-        tokenizer = LARPTokenizer.from_pretrained(tokenizer_spec, trust=trust).to(device).eval()
+        tokenizer = LARPTokenizer.from_pretrained(plan.tokenizer, trust=trust)
+        tokenizer = tokenizer.to(device, get_dtype(job.tokenizer_dtype)).eval()
     except CheckpointError as e:
         raise SampleError(f"--tokenizer: {e}") from None
     try:
-        model = load_generator(ar_model_spec, device=device, trust=trust).eval()
+        model = load_generator(plan.ar_model, device=device, trust=trust).to(get_dtype(job.dtype)).eval()
     except CheckpointError as e:
         raise SampleError(f"--ar_model: {e}") from None
-    tokenizer.set_vq_eval_deterministic(True)
+    tokenizer.set_vq_eval_deterministic(job.argmax_cond)
     return tokenizer, model
+
+
+def condition_uniforms(seed, indices, num_tokens, device):
+    """(B, N) uniforms of the condition quantiser for the global sample `indices` (see COND_STREAM)."""
+    return make_uniforms(len(indices), num_tokens, [sample_seed(seed, i) + COND_STREAM for i in indices],
+                         device=device)
 
 
 def todo_chunks(done, a, b, chunk_size):
@@ -170,9 +188,11 @@ def generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_dat
     video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S) real clips in [0, 1]
     t0 = _clock(device)
     tm["data_s"] += t0 - t_data
-    with torch.no_grad(), autocast(device, job.dtype):
+    with torch.no_grad():
         if fp:
-            cond = tokenizer.encode_condition(video, num_cond)  # (B, N)
+            n_tok = tokenizer.bottleneck_token_num
+            u = None if job.argmax_cond else condition_uniforms(job.seed, idx, n_tok, device)  # (B, N)
+            cond = tokenizer.encode_condition(video.to(get_dtype(job.tokenizer_dtype)), num_cond, uniforms=u)
         else:
             cond = batch["label"].to(device).long()  # (B,)
         t1 = _clock(device)
@@ -181,10 +201,10 @@ def generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_dat
         t2 = _clock(device)
         fake = tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)  # (B, 3, T, S, S)
     t3 = _clock(device)
-    if fp:
+    if fp and job.paste_cond_frames:
         fake[:, :, :num_cond] = video[:, :, :num_cond]
     chunk.gen_stats.add(detector(resize_video(fake, plan.fvd_size)))  # (B, 400), fp32 on the detector
-    chunk.gt_stats.add(detector(resize_video(video, plan.fvd_size)))
+    chunk.gt_stats.add(detector(resize_video(video.clamp(0, 1), plan.fvd_size)))
     t4 = _clock(device)
     tm["encode_s"] += t1 - t0
     tm["generate_s"] += t2 - t1
@@ -223,7 +243,8 @@ def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
     paths = stats_paths(out, a, b)
     atomic_write(paths["nll"], lambda tmp: np.save(tmp, np.concatenate(nlls)))
     write_csv(paths["samples"], rows, SAMPLE_COLUMNS)
-    meta = {"range": [a, b], "detector": fvd_label(detector), "timing": tm}
+    meta = {"range": [a, b], "detector": fvd_label(detector), "detector_sha256": getattr(detector, "sha256", None),
+            "timing": tm}
     atomic_write_text(paths["meta"], json.dumps(meta, indent=2) + "\n")
     gt_stats.save(paths["gt"])  # atomic
     gen_stats.save(paths["gen"])  # last: its presence marks the range finished
@@ -294,7 +315,7 @@ def run(job):
         if device.type == "cuda" and world > 1 and job.device in (None, "", "auto", "cuda"):
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         t0 = time.perf_counter()
-        models = load_models(plan.tokenizer, plan.ar_model, device, job.trust_checkpoint)  # what prepare resolved
+        models = load_models(job, plan, device)
         detector = load_i3d(plan.i3d_spec, device, trust=job.trust_checkpoint)
         log(f"models and I3D loaded in {time.perf_counter() - t0:.1f} s on {device}")
         sample_chunks(job, plan, todo, models, detector, device, log=log)

@@ -45,6 +45,8 @@ class OptimizerConfig:
 class LRScheduleConfig:
     name: str = "cosine"      # cosine | step | constant
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # when > 0: the warmup in epochs (x steps per epoch), instead of warmup_steps
+    warmup_from_min: bool = False  # warm up linearly from the floor base_lr * min_lr_ratio (the reference), not 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the base lr
     milestones: list = field(default_factory=list)  # step: lr *= gamma at each of these steps
     gamma: float = 0.1

@@ -21,7 +21,7 @@ from larp.training.config import dump_yaml, to_dict
 from larp.training.config_build import from_dict
 from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
-from larp.training.optim import EMA, lr_at
+from larp.training.optim import EMA, lr_at, schedule_args
 from larp.training.run_folder import (clean_run_dir, export_model, finished_step, mark_finished,
                                       remove_stale_temps, unmark_finished)
 from larp.training.tokenizer_stage import TokenizerStage
@@ -200,7 +200,7 @@ def run_steps(stage, run, step):
     log.log(f"stage {cfg.stage}: {n_params / 1e6:.2f}M params, {len(dataset)} items, global batch "
             f"{B} ({B // info.world_size}/rank x {info.world_size}), {spe} steps/epoch, {total} steps, "
             f"device {info.device}")
-    base_lr, schedule = cfg.optimizer.args["lr"], dataclasses.asdict(cfg.lr_schedule)
+    base_lr, schedule = cfg.optimizer.args["lr"], schedule_args(dataclasses.asdict(cfg.lr_schedule), spe)
     bar = progress_bar(total=total, initial=step, disable=not info.is_main, dynamic_ncols=True, desc=cfg.stage)
     window, last = StepWindow(cfg, info, log, total), {}
     while step < total:

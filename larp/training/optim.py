@@ -12,11 +12,14 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch
 
 
 # ---------------------------------------------------------------------------------------------- schedules
-def lr_at(step, base_lr, total_steps, name="cosine", warmup_steps=0, min_lr_ratio=0.0, milestones=(), gamma=0.1):
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine / step / constant."""
+def lr_at(step, base_lr, total_steps, name="cosine", warmup_steps=0, min_lr_ratio=0.0, milestones=(), gamma=0.1,
+          warmup_from_min=False):
+    """Learning rate for optimizer step `step` (0-based): linear warmup (from 0, or from the floor base_lr *
+    min_lr_ratio with `warmup_from_min`), then cosine / step / constant."""
     warm = int(warmup_steps or 0)
     if warm > 0 and step < warm:
-        return base_lr * (step + 1) / warm
+        start = base_lr * min_lr_ratio if warmup_from_min else 0.0
+        return start + (base_lr - start) * (step + 1) / warm
     if name == "constant":
         return base_lr
     if name == "step":
@@ -24,6 +27,16 @@ def lr_at(step, base_lr, total_steps, name="cosine", warmup_steps=0, min_lr_rati
     floor = base_lr * min_lr_ratio
     progress = min(max(step - warm, 0) / max(total_steps - warm, 1), 1.0)
     return floor + (base_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_args(lr_schedule, steps_per_epoch):
+    """The keyword arguments of `lr_at` for the config section `lr_schedule` (a dict): warmup_epochs, when set,
+    becomes warmup_steps (rounded, with `steps_per_epoch`)."""
+    args = dict(lr_schedule)
+    epochs = args.pop("warmup_epochs", 0.0)
+    if epochs and epochs > 0:
+        args["warmup_steps"] = int(round(epochs * steps_per_epoch))
+    return args
 
 
 def set_lr(optimizer, lr):
