@@ -16,6 +16,7 @@ import argparse
 
 from larp.sampling import run as sampling
 from larp.core.errors import SampleError, run_cli
+from larp.models.decode_runner import CAPTURE_MODES
 from larp.models.sampling_params import SamplingParams
 from larp.sampling.job import SampleJob
 from larp.core.utils import DTYPES
@@ -33,6 +34,11 @@ def build_parser():
     p.add_argument("--sample_batch_size", type=int, default=32)
     SamplingParams.add_arguments(p)  # --cfg_scale --cfg_interval --temperature --top_k --top_p
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype")
+    p.add_argument("--capture", default="auto", choices=CAPTURE_MODES, help="how each decode pass runs: auto = "
+                   "recorded once as a CUDA graph and replayed on CUDA, eager elsewhere; graph; compile "
+                   "(torch.compile); eager")
+    p.add_argument("--no_compile", dest="capture", action="store_const", const="eager",
+                   help="decode eagerly (the same as --capture eager)")
     p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
     p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
     p.add_argument("--frame_prediction", action="store_true")
@@ -70,7 +76,7 @@ def make_job(args):
                      frame_num=args.num_frames, input_size=args.input_size, fvd_size=args.fvd_size,
                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
                      num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,
-                     device=args.device)
+                     device=args.device, capture=args.capture)
 
 
 def main(args):

@@ -148,6 +148,34 @@ def test_sharded_equals_unsharded(runs):
 
 
 @pytest.mark.slow
+def test_padded_shards_equal_the_unsharded_run_bit_for_bit(data_csv, tmp_path, monkeypatch):
+    """The same batch size, shards off the batch grid ([0, 3), then [3, 10) split by two ranks): every generate()
+    gets the full batch with sample i at row i % 4, and the tokens (mp4 bytes) and NLLs equal the unsharded run's."""
+    from larp.models.generator import Generator
+    calls, real = [], Generator.generate
+
+    def spy(self, cond, params, seeds=None, **kw):
+        calls.append(list(seeds))
+        return real(self, cond, params, seeds=seeds, **kw)
+
+    monkeypatch.setattr(Generator, "generate", spy)
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    run(data_csv, one)
+    run(data_csv, parts, num_samples=3, num_samples_total=TOTAL)
+    for rank in ("0", "1"):
+        run(data_csv, parts, num_samples=7, num_samples_total=TOTAL, starting_index=3,
+            env={"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank})
+    assert len(calls) == 3 + 1 + 2 + 2  # unsharded; [0, 3); rank 0: [3, 4) [4, 6); rank 1: [6, 8) [8, 10)
+    for seeds in calls:
+        g = (seeds[0] - sampling.sample_seed(0, 0)) // 4 * 4
+        assert seeds == [sampling.sample_seed(0, g + j) for j in range(4)]
+    assert np.array_equal(merged(one, "generated")[1], merged(parts, "generated")[1])
+    for i in range(TOTAL):
+        mp4s = [(out / "sampled_videos" / f"{i}.mp4").read_bytes() for out in (one, parts)]
+        assert mp4s[0] == mp4s[1], i
+
+
+@pytest.mark.slow
 def test_outputs_follow_clip_protocol(runs):
     """samples.csv lists the clips of random.Random(42).sample over the sorted-path clip list, in index order."""
     df = pd.read_csv(runs["csv"])

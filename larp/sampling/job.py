@@ -18,6 +18,7 @@ from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, Geome
                               VideoReadError)
 from larp.data.dataset import VideoDataset, check_labels, read_video_csv, resolve_csv, select_fvd_clips
 from larp.metrics.detectors import check_i3d_spec
+from larp.models.decode_runner import CAPTURE_MODES
 from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import clip_geometry
 from larp.core.utils import DTYPES, dtype_name
@@ -30,7 +31,8 @@ class SampleJob:
     The shard is [starting_index, starting_index + num_samples) of the run's [0, num_samples_total)
     (num_samples_total None: num_samples). frame_num / input_size None: the tokenizer's; fvd_size None: input_size
     (64 for frame prediction); i3d None: the default detector (larp.metrics.detectors.check_i3d_spec). `dtype` is stored in its
-    canonical spelling (fp32, bf16, fp16).
+    canonical spelling (fp32, bf16, fp16). `capture`: how the decode passes run (larp.models.decoding.generate;
+    not a run setting: graphs replay the eager kernels).
     """
     ar_model: str
     tokenizer: str
@@ -55,6 +57,7 @@ class SampleJob:
     replace: bool = False
     stats_only: bool = False
     device: str = "auto"
+    capture: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -71,6 +74,8 @@ class SampleJob:
         if self.starting_index + self.num_samples > total:
             raise SampleError(f"--starting_index {self.starting_index} + --num_samples {self.num_samples} "
                               f"exceeds --num_samples_total {total}")
+        if self.capture not in CAPTURE_MODES:
+            raise SampleError(f"--capture {self.capture}: expected one of {CAPTURE_MODES}")
         if self.frame_prediction and self.params.cfg_scale != 1.0:
             raise SampleError(f"--cfg_scale {self.params.cfg_scale} with --frame_prediction: classifier-free "
                               f"guidance needs a class condition; use --cfg_scale 1")
