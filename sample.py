@@ -39,6 +39,11 @@ def build_parser():
                    "bfloat16): fp32, bf16 or fp16 (float32, bfloat16, float16 also accepted)")
     p.add_argument("--tokenizer_dtype", default=None, help="the tokenizer's weights are cast to it: fp32, bf16 or "
                    "fp16 (default as the reference: fp16 class-conditional, fp32 frame prediction)")
+    p.add_argument("--capture", default="auto", help="how each decode pass runs: auto = recorded once as a CUDA "
+                   "graph and replayed on CUDA, eager elsewhere; graph; compile (torch.compile, or compile:<backend>); "
+                   "eager")
+    p.add_argument("--no_compile", dest="capture", action="store_const", const="eager",
+                   help="decode eagerly (the same as --capture eager)")
     p.add_argument("--dataset_csv", default="ucf101_train.csv", help="CSV path or name under data/metadata/")
     p.add_argument("--dataset_split_seed", type=int, default=42, help="seed of the FVD clip selection")
     p.add_argument("--frame_prediction", action="store_true", help="frame prediction (K600): condition on the "
@@ -89,7 +94,7 @@ def make_job(args):
                      frame_num=args.num_frames, input_size=args.input_size, fvd_size=args.fvd_size,
                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
                      num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,
-                     device=args.device, trust_checkpoint=args.trust_checkpoint)
+                     device=args.device, trust_checkpoint=args.trust_checkpoint, capture=args.capture)
 
 
 def main(args):

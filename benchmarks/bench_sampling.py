@@ -1,26 +1,38 @@
-"""Sampling speed: NAR vs raster on the same dims and shared weights, measured side by side.
+"""Sampling speed side by side, in one run and with the same weights: our eager decode loop, our captured loop, and
+the public reference samplers (LARP's raster sampler, NAR's plane sampler).
 
     python benchmarks/bench_sampling.py                      # CPU default: dim 256, 4 layers, 4x16x16
-    python benchmarks/bench_sampling.py --size llama-abs-L --batch 32 --dtype bf16 --device cuda
+    python benchmarks/bench_sampling.py --size llama-abs-L --batch 32 --cfg 1.25 --dtype bf16 --device cuda
 
-The raster model shares every tensor with the NAR model except the two extra NAR blocks and the NAR
-heads (raster `norm/output` = NAR `norm_B/output_B`, its abs_pe = NAR abs_pe minus the last row).
-Besides the generate() timings it reports where the time goes: one teacher-forced forward of the
-(CFG-doubled) batch is the arithmetic of a whole generation in one pass, so
-    overhead ~ generate time - teacher-forced time,   per-step overhead = overhead / forward passes.
-It can be negative for NAR: cached decoding attends only to the filled prefix, while the teacher-forced
-pass evaluates the full masked attention matrix.
+NAR and raster generators get the same dims and share every tensor except the two extra NAR blocks and the NAR
+heads (raster `norm/output` = NAR `norm_B/output_B`, its abs_pe = NAR abs_pe minus the last row). Each is saved in
+the release format (config.json + model.safetensors) and loaded from there by our loader and by the reference
+code, which is read from the git-ignored benchmarks/reference_code/ (see benchmarks/reference_samplers.py; without
+it the reference rows are left out with a one-line note). The reference runs as its sample.py does: weights cast to
+--dtype, its own KV cache and math attention; ours under autocast. "Captured" is --capture: CUDA graphs on CUDA
+(each pass shape recorded once, then replayed); on a CPU a dynamo-traced pass (compile:aot_eager), which shows
+that the pass is capturable and gives the eager tokens, not a speed-up. Greedy tokens (top_k 1) of ours and the
+reference are compared to show that both run the same weights.
+
+Where the eager time goes: one teacher-forced forward of the (CFG-doubled) batch is the arithmetic of a whole
+generation in one pass, so overhead ~ generate time - teacher-forced time, per step = overhead / forward passes.
 """
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 
-from larp.models.generator import AR_MODELS, Generator, ModelArgs
+from larp.models.generator import AR_MODELS, Generator, ModelArgs, load_generator
 from larp.core.errors import run_cli
 from larp.models.sampling_params import SamplingParams
 from larp.core.utils import autocast, get_device, get_dtype
+try:
+    from reference_samplers import ReferenceMissing, load_reference, reference_generate
+except ImportError:  # loaded by file path (tests/test_generate.py): benchmarks/ is not on sys.path
+    from benchmarks.reference_samplers import ReferenceMissing, load_reference, reference_generate
 
 
 def build_pair(args):
@@ -66,15 +78,18 @@ def timed(fn, device, repeats):
 
 
 def bench_model(model, args, device):
-    """Median seconds of generate() and of one teacher-forced forward of the same (doubled) batch."""
+    """Median seconds of generate() eager and captured, of one teacher-forced forward of the same (doubled) batch,
+    and the share of tokens on which the two loops agree (same seeds)."""
     labels = torch.arange(args.batch, device=device) % args.num_classes
     seeds = list(range(args.batch))
     ctx = autocast(device, args.dtype)
+    params = SamplingParams(cfg_scale=args.cfg_scale, temperature=1.0, top_k=args.top_k)
 
-    def gen():
-        with ctx:
-            model.generate(labels, SamplingParams(cfg_scale=args.cfg_scale, temperature=1.0, top_k=args.top_k),
-                           seeds=seeds)
+    def gen(capture):
+        def call():
+            with ctx:
+                return model.generate(labels, params, seeds=seeds, capture=capture)
+        return call
 
     nb = args.batch * (2 if args.cfg_scale != 1.0 else 1)
     tokens = torch.randint(0, args.vocab, (nb, model.num_tokens), device=device)
@@ -85,35 +100,64 @@ def bench_model(model, args, device):
         with ctx:
             model(tokens, tf_labels)
 
+    out = {}
+    for key, fn in (("gen", gen("eager")), ("captured", gen(captured_mode(args, device))), ("tf", forward)):
+        for _ in range(args.warmup + (key == "captured")):  # the first captured call records (or compiles)
+            fn()
+        out[f"{key}_s"], out[f"{key}_cpu_s"] = timed(fn, device, args.repeats)
+    out["agree"] = (gen("eager")() == gen(captured_mode(args, device))()).float().mean().item()
+    return out
+
+
+def captured_mode(args, device):
+    return args.capture or ("graph" if device.type == "cuda" else "compile:aot_eager")
+
+
+def bench_reference(order, path, args, device, ours):
+    """Median seconds of the reference sampler on the saved weights, and its greedy agreement with ours."""
+    dtype = get_dtype(args.dtype)
+    try:
+        ref = load_reference(order, path, device, dtype)
+    except ReferenceMissing as e:
+        return {"error": str(e)}
+    labels = torch.arange(args.batch, device=device) % args.num_classes
     for _ in range(args.warmup):
-        gen()
-        forward()
-    (gen_s, gen_cpu), (tf_s, tf_cpu) = timed(gen, device, args.repeats), timed(forward, device, args.repeats)
-    return {"gen_s": gen_s, "gen_cpu_s": gen_cpu, "tf_s": tf_s, "tf_cpu_s": tf_cpu}
+        reference_generate(ref, labels, args.cfg_scale, args.top_k)
+    seconds, cpu = timed(lambda: reference_generate(ref, labels, args.cfg_scale, args.top_k), device, args.repeats)
+    with autocast(device, args.dtype):
+        mine = ours.generate(labels, SamplingParams(cfg_scale=args.cfg_scale, top_k=1), capture="eager")
+    theirs = reference_generate(ref, labels, args.cfg_scale, top_k=1)
+    return {"gen_s": seconds, "gen_cpu_s": cpu, "greedy_agree": (mine == theirs.to(mine.device)).float().mean().item()}
+
+
+def load_ours(model, path, args, device):
+    """Our generator loaded from the release-format folder, as the benchmark runs it."""
+    model.save_pretrained(path)
+    ours = load_generator(path, device=device)
+    if device.type != "cuda" and get_dtype(args.dtype) != torch.float32:
+        ours = ours.to(get_dtype(args.dtype))  # CPU half precision: weights in that dtype instead of autocast
+    return ours.eval()
 
 
 def run(args):
-    """Benchmark both orders; returns a dict of results (printed by main)."""
+    """Benchmark both orders: ours eager and captured, and the references; returns a dict of results."""
     device = get_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    nar, raster = build_pair(args)
-    dtype = get_dtype(args.dtype)
-    if device.type == "cuda" or dtype == torch.float32:
-        nar, raster = nar.to(device), raster.to(device)
-    else:  # CPU half precision: store the weights in that dtype instead of autocasting
-        nar, raster = nar.to(device, dtype), raster.to(device, dtype)
-    nar.eval()
-    raster.eval()
     res = {}
-    for name, model in (("raster", raster), ("nar", nar)):
-        r = bench_model(model, args, device)
-        r["steps"] = model.num_decode_steps()
-        r["videos_per_s"] = args.batch / r["gen_s"]
-        r["overhead_per_step_ms"] = 1000 * (r["gen_s"] - r["tf_s"]) / r["steps"]  # < 0: cheaper than the TF pass
-        res[name] = r
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in zip(("nar", "raster"), build_pair(args)):
+            path = os.path.join(tmp, name)
+            ours = load_ours(model, path, args, device)
+            r = bench_model(ours, args, device)
+            r["steps"] = ours.num_decode_steps()
+            r["videos_per_s"] = args.batch / r["gen_s"]
+            r["overhead_per_step_ms"] = 1000 * (r["gen_s"] - r["tf_s"]) / r["steps"]  # < 0: cheaper than the TF pass
+            r["reference"] = bench_reference(name, path, args, device, ours) if args.reference else {"error": "off"}
+            res[name] = r
     res["speedup"] = res["raster"]["gen_s"] / res["nar"]["gen_s"]
     res["speedup_cpu"] = res["raster"]["gen_cpu_s"] / res["nar"]["gen_cpu_s"]
+    res["captured_mode"] = captured_mode(args, device)
     return res
 
 
@@ -121,14 +165,23 @@ def main(args):
     res = run(args)
     print(f"torch {torch.__version__}, device {args.device or 'auto'}, threads {torch.get_num_threads()}, "
           f"dtype {args.dtype}, batch {args.batch}, cfg {args.cfg_scale}, grid {'x'.join(map(str, args.grid))}, "
-          f"model {args.size or f'dim{args.dim}-L{args.layers}-H{args.heads}'}, vocab {args.vocab}")
-    print(f"{'order':8s} {'passes':>6s} {'generate s':>10s} {'(cpu s)':>8s} {'videos/s':>9s} {'TF fwd s':>9s} "
-          f"{'(cpu s)':>8s} {'ovh/step ms':>11s}")
-    for name in ("raster", "nar"):
+          f"model {args.size or f'dim{args.dim}-L{args.layers}-H{args.heads}'}, vocab {args.vocab}, "
+          f"captured = {res['captured_mode']}")
+    print(f"{'sampler':22s} {'passes':>6s} {'seconds':>9s} {'(cpu s)':>8s} {'videos/s':>9s} {'x captured':>10s}")
+    for name, ref_name in (("raster", "LARP"), ("nar", "NAR")):
         r = res[name]
-        print(f"{name:8s} {r['steps']:6d} {r['gen_s']:10.3f} {r['gen_cpu_s']:8.3f} {r['videos_per_s']:9.2f} "
-              f"{r['tf_s']:9.3f} {r['tf_cpu_s']:8.3f} {r['overhead_per_step_ms']:11.3f}")
-    print(f"speedup nar vs raster: {res['speedup']:.2f}x wall, {res['speedup_cpu']:.2f}x process CPU time")
+        rows = [(f"{name} ours eager", r["gen_s"], r["gen_cpu_s"]), (f"{name} ours captured", r["captured_s"],
+                                                                      r["captured_cpu_s"])]
+        if "gen_s" in r["reference"]:
+            rows.append((f"{name} reference {ref_name}", r["reference"]["gen_s"], r["reference"]["gen_cpu_s"]))
+        for label, sec, cpu in rows:
+            print(f"{label:22s} {r['steps']:6d} {sec:9.3f} {cpu:8.3f} {args.batch / sec:9.2f} "
+                  f"{sec / r['captured_s']:10.2f}")
+        note = (f"greedy tokens = reference on {100 * r['reference']['greedy_agree']:.1f} %"
+                if "gen_s" in r["reference"] else r["reference"]["error"])
+        print(f"  {name}: captured tokens = eager on {100 * r['agree']:.2f} %; TF fwd {r['tf_s']:.3f} s, eager "
+              f"overhead {r['overhead_per_step_ms']:.3f} ms/step; {note}")
+    print(f"speedup nar vs raster (ours eager): {res['speedup']:.2f}x wall, {res['speedup_cpu']:.2f}x process CPU time")
     return res
 
 
@@ -149,6 +202,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--capture", default=None, help="our captured loop (default: graph on CUDA, compile:aot_eager "
+                   "on a CPU)")
+    p.add_argument("--no_reference", dest="reference", action="store_false", help="skip the reference samplers")
     return p.parse_args(argv)
 
 

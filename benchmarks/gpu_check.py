@@ -2,7 +2,7 @@
 
     PYTHON=python3 bash benchmarks/gpu_check.sh --out gpu_check_out     # one H100 / H200
     bash benchmarks/gpu_check.sh --device cpu --tiny                     # tiny CPU fallback of every section (CI)
-
+    PYTHON=python3 bash benchmarks/gpu_check.sh --sections tests decode seed   # issue 22, 455 s: gpu_decode.py
 Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes; 435 s in all):
   tests       60  pytest tests/test_cuda.py tests/test_ar.py tests/test_generate.py (the CUDA tests compare the
                   FlexAttention / cached-sampling / tokenizer / FSDP paths with the golden cases and the CPU)
@@ -43,12 +43,13 @@ from larp.models.sampling_params import SamplingParams
 from larp.core.io import atomic_write_text
 from larp.core.utils import autocast, get_device
 from bench_sampling import build_pair, sync, timed
+from gpu_decode import EXTRA_BUDGET_S, EXTRA_TINY_BUDGET_S, decode_markdown, section_decode, section_seed  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
-BUDGET_S = {"tests": 60, "sampling": 200, "train_fsdp": 60, "train_ddp": 60, "tokenizer": 30, "i3d": 25}
-TINY_BUDGET_S = {"tests": 120, "sampling": 60, "train_fsdp": 90, "train_ddp": 90, "tokenizer": 60, "i3d": 60}
+BUDGET_S = dict(tests=60, sampling=200, train_fsdp=60, train_ddp=60, tokenizer=30, i3d=25, **EXTRA_BUDGET_S)
+TINY_BUDGET_S = dict(tests=120, sampling=60, train_fsdp=90, train_ddp=90, tokenizer=60, i3d=60, **EXTRA_TINY_BUDGET_S)
 TESTS = ["tests/test_cuda.py", "tests/test_ar.py", "tests/test_generate.py"]
 TINY_TESTS = ["tests/test_cuda.py"]  # on a CPU these skip; the CPU suite runs the rest anyway
 
@@ -345,7 +346,7 @@ def markdown(report):
                   f"{'x'.join(map(str, t['clip']))} clips): {t['clips_per_s']:.2f} clips/s."]
         if r.get("error"):
             lines.append(f"Requested `{r['requested']}` could not be loaded: {r['error']}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + decode_markdown(s)) + "\n"
 
 
 def drive(args):
@@ -376,14 +377,14 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU fallback of every section")
     p.add_argument("--i3d", default="kinetics400", help="detector spec for the I3D section (as --i3d elsewhere)")
-    p.add_argument("--budget", type=float, default=None, help="total seconds (default 440; tiny 600)")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default: the sections' + 5; tiny 600)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(BUDGET_S))
     p.add_argument("--train_steps", type=int, default=20, help="timed steps per training mode")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section in this process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.section is None:
-        args.budget = args.budget or (600 if args.tiny else 440)
+        args.budget = args.budget or (600 if args.tiny else sum(BUDGET_S[k] for k in args.sections) + 5)
         return drive(args)
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

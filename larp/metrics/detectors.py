@@ -178,6 +178,12 @@ class I3DDetector:
             lo, hi = videos.min().item(), videos.max().item()
             if lo < -0.5 or hi > 1.5:
                 raise ValueError(f"detector expects videos in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        return self.device_features(videos).cpu()
+
+    @torch.inference_mode()
+    def device_features(self, videos):
+        """Features (B, F) float on the detector's device of videos (B, 3, T, H, W) in [0, 1], without the checks
+        that read values back to the host: the GPU keeps working while the host moves on."""
         out = []
         for chunk in videos.split(self.batch_size):
             x = chunk.to(self.device, torch.float32).clamp(0, 1) * 2 - 1  # decoder overshoot is clipped
@@ -185,8 +191,8 @@ class I3DDetector:
                 feats = self._features(x)                                   # (b, 400)
             if feats.ndim != 2 or feats.shape[0] != x.shape[0]:
                 raise I3DError(f"{self.name}: expected features (b, F), got shape {tuple(feats.shape)}")
-            out.append(feats.float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, 400)
+            out.append(feats.float())
+        return torch.cat(out) if out else torch.zeros(0, 400, device=self.device)
 
 
 def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp32", cache_dir=None, trust=False):

@@ -3,7 +3,8 @@
 A (T, H, W) token grid is decoded plane by plane, plane c = t + h + w; within a plane in raster order. Each
 target is predicted from the heads of its existing predecessors: R at w-1, D at h-1, B at t-1 (target (0, 0, 0):
 all three heads at the last condition position). The raster plan (one token per pass) lives here too, so that
-the sampler needs nothing from the model's module.
+the sampler needs nothing from the model's module. `fixed_plan` turns either plan into the fixed-shape tables
+of larp.models.decoding.
 """
 import torch
 
@@ -90,3 +91,63 @@ def raster_plan(model):
               for s in range(1, N)]
     model.__dict__["_raster_plan"] = steps
     return steps
+
+
+def fixed_plan(model):
+    """The plan of either order as fixed-shape tables (built once per model and device), for a decode loop whose
+    position lives on the device.
+
+    Returns dict: rank (S,) per cache slot (a query sees the slots of rank <= its own: NAR planes, raster
+    positions), group_of [per step: its group], tokens_before [per step: tokens sampled by the earlier steps],
+    groups [one per step shape (L fed, M sampled)]: dicts of (num_steps, ...) tables, row s filled for the steps s
+    of that group: fed (L,) cache slots fed, targets (M,) raster indices sampled, slots (M,) where those tokens are
+    fed later (slot S of the embedding buffer = never fed), rows (M,) their abs_pe rows; NAR also src (3, M) the
+    fed position of each target's R/D/B predecessor, w (3, M) 1.0 where it exists, count (M,) float.
+    """
+    device = model.abs_pe.device
+    cache = model.__dict__.setdefault("_fixed_plan", {})
+    if device not in cache:
+        with torch.inference_mode(False):
+            cache[device] = _build_fixed_plan(model, device)
+    return cache[device]
+
+
+def _build_fixed_plan(model, device):
+    nar = model.order == "nar"
+    steps = nar_plan(model) if nar else raster_plan(model)
+    C, N, S = model.cls_token_num, model.num_tokens, model.abs_pe.shape[1]
+    slot = torch.arange(N) + C  # raster: token t is fed at slot C + t (t = N - 1: slot S, never fed)
+    if nar:
+        slot[model.decode_order.cpu()] = torch.arange(N) + C  # NAR: slots in decode order
+    groups, keys, group_of, tokens_before, done = [], {}, [], [], 0
+    for s, step in enumerate(steps):
+        fed = torch.arange(step["start"], step["end"])  # (L,)
+        targets = torch.arange(N)[step["targets"]] if isinstance(step["targets"], slice) else step["targets"].cpu()
+        key = (len(fed), len(targets))
+        if key not in keys:
+            keys[key] = len(groups)
+            groups.append(_empty_group(len(steps), *key, nar))
+        g = groups[keys[key]]
+        g["fed"][s], g["targets"][s], g["slots"][s] = fed, targets, slot[targets]
+        g["rows"][s] = (targets + C).clamp(max=S - 1)
+        if nar:
+            for h, (sel, src) in enumerate(step["heads"]):
+                g["src"][s, h, sel.cpu()], g["w"][s, h, sel.cpu()] = src.cpu(), 1.0
+            g["count"][s] = step["count"].cpu().float()
+        group_of.append(keys[key])
+        tokens_before.append(done)
+        done += len(targets)
+    rank = model.rank if nar else torch.arange(S)
+    return {"rank": rank.to(device), "group_of": group_of, "tokens_before": tokens_before,
+            "groups": [{k: v.to(device) for k, v in g.items()} for g in groups]}
+
+
+def _empty_group(num_steps, L, M, nar):
+    g = {"fed": torch.zeros(num_steps, L, dtype=torch.long)}
+    for name in ("targets", "slots", "rows"):
+        g[name] = torch.zeros(num_steps, M, dtype=torch.long)
+    if nar:
+        g["src"] = torch.zeros(num_steps, 3, M, dtype=torch.long)
+        g["w"] = torch.zeros(num_steps, 3, M)
+        g["count"] = torch.ones(num_steps, M)
+    return g

@@ -229,23 +229,28 @@ class Generator(nn.Module):
 
     # ---- cached decoding (the sampler's interface, see larp.models.decoding) ---------------------
     def new_kv_cache(self, batch, dtype, device):
-        """One preallocated (k, v) pair per block, each (batch, Hkv, S, head_dim), S = full sequence length."""
+        """One persistent (k, v) pair per block, each (batch, Hkv, S, head_dim), S = full sequence length; zeros, so
+        that masked slots never hold NaN (attention weights of 0 times NaN would still be NaN)."""
         att = self.layers[0].attention
-        seq = self.abs_pe.shape[1]
-        shape = (batch, att.n_kv_head, seq, att.head_dim)
-        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        shape = (batch, att.n_kv_head, self.abs_pe.shape[1], att.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                 for _ in self.layers]
 
-    def decode_step(self, x, caches, step):
-        """One cached forward pass of the chunk x (nb, L, D) at cache slots [start, end) -> logits (nb, M, V);
-        `step`: one entry of the decoding plan (larp.models.decoding_order).
+    def decode_step(self, x, caches, at):
+        """One fixed-shape cached pass: the chunk x (nb, L, D) is written to the cache slots at["fed"] (L,) and
+        attends to every slot that at["mask"] (L, S) allows -> float logits (nb, M, V) of the step's M targets.
 
-        The prefill of a multi-position condition is causal (as in the teacher-forced mask); every later chunk
-        attends to the whole filled prefix."""
-        start = step["start"]
-        hidden = self.run_layers(x, caches=caches, start=start, is_causal=start == 0 and x.shape[1] > 1)
+        `at`: one step of larp.models.decoding_order.fixed_plan (plus its mask); NAR reads the R/D/B heads at the
+        fed positions at["src"] (3, M), weighted by at["w"] (3, M) and averaged over at["count"] (M,); raster reads
+        its head at the last fed position."""
+        hidden = self.run_layers(x, caches=caches, index=at["fed"], mask=at["mask"])
         if self.order == "nar":
-            return self.nar_logits(hidden, step["heads"], step["count"])
+            logits = None
+            for h, src, w, name in zip(hidden, at["src"], at["w"], "RDB"):
+                out = getattr(self, f"output_{name}")(getattr(self, f"norm_{name}")(h.index_select(1, src)))
+                out = out.float() * w[:, None]  # (nb, M, V); 0 where the target has no such predecessor
+                logits = out if logits is None else logits + out
+            return logits / at["count"][:, None]
         return self.raster_logits(hidden[:, -1:])
 
     def _train_mask(self, x):
@@ -282,10 +287,11 @@ class Generator(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
-    def generate(self, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None):
-        """Sample (B, N) tokens in raster order with the knobs `params` (see larp.models.decoding.generate); runs in
-        eval mode."""
-        return generate(self, cond, params=params, seeds=seeds, return_nll=return_nll, generator=generator)
+    def generate(self, cond, params=SamplingParams(), seeds=None, return_nll=False, generator=None, capture="auto"):
+        """Sample (B, N) tokens in raster order with the knobs `params` (see larp.models.decoding.generate, also for
+        `capture`); runs in eval mode."""
+        return generate(self, cond, params=params, seeds=seeds, return_nll=return_nll, generator=generator,
+                        capture=capture)
 
 
 def build_generator(name_or_args, order="nar", **overrides):

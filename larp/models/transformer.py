@@ -85,9 +85,10 @@ class Attention(nn.Module):
         self.attn_dropout_p = args.attn_dropout_p
         self.resid_dropout = nn.Dropout(args.resid_dropout_p)
 
-    def forward(self, x, mask=None, is_causal=False, cache=None, start=0):
+    def forward(self, x, mask=None, is_causal=False, cache=None, index=None):
         """x (B, L, D). `mask`: bool (L, S) or a FlexAttention BlockMask. `cache`: (k, v) buffers
-        (B_max, Hkv, S_max, hd) that receive positions [start, start+L); attention then reads [0, start+L)."""
+        (B_max, Hkv, S, hd) whose slots `index` (L,) receive this chunk; attention then reads all S slots, `mask`
+        hiding the ones this chunk may not see (and the unwritten ones)."""
         B, L, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -95,10 +96,10 @@ class Attention(nn.Module):
         k = k.view(B, L, nkv, hd).transpose(1, 2)
         v = v.view(B, L, nkv, hd).transpose(1, 2)
         if cache is not None:
-            ck, cv = cache
-            ck[:B, :, start:start + L] = k
-            cv[:B, :, start:start + L] = v
-            k, v = ck[:B, :, :start + L], cv[:B, :, :start + L]  # (B, nkv, start+L, hd)
+            ck, cv = cache[0][:B], cache[1][:B]  # (B, nkv, S, hd), fixed shape whatever the position
+            ck.index_copy_(2, index, k.to(ck.dtype))
+            cv.index_copy_(2, index, v.to(cv.dtype))
+            k, v = ck, cv
         dropout = self.attn_dropout_p if self.training else 0.0
         if mask is not None and not isinstance(mask, torch.Tensor):
             y = flex_attention_fn(q.device.type)(q, k, v, block_mask=mask, enable_gqa=nkv != nh)

@@ -20,6 +20,7 @@ from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, Geome
 from larp.data.dataset import (FRAME_TRANSFORM, VideoDataset, check_labels, clip_set_name, read_video_csv,
                                resolve_csv, select_fvd_clips)
 from larp.metrics.detectors import check_i3d_spec
+from larp.models.decode_runner import CAPTURE_MODES
 from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import clip_geometry
 from larp.core.safe_load import loaded_spec
@@ -41,7 +42,8 @@ class SampleJob:
     tokenizer runs in `tokenizer_dtype` (None: fp16 class-conditional, fp32 frame prediction). Frame prediction:
     the condition tokens come from the tokenizer's sampling quantiser with per-sample seeds (`argmax_cond`: argmax
     instead) and all decoded frames are scored (`paste_cond_frames`: the real condition frames replace the decoded
-    ones first, a deliberate deviation, off by default).
+    ones first, a deliberate deviation, off by default). `capture`: how the decode passes run
+    (larp.models.decoding.generate; not a run setting: graphs replay the eager kernels).
     """
     ar_model: str
     tokenizer: str
@@ -70,6 +72,7 @@ class SampleJob:
     stats_only: bool = False
     device: str = "auto"
     trust_checkpoint: bool = False
+    capture: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -93,6 +96,8 @@ class SampleJob:
         if self.starting_index + self.num_samples > total:
             raise SampleError(f"--starting_index {self.starting_index} + --num_samples {self.num_samples} "
                               f"exceeds --num_samples_total {total}")
+        if self.capture not in CAPTURE_MODES:
+            raise SampleError(f"--capture {self.capture}: expected one of {CAPTURE_MODES}")
         if self.frame_prediction and self.params.cfg_scale != 1.0:
             raise SampleError(f"--cfg_scale {self.params.cfg_scale} with --frame_prediction: classifier-free "
                               f"guidance needs a class condition; use --cfg_scale 1")

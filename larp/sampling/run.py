@@ -22,7 +22,12 @@ chunks add up exactly, and the FVD uses one tiling of [0, total) by finished ran
 
 Reproducibility: sample i is drawn with seed `sample_seed(seed, i)` = seed * 1_000_003 + i, handed to the
 generator's per-sample `seeds`, so a video depends on its global index only, never on the shard layout, the batch
-size or the number of ranks. Under torchrun each rank takes a contiguous part of this process's range; ranks never
+size or the number of ranks. Bit for bit on one device (where kernels may depend on the batch shape): every batch
+has exactly --sample_batch_size rows and sample i is always row i % sample_batch_size (`aligned_batches`; rows
+outside the chunk are padding, copies of its nearest sample), so a sharded run writes the same tokens, NLLs and mp4s
+as an unsharded one with the same batch size. The loop never waits for the GPU before a chunk ends: stage times
+are CUDA events, features, NLLs and the mp4 frames are read back at the chunk end or by the writer threads. Under
+torchrun each rank takes a contiguous part of this process's range; ranks never
 talk to each other: files and one lock coordinate them, and whoever completes the coverage of [0, total) computes
 the FVD (once per run id: a re-check inside the lock prevents duplicate or lost rows).
 
@@ -49,13 +54,14 @@ import torch
 
 from larp.models.generator import load_generator
 from larp.core.errors import CheckpointError, SampleError
-from larp.data.video_io import write_video
 from larp.core.dist import dist_info
 from larp.metrics.detectors import load_i3d
 from larp.metrics.fvd import FeatureStats, fvd_label
-from larp.core.io import atomic_write, atomic_write_text, resize_video, to_uint8
-from larp.sampling.output_folder import SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges, remove_partial, remove_ranges, run_id, stats_paths, write_csv
+from larp.core.io import atomic_write, atomic_write_text, resize_video
+from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges,
+                                         remove_partial, remove_ranges, run_id, stats_paths, write_csv)
 from larp.sampling.job import prepare
+from larp.sampling.overlap import StageClock, host_copy, write_sample
 from larp.models.tokenizer import LARPTokenizer
 from larp.core.utils import get_device, get_dtype, progress_bar, say
 from larp.models.decoding import make_uniforms
@@ -77,13 +83,6 @@ def rank_range(start, num, rank, world):
 
 
 # ---------------------------------------------------------------------------------------------- generation
-
-def _clock(device):
-    """perf_counter after the device finished its queued work (honest CUDA timings)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
 
 def load_models(job, plan, device):
     """(tokenizer, generator) in eval mode on `device`, read from what `prepare` resolved (a hub id fetched once),
@@ -135,13 +134,37 @@ def _new_timing():
     return dict.fromkeys(["data_s", "encode_s", "generate_s", "decode_s", "i3d_s", "write_wait_s"], 0.0)
 
 
+def aligned_batches(chunks, batch_size):
+    """The batches of `chunks` as (g, lo, hi): global rows [g, g + batch_size) with g a multiple of batch_size, of
+    which [lo, hi) are samples of one chunk (a batch never crosses a chunk); the other rows are padding."""
+    return [(g, max(g, c), min(g + batch_size, d)) for c, d in chunks
+            for g in range(c - c % batch_size, d, batch_size)]
+
+
+def padded_rows(g, lo, hi, batch_size):
+    """Global indices loaded for the rows of batch (g, lo, hi): its samples, padded with copies of the nearest."""
+    return [min(max(g + j, lo), hi - 1) for j in range(batch_size)]
+
+
 class ChunkState:
-    """What one chunk [c, d) accumulates until its files are written: feature statistics, NLLs, sample rows, the
-    pending mp4 writes and the timing."""
+    """What one chunk [c, d) accumulates until its files are written: features, NLLs (on the device until then),
+    sample rows, the pending mp4 writes, stage clocks and the timing."""
 
     def __init__(self, detector, t_start, meta):
         self.gen_stats, self.gt_stats = (FeatureStats(detector=detector.name, meta=meta) for _ in range(2))
+        self.gen_feats, self.gt_feats, self.clocks = [], [], []
         self.nlls, self.rows, self.pending, self.tm, self.t_start = [], [], [], _new_timing(), t_start
+
+    def settle(self):
+        """Read back what stayed on the device: features into the statistics (batch by batch, as they came), stage
+        times into the timing."""
+        for feats, stats in ((self.gen_feats, self.gen_stats), (self.gt_feats, self.gt_stats)):
+            for f in feats:
+                stats.add(f)
+            feats.clear()
+        for clock in self.clocks:
+            for key, span in zip(("encode_s", "generate_s", "decode_s", "i3d_s"), clock.spans()):
+                self.tm[key] += span
 
 
 def sample_chunks(job, plan, chunks, models, detector, device, log=print):
@@ -150,29 +173,31 @@ def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     A chunk's files are written once all its samples and mp4s are done, its generated stats last (their presence
     marks the chunk finished), so a killed process loses at most the chunk in progress. Returns the timing dicts.
     """
-    batches = [list(range(i, min(i + job.sample_batch_size, d))) for c, d in chunks
-               for i in range(c, d, job.sample_batch_size)]  # global indices; a batch never crosses a chunk
+    B = job.sample_batch_size
+    batches = aligned_batches(chunks, B)
     subset = torch.utils.data.Subset(plan.dataset, plan.chosen)  # position i = global sample index i
-    loader = torch.utils.data.DataLoader(subset, batch_sampler=batches, num_workers=job.num_workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(subset, batch_sampler=[padded_rows(*b, B) for b in batches],
+                                         num_workers=job.num_workers, pin_memory=device.type == "cuda")
     timings, k, chunk = [], 0, None
     with ThreadPoolExecutor(max_workers=4) as pool:
         t_data = time.perf_counter()
-        for batch, idx in progress_bar(zip(loader, batches), total=len(batches), unit="batch",
-                               desc=f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"):
+        desc = f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"
+        for batch, (g, lo, hi) in progress_bar(zip(loader, batches), total=len(batches), unit="batch", desc=desc):
             if chunk is None:
                 chunk = ChunkState(detector, t_data, plan.stats_meta)
-            video, fake = generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_data)
-            queue_writes(job, plan, batch, idx, video, fake, chunk, pool)
-            if idx[0] == 0:
+            rows, idx = slice(lo - g, hi - g), list(range(lo, hi))
+            video, fake = generate_batch(job, plan, batch, g, rows, models, detector, device, chunk, t_data)
+            queue_writes(job, plan, batch["label"][rows], idx, video, fake, chunk, pool)
+            if lo == 0:
                 save_preview(os.path.join(job.output_dir, "preview.png"), fake,
                              video if job.frame_prediction else None, chunk.rows[:PREVIEW_SAMPLES])
-            chunk.pending = _drain(chunk.pending, keep=4 * job.sample_batch_size)
-            if idx[-1] + 1 == chunks[k][1]:  # the chunk is complete
+            chunk.pending = _drain(chunk.pending, keep=4 * B)
+            if hi == chunks[k][1]:  # the chunk is complete
                 t5 = time.perf_counter()
                 for fut in chunk.pending:
                     fut.result()
                 chunk.tm["write_wait_s"] = time.perf_counter() - t5
+                chunk.settle()
                 chunk.tm["total_s"] = time.perf_counter() - chunk.t_start
                 timings.append(_write_chunk(job.output_dir, chunks[k], chunk, detector, job.frame_prediction, log))
                 k, chunk = k + 1, None
@@ -180,56 +205,55 @@ def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     return timings
 
 
-def generate_batch(job, plan, batch, idx, models, detector, device, chunk, t_data):
-    """Condition, generate, decode and measure the samples `idx` (global indices) of one batch into `chunk`.
-    Returns (real clips, generated clips), each (B, 3, T, S, S) in [0, 1] on the device."""
+def generate_batch(job, plan, batch, first, rows, models, detector, device, chunk, t_data):
+    """Condition, generate and decode a padded batch whose row j is global sample first + j; measure its samples
+    (`rows`) into `chunk`. Returns (real clips, generated clips) of those rows, each (b, 3, T, S, S) in [0, 1] on the
+    device. Nothing here waits for the GPU."""
     tokenizer, model = models
-    fp, num_cond, tm = job.frame_prediction, job.num_cond_frames, chunk.tm
+    fp, num_cond, clock = job.frame_prediction, job.num_cond_frames, StageClock(device)
     video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S) real clips in [0, 1]
-    t0 = _clock(device)
-    tm["data_s"] += t0 - t_data
-    with torch.no_grad():
+    chunk.tm["data_s"] += time.perf_counter() - t_data
+    clock.mark()
+    with torch.no_grad():  # the models are cast to their dtypes (load_models): no autocast, as the reference
         if fp:
             n_tok = tokenizer.bottleneck_token_num
-            u = None if job.argmax_cond else condition_uniforms(job.seed, idx, n_tok, device)  # (B, N)
+            u = None if job.argmax_cond else condition_uniforms(job.seed, range(first, first + video.shape[0]), n_tok,
+                                                              device)  # (B, N)
             cond = tokenizer.encode_condition(video.to(get_dtype(job.tokenizer_dtype)), num_cond, uniforms=u)
         else:
-            cond = batch["label"].to(device).long()  # (B,)
-        t1 = _clock(device)
-        tokens, nll = model.generate(cond, job.params, seeds=[sample_seed(job.seed, i) for i in idx],
-                                     return_nll=True)
-        t2 = _clock(device)
-        fake = tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)  # (B, 3, T, S, S)
-    t3 = _clock(device)
+            cond = batch["label"].to(device, non_blocking=True).long()  # (B,)
+        clock.mark()
+        seeds = [sample_seed(job.seed, first + j) for j in range(video.shape[0])]
+        tokens, nll = model.generate(cond, job.params, seeds=seeds, return_nll=True, capture=job.capture)
+        clock.mark()
+        fake = tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)[rows]  # (b, 3, T, S, S)
+    clock.mark()
+    video = video[rows]
     if fp and job.paste_cond_frames:
         fake[:, :, :num_cond] = video[:, :, :num_cond]
-    chunk.gen_stats.add(detector(resize_video(fake, plan.fvd_size)))  # (B, 400), fp32 on the detector
-    chunk.gt_stats.add(detector(resize_video(video.clamp(0, 1), plan.fvd_size)))
-    t4 = _clock(device)
-    tm["encode_s"] += t1 - t0
-    tm["generate_s"] += t2 - t1
-    tm["decode_s"] += t3 - t2
-    tm["i3d_s"] += t4 - t3
-    chunk.nlls.append(nll.float().cpu().numpy())
+    chunk.gen_feats.append(detector.device_features(resize_video(fake, plan.fvd_size)))  # (b, 400) fp32
+    chunk.gt_feats.append(detector.device_features(resize_video(video.clamp(0, 1), plan.fvd_size)))
+    clock.mark()
+    chunk.clocks.append(clock)
+    chunk.nlls.append(nll[rows])
     return video, fake
 
 
-def queue_writes(job, plan, batch, idx, video, fake, chunk, pool):
-    """The sample rows of one batch, and its mp4 writes queued on `pool` (none with --stats_only)."""
+def queue_writes(job, plan, labels, idx, video, fake, chunk, pool):
+    """The sample rows of one batch (its samples `idx`, their `labels`), and its mp4 writes queued on `pool` (none
+    with --stats_only). The clips are copied to the host without waiting; each write waits for its copy."""
     out = job.output_dir
-    fake_u8 = to_uint8(fake)  # (B, T, S, S, 3)
-    real_u8 = to_uint8(video) if job.frame_prediction else None
+    frames = {"path": host_copy(fake), "gt_path": host_copy(video) if job.frame_prediction else None}
     for j, i in enumerate(idx):
-        label = int(batch["label"][j])
+        label = int(labels[j])
         path, start = plan.dataset.clips[plan.chosen[i]][:2]
         row = {"index": i, "label": label, "action": plan.class_names.get(label, ""),
                "clip_path": path, "clip_start": int(start), "path": "", "gt_path": ""}
-        videos = [("path", f"sampled_videos/{i}.mp4", fake_u8[j])]
-        if real_u8 is not None:
-            videos.append(("gt_path", f"gt_videos/{i}.mp4", real_u8[j]))
-        for key, rel, frames in videos:  # --stats_only: list only files left by an earlier run
-            if not job.stats_only:
-                chunk.pending.append(pool.submit(write_video, os.path.join(out, rel), frames))
+        for key, rel in (("path", f"sampled_videos/{i}.mp4"), ("gt_path", f"gt_videos/{i}.mp4")):
+            if frames[key] is None:
+                continue
+            if not job.stats_only:  # --stats_only: list only files left by an earlier run
+                chunk.pending.append(pool.submit(write_sample, os.path.join(out, rel), frames[key], j))
             row[key] = rel if not job.stats_only or os.path.exists(os.path.join(out, rel)) else ""
         chunk.rows.append(row)
 
@@ -241,7 +265,7 @@ def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
     tm["num_videos"] = b - a
     tm["generate_videos_per_s"] = (b - a) / max(tm["generate_s"], 1e-9)
     paths = stats_paths(out, a, b)
-    atomic_write(paths["nll"], lambda tmp: np.save(tmp, np.concatenate(nlls)))
+    atomic_write(paths["nll"], lambda tmp: np.save(tmp, torch.cat(nlls).float().cpu().numpy()))
     write_csv(paths["samples"], rows, SAMPLE_COLUMNS)
     meta = {"range": [a, b], "detector": fvd_label(detector), "detector_sha256": getattr(detector, "sha256", None),
             "timing": tm}

@@ -164,7 +164,8 @@ class ARStage:
         """Sample tokens with the eval settings and decode them: (B, 3, T, H, W) in [0, 1]."""
         was_training = model.training
         model.eval()
-        tokens = generate(model, cond, self.sampling, seeds=seeds)
+        # eager: FSDP gathers the weights into new memory at every forward, which a recorded CUDA graph would miss
+        tokens = generate(model, cond, self.sampling, seeds=seeds, capture="eager")
         model.train(was_training)
         return self.tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)
 
