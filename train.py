@@ -13,6 +13,7 @@ import os
 from larp.core import dist
 from larp.training.config_build import build_config
 from larp.core.errors import run_cli
+from larp.core.io import expect_path
 from larp.training.loop import preflight, train
 
 
@@ -50,6 +51,7 @@ def main(args):
     cfg = build_config(args.cfg, flags=vars(args), opts=args.opts)
     name = args.name or os.path.splitext(os.path.basename(args.cfg))[0]
     run_dir = os.path.join(args.out_path, name)
+    expect_path(run_dir, "--out_path/--name")
     if args.check is not None:
         for line in preflight(cfg, run_dir, args.check, replace=args.replace):
             print(f"train.py --check: {line}", flush=True)

@@ -22,6 +22,7 @@ from larp.core.errors import CSVNotFoundError, UsageError, VideoReadError, run_c
 from larp.data.video_io import read_frames
 from larp.metrics.detectors import check_i3d_spec, load_i3d
 from larp.metrics.fvd import FeatureStats, compute_stats, frechet_distance, fvd_label
+from larp.core.io import expect_path
 from larp.core.utils import get_device
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".gif")
@@ -136,9 +137,11 @@ def get_args(argv=None):
 
 
 def main(args):
-    for out in (args.save_real, args.save_fake):
+    for flag, out in (("--save_real", args.save_real), ("--save_fake", args.save_fake)):
         if out and not out.endswith(STATS_EXTS):
             raise UsageError(f"stats output must end in .pkl or .npz: '{out}'")
+        if out:
+            expect_path(out, flag, folder=False)
     try:
         fvd, real, fake, label = compute_fvd(args)
     except (FileNotFoundError, ValueError) as e:  # stats files that cannot be read or merged

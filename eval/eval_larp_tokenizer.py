@@ -23,7 +23,7 @@ from larp.core.errors import CheckpointError, I3DError, LarpError, UsageError, V
 from larp.data.dataset import VideoDataset, read_video_csv, select_fvd_clips
 from larp.metrics.detectors import check_i3d_spec, load_i3d
 from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
-from larp.core.io import atomic_write_text
+from larp.core.io import atomic_write_text, expect_path, naming_write_errors, remove_stale_temps
 from larp.models.losses import build_lpips, lpips_available, lpips_backbone_path, lpips_video
 from larp.metrics.image import psnr, ssim
 from larp.models.tokenizer import LARPTokenizer, clip_geometry
@@ -102,7 +102,12 @@ def check_args(args):
             raise I3DError(f"--i3d: {e} (or pass --no_fvd)") from None
     if args.max_clips < 0 or args.batch_size < 1:
         raise UsageError("--max_clips must be >= 0 and --batch_size >= 1")
+    expect_path(out_dir(args), "--out")
     return ckpt, geometry, i3d
+
+
+def out_dir(args):
+    return args.out or os.path.join("eval_results", "tokenizer_" + os.path.basename(os.path.normpath(args.tokenizer)))
 
 
 def main(args):
@@ -134,8 +139,10 @@ def main(args):
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     metrics, preview = evaluate(model, loader, device, args.use_amp, detector, lpips_model, args.num_preview)
 
-    out = args.out or os.path.join("eval_results", "tokenizer_" + os.path.basename(os.path.normpath(args.tokenizer)))
-    os.makedirs(out, exist_ok=True)
+    out = out_dir(args)
+    with naming_write_errors(out):
+        os.makedirs(out, exist_ok=True)
+    remove_stale_temps(out)
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
     report = {**metrics, "tokenizer": str(args.tokenizer), "dataset_csv": str(args.dataset_csv), "det": args.det,

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from larp.core import dist
-from larp.core.io import atomic_write_text
+from larp.core.io import atomic_write_text, expect_path
 from larp.core.utils import seed_everything
 from larp.data.dataset import check_videos_exist, read_video_csv
 from larp.core.errors import ConfigError, StageError, VideoReadError
@@ -23,7 +23,7 @@ from larp.training.config_build import from_dict
 from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
 from larp.training.optim import EMA, lr_at
-from larp.training.run_folder import clean_run_dir, export_model, remove_stale_temps
+from larp.training.run_folder import check_free, clean_run_dir, export_model, hold_run_folder, remove_temps
 from larp.training.tokenizer_stage import TokenizerStage
 
 STAGES = {"tokenizer": TokenizerStage, "ar": ARStage}
@@ -46,11 +46,14 @@ def wrap_model(raw, train, info):
 def preflight(cfg, run_dir, world_size=1, replace=False):
     """The cheap checks of everything a run needs, so a launch script fails with one line before torchrun starts
     N processes: the batch split, the CSVs (columns, listed videos present; the stage checks what it needs of
-    them), the stage's own inputs and the checkpoint to resume from. Returns lines to print."""
+    them), the stage's own inputs, that no other run holds the folder and the checkpoint to resume from. Returns
+    lines to print."""
     notes = []
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
     stage_cls, d = STAGES[cfg.stage], cfg.data
+    if d.cache_dir:
+        expect_path(d.cache_dir, "data.cache_dir")
     for key in ("csv", "val_csv"):
         csv = getattr(d, key)
         if not csv:
@@ -65,6 +68,8 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
             notes.append(f"data.skip_bad: {e} (they will be skipped)")
         notes.append(f"data.{key}: {len(df)} videos listed in {csv}")
     notes += stage_cls.preflight(cfg)
+    if not dist.is_dist():  # a multi-process run learns it in hold_run_folder, on every rank at once
+        check_free(run_dir)
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     if os.path.exists(latest) and not replace:
         notes.append(f"resumes from {latest} at step {check_resume(latest, to_dict(cfg))}")
@@ -74,8 +79,14 @@ def preflight(cfg, run_dir, world_size=1, replace=False):
 
 
 def train(cfg, run_dir, info, replace=False, wandb_mode=None):
-    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None)."""
+    """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None). A second
+    run in the same folder refuses while this one lives."""
     notes = preflight(cfg, run_dir, info.world_size, replace)  # one clear error before anything is written
+    with hold_run_folder(run_dir, info):
+        return _train(cfg, run_dir, info, notes, replace, wandb_mode)
+
+
+def _train(cfg, run_dir, info, notes, replace, wandb_mode):
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -95,12 +106,11 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None):
 
 
 def prepare_run_dir(run_dir, info, replace):
-    """Rank 0 creates the run folder (emptied with --replace) and removes temp files of killed writes."""
+    """Rank 0 empties the run folder with --replace and removes temp files of killed writes."""
     if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         if replace:
             clean_run_dir(run_dir)
-        remove_stale_temps(run_dir)
+        remove_temps(run_dir)
     dist.barrier()
 
 
