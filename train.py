@@ -54,11 +54,13 @@ def main(args):
     """Train; returns the summary dict on rank 0 (None elsewhere). With --check, only the pre-flight checks.
     User errors raise LarpError subclasses, which the edge below prints as one line."""
     from larp.core import dist  # torch and the models: imported once the flags are parsed
+    from larp.core.io import expect_path
     from larp.training.config_build import build_config
     from larp.training.loop import preflight, train
     cfg = build_config(args.cfg, flags=vars(args), opts=args.opts)
     name = args.name or os.path.splitext(os.path.basename(args.cfg))[0]
     run_dir = os.path.join(args.out_path, name)
+    expect_path(run_dir, "--out_path/--name")
     if args.check is not None:
         for line in preflight(cfg, run_dir, args.check, replace=args.replace, trust=args.trust_checkpoint):
             print(f"train.py --check: {line}", flush=True)

@@ -195,7 +195,10 @@ def get_args(argv=None):
 
 
 def main(args):
-    for out in (args.save_real, args.save_fake):
+    from larp.core.io import expect_path
+    for flag, out in (("--save_real", args.save_real), ("--save_fake", args.save_fake)):
+        if out:
+            expect_path(out, flag, folder=False)
         if out and not out.endswith(STATS_EXTS):
             raise UsageError(f"stats output must end in .pkl or .npz: '{out}'")
     if args.bootstrap < 0:

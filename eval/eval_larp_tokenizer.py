@@ -219,7 +219,7 @@ def load_clips(args, frame_num, input_size):
 
 def main(args):
     from torch.utils.data import DataLoader
-    from larp.core.io import atomic_write_text
+    from larp.core.io import atomic_write_text, expect_path, naming_write_errors, remove_stale_temps
     from larp.core.utils import dtype_name, get_device
     from larp.metrics.detectors import load_i3d
     from larp.models.losses import build_lpips, lpips_available
@@ -227,6 +227,7 @@ def main(args):
     (config, sd, _), (frame_num, input_size), i3d, tokenizer = check_args(args)
     settings = settings_of(args, (frame_num, input_size), i3d, tokenizer)
     out = output_dir(args, settings)
+    expect_path(out, "--out")
     kept = earlier_result(out, settings, args.replace)
     if kept is not None:
         print(f"{out}/metrics.json already holds this evaluation (same settings): kept, printed below; --replace "
@@ -250,7 +251,9 @@ def main(args):
     amp = dtype_name(args.amp_dtype) if args.use_amp else "fp32"
     metrics, preview = evaluate(model, loader, device, amp, detector, lpips_model, args.num_preview)
 
-    os.makedirs(out, exist_ok=True)
+    with naming_write_errors(out):
+        os.makedirs(out, exist_ok=True)
+    remove_stale_temps(out)
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
     report = {**metrics, "tokenizer": tokenizer, "dataset_csv": str(args.dataset_csv), "det": args.det,

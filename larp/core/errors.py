@@ -2,11 +2,14 @@
 
 Library code raises a `LarpError` (or a subclass: CheckpointError, ConfigError, VideoReadError, ...) whose
 message names the cause (file, flag or key) and what was expected; it never exits. The entry points call
-`run_cli(main, args)`, which turns such an error into one line `<prog>: error: <message>` on stderr and exit
-status 1. Set LARP_DEBUG=1 to get the full traceback instead. Anything else (a bug) keeps its traceback.
+`run_cli(main, args)`, which turns such an error into one line `<prog>: error: <message>` on stderr (on a line of
+its own: progress bars still open are closed first) and exit status 1. Set LARP_DEBUG=1 to get the full traceback
+instead. Anything else (a bug) keeps its traceback.
 """
 import os
 import sys
+
+from tqdm import tqdm
 
 
 class LarpError(Exception):
@@ -75,6 +78,15 @@ class SampleError(LarpError):
     """A user error found before (or instead of) long work; the message is one line naming the cause."""
 
 
+class WriteError(LarpError, OSError):
+    """A write the file system refused (disk full, quota, read-only or foreign folder, a file where a folder
+    should be); names the path. Nothing partial is left under the final name, so a rerun continues."""
+
+
+class FolderBusyError(LarpError):
+    """A run folder or a sample range that another live process holds; names it and the holder (pid, host)."""
+
+
 def one_line(error):
     """The message of `error` as one line.
 
@@ -103,5 +115,7 @@ def run_cli(main, args, prog=None):
     except LarpError as e:
         if os.environ.get("LARP_DEBUG") == "1":
             raise
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open ends its line first
+            bar.close()
         print(f"{prog or prog_name()}: error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -44,6 +44,8 @@ def resolve_csv(spec):
         if not part.endswith(".csv"):
             candidates.append(os.path.join(METADATA_DIR, part + ".csv"))
         found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None and os.path.isdir(part):
+            raise CSVNotFoundError(f"'{part}' is a folder, expected a CSV file")
         if found is None:
             where = f"{METADATA_DIR}/{part}" + ("" if part.endswith(".csv") else "[.csv]")
             hint = "" if os.path.dirname(part) else \

@@ -26,7 +26,7 @@ import re
 import pandas as pd
 
 from larp.core.cli import HelpFormatter, parser
-from larp.core.io import atomic_write_text
+from larp.core.io import atomic_write_text, expect_path
 from larp.data.dataset import CSV_COLUMNS, METADATA_DIR, PROJECT_ROOT, read_video_csv
 from larp.data.video_io import VIDEO_EXTENSIONS
 from larp.core.errors import UsageError, run_cli
@@ -75,12 +75,19 @@ def _read_list(path):
         return [line.split()[0] for line in f if line.strip()]
 
 
+def _expect_folder(path, what):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path}: " + ("is a file, expected a folder" if os.path.exists(path) else
+                                                        "not found"))
+
+
 def ucf101_tables(root, splits_dir=None, split=1):
     """(train DataFrame, val DataFrame) of UCF-101 split `split` with videos found under `root`."""
     if split not in (1, 2, 3):
         raise ValueError(f"UCF-101 split must be 1, 2 or 3, got {split}")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"UCF-101 folder not found: {root}")
+    _expect_folder(root, "UCF-101 folder")
+    if splits_dir:
+        _expect_folder(splits_dir, "--splits-dir")
     splits_dir = splits_dir or _find_file(root, "classInd.txt")
     if splits_dir is None or not os.path.isfile(os.path.join(splits_dir, "classInd.txt")):
         raise FileNotFoundError(f"classInd.txt not found under {splits_dir or root}; pass --splits-dir")
@@ -163,6 +170,7 @@ def _k600_folders(root, split, classes):
 def k600_tables(root, splits=("train", "val")):
     """{split: DataFrame} of a Kinetics download: the CVDF layout (flat videos + annotations) or class folders."""
     tables = {}
+    _expect_folder(root, "Kinetics folder")
     train = "train" if "train" in splits else splits[0]
     annotated = _annotation(root, train) or _annotation(root, splits[0])
     if annotated:
@@ -224,6 +232,8 @@ def parse_args(argv=None):
 
 
 def main(args):
+    if args.dataset != "check":
+        expect_path(args.out, "--out")
     try:
         written = []
         if args.dataset == "ucf101":

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from larp.core.cli import parser
-from larp.core.io import atomic_write_text
+from larp.core.io import atomic_write_text, expect_path
 from larp.data.video_io import write_video
 from larp.core.errors import UsageError, run_cli
 from larp.core.utils import progress_bar
@@ -154,6 +154,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    expect_path(args.out, "--out")
     start = time.time()
     train_csv, val_csv = make_synthetic_dataset(args.out, args.classes, args.videos_per_class, args.frames,
                                                 args.size, args.seed, args.fps, args.val_fraction)

@@ -85,6 +85,8 @@ def check_i3d_spec(spec=None, trust=False):
     path = os.path.expanduser(spec)
     if not os.path.isfile(path) and explicit and not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)):
         path = os.path.join(ROOT, path)
+    if os.path.isdir(path):
+        raise I3DError(f"I3D detector '{path}' is a folder, expected a model file")
     if not os.path.isfile(path):
         how = ("give the StyleGAN-V i3d_torchscript.pt or a converted i3d_kinetics400.safetensors there, set "
                f"$LARP_I3D=PATH, pass --i3d PATH, or use --i3d kinetics400 (`{INSTALL_HINT}`); "

@@ -15,6 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from larp.core.checkpoint import checkpoint_kind, expect_kind, local_path, peek_checkpoint
+from larp.core.io import expect_path
 from larp.core.errors import (CSVError, CSVNotFoundError, CheckpointError, GeometryError, I3DError, SampleError,
                               VideoReadError)
 from larp.data.dataset import (FRAME_TRANSFORM, VideoDataset, check_labels, clip_set_name, read_video_csv,
@@ -203,6 +204,7 @@ def prepare(job):
     """Validate the job against the checkpoints, the data and the output folder before any model loads.
     Returns the SamplePlan (the caller claims the shard in the output folder with claim_output_dir)."""
     total = job.num_samples_total
+    expect_path(job.output_dir, "--output_dir")
     try:
         csv_paths = resolve_csv(job.dataset_csv)
     except CSVNotFoundError as e:

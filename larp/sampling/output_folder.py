@@ -3,6 +3,7 @@
 Kept apart from `larp.sampling.run` (which generates) so the bookkeeping that makes shards safe to run in any order,
 on any machines, at the same time can be read on its own. The folder layout is described in `larp.sampling.run`.
 """
+import contextlib
 import csv
 import datetime
 import functools
@@ -15,9 +16,10 @@ import re
 import numpy as np
 from filelock import FileLock
 
-from larp.core.errors import SampleError
+from larp.core import locks
+from larp.core.errors import FolderBusyError, SampleError
 from larp.metrics.fvd import FeatureStats, check_comparable, frechet_distance
-from larp.core.io import atomic_write, atomic_write_text
+from larp.core.io import atomic_write, atomic_write_text, naming_write_errors, remove_stale_temps
 from larp.core.safe_load import load_npy
 from larp.models.sampling_params import SAMPLING_FIELDS
 
@@ -26,6 +28,56 @@ REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num
                   "argmax_cond", "fvd_size", "mean_nll", "fvd", "detector", "protocol"]
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
+RANGE_LOCK_RE = re.compile(r"^\.sampling_(\d+)_(\d+)\.lock$")
+SUBFOLDERS = ("parts", "sampled_videos", "gt_videos")
+
+
+@contextlib.contextmanager
+def folder_lock(output_dir):
+    """The folder's short-lived bookkeeping lock (.fvd.lock): claims, range locks, merges and the FVD."""
+    lock = FileLock(os.path.join(output_dir, ".fvd.lock"))
+    with naming_write_errors(lock.lock_file):
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def hold_range(output_dir, a, b):
+    """This process samples [a, b) of the folder alone while the context lasts.
+
+    Under the folder lock: a live process holding a range lock (.sampling_<c>_<d>.lock) that overlaps [a, b) makes
+    this one refuse with one line naming it (so the same command launched twice does the work once); locks of dead
+    processes are removed; then this process takes its own. The OS drops the lock of a killed process.
+    """
+    if a >= b:
+        yield
+        return
+    path = os.path.join(output_dir, f".sampling_{a}_{b}.lock")
+    with folder_lock(output_dir):
+        for name in sorted(os.listdir(output_dir)):
+            m = RANGE_LOCK_RE.match(name)
+            holder = locks.remove_if_stale(os.path.join(output_dir, name)) if m else None
+            if holder and max(a, int(m.group(1))) < min(b, int(m.group(2))):
+                raise FolderBusyError(f"samples [{m.group(1)}, {m.group(2)}) of {output_dir} are being sampled by "
+                                      f"{holder}; this process would redo [{a}, {b}): wait for that one (it "
+                                      f"computes the FVD once the run is covered) or sample another range")
+        with naming_write_errors(path):
+            fd, _ = locks.take(path)  # free: checked above, under the folder lock
+    try:
+        yield
+    finally:
+        with folder_lock(output_dir):
+            os.remove(path)
+            locks.release(fd)
+
+
+def remove_temps(output_dir):
+    """Temp files of writes killed half-way, in the folder and its subfolders (live writers' are kept)."""
+    for folder in (output_dir, *(os.path.join(output_dir, s) for s in SUBFOLDERS)):
+        remove_stale_temps(folder)
 
 
 def find_tiling(ranges, lo, hi):
@@ -87,7 +139,7 @@ def remove_partial(output_dir, a, b):
 
 def remove_ranges(output_dir, a, b):
     """--replace: delete (under the lock) the files of every finished range that overlaps [a, b)."""
-    with FileLock(os.path.join(output_dir, ".fvd.lock")):
+    with folder_lock(output_dir):
         for ra, rb in finished_ranges(output_dir):
             for p in stats_paths(output_dir, ra, rb).values() if max(ra, a) < min(rb, b) else ():
                 if os.path.exists(p):
@@ -116,8 +168,9 @@ def run_id(settings):
 
 def claim_output_dir(output_dir, settings, start, end):
     """Under the lock: record or compare run_config.json, then register the shard [start, end)."""
-    os.makedirs(output_dir, exist_ok=True)
-    with FileLock(os.path.join(output_dir, ".fvd.lock")):
+    with naming_write_errors(output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+    with folder_lock(output_dir):
         cfg_path = os.path.join(output_dir, "run_config.json")
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
@@ -175,6 +228,15 @@ def merge_parts(output_dir):
     return timing
 
 
+def report_row(settings, rid, value, nll, meta):
+    """The fvd_report.csv row of run `rid`: its settings, the FVD, the mean NLL and the protocol card."""
+    row = {k: settings.get(k, "") for k in REPORT_COLUMNS}
+    row.update(time=datetime.datetime.now().isoformat(timespec="seconds"), run_id=rid,
+               mean_nll=f"{float(nll.mean()):.6f}", fvd=f"{value:.6f}", detector=meta["detector"],
+               protocol=json.dumps(protocol_card(settings, meta["detector"], meta.get("detector_sha256"))))
+    return row
+
+
 def finalize(output_dir, settings, replace=False, log=print):
     """Under the lock: merge the parts; when finished ranges tile [0, total), compute the FVD once per run id.
 
@@ -184,7 +246,7 @@ def finalize(output_dir, settings, replace=False, log=print):
     is recomputed and replaced (never duplicated).
     """
     total = settings["num_samples_total"]
-    with FileLock(os.path.join(output_dir, ".fvd.lock")):
+    with folder_lock(output_dir):
         ranges = finished_ranges(output_dir)
         tiling = find_tiling(ranges, 0, total)
         for a, b in set(ranges) - set(tiling or ranges):
@@ -210,17 +272,15 @@ def finalize(output_dir, settings, replace=False, log=print):
         with open(paths[0]["meta"]) as f:
             meta = json.load(f)
         detector = meta["detector"]
-        row = {k: settings.get(k, "") for k in REPORT_COLUMNS}
-        row.update(time=datetime.datetime.now().isoformat(timespec="seconds"), run_id=rid,
-                   mean_nll=f"{float(nll.mean()):.6f}", fvd=f"{value:.6f}", detector=detector,
-                   protocol=json.dumps(protocol_card(settings, detector, meta.get("detector_sha256"))))
-        write_csv(report, [r for r in rows if r.get("run_id") != rid] + [row], REPORT_COLUMNS)
         used = {f"{a}_{b}": timing[f"{a}_{b}"] for a, b in tiling}
         gen_s = sum(t["generate_s"] for t in used.values())
         summary = {"num_videos": total, "generate_s": gen_s, "generate_videos_per_s": total / max(gen_s, 1e-9),
                    **{k: sum(t[k] for t in used.values()) for k in ("encode_s", "decode_s", "i3d_s", "total_s")},
                    "ranges": used}
         atomic_write_text(os.path.join(output_dir, "timing.json"), json.dumps(summary, indent=2) + "\n")
+        row = report_row(settings, rid, value, nll, meta)
+        # last: a run killed before this line computes the FVD again; after it, finds it done
+        write_csv(report, [r for r in rows if r.get("run_id") != rid] + [row], REPORT_COLUMNS)
         log(f"FVD over {total} samples ({len(tiling)} ranges): {value:.4f} [{detector}]; mean NLL "
             f"{float(nll.mean()):.4f}; row appended to {report}")
         return {"fvd": float(row["fvd"]), "computed": True, "covered": total}

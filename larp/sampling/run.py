@@ -13,12 +13,15 @@ the flags), checks it with `prepare` before any model loads, then samples and fi
   parts/samples_<a>_<b>.csv, parts/range_<a>_<b>.json    per-range rows and timing, merged into samples.csv
                                      (index,label,action,path,...: readable by larp.data.oracle) and timing.json
   preview.png, fvd_report.csv, .fvd.lock
+  .sampling_<a>_<b>.lock             held while a process samples [a, b): the same range started again meanwhile
+                                     refuses in one line naming that process (larp.sampling.output_folder.hold_range)
 
 Chunks: a process writes its range as chunks of `--chunk_size` samples ([a, a + C), [a + C, a + 2C), ...), each a
 finished range of its own once its files are written. A killed process loses only the chunk in progress: a rerun
-removes that chunk's partial files and continues from the first unfinished chunk, with the same chunk boundaries
-and therefore the same batches, files, FVD and report row as an uninterrupted run. The float64 statistics of the
-chunks add up exactly, and the FVD uses one tiling of [0, total) by finished ranges, so no sample counts twice.
+removes that chunk's partial files (and the temp files of killed writes) and continues from the first unfinished
+chunk, with the same chunk boundaries and therefore the same batches, files, FVD and report row as an uninterrupted
+run. The float64 statistics of the chunks add up exactly, and the FVD uses one tiling of [0, total) by finished
+ranges, so no sample counts twice.
 
 Reproducibility: sample i is drawn with seed `sample_seed(seed, i)` = seed * 1_000_003 + i, handed to the
 generator's per-sample `seeds`, so a video depends on its global index only, never on the shard layout, the batch
@@ -59,7 +62,8 @@ from larp.metrics.detectors import load_i3d
 from larp.metrics.fvd import FeatureStats, fvd_label
 from larp.core.io import atomic_write, atomic_write_text, resize_video
 from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges,
-                                         remove_partial, remove_ranges, run_id, stats_paths, write_csv)
+                                         hold_range, remove_partial, remove_ranges, remove_temps, run_id, stats_paths,
+                                         write_csv)
 from larp.sampling.job import prepare
 from larp.sampling.overlap import StageClock, host_copy, write_sample
 from larp.models.tokenizer import LARPTokenizer
@@ -106,6 +110,18 @@ def condition_uniforms(seed, indices, num_tokens, device):
     """(B, N) uniforms of the condition quantiser for the global sample `indices` (see COND_STREAM)."""
     return make_uniforms(len(indices), num_tokens, [sample_seed(seed, i) + COND_STREAM for i in indices],
                          device=device)
+
+
+def load_all(job, plan, world, local_rank, log):
+    """(models, detector, device) of a process that has samples to draw; under torchrun each rank on its GPU."""
+    device = get_device(job.device)
+    if device.type == "cuda" and world > 1 and job.device in (None, "", "auto", "cuda"):
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    t0 = time.perf_counter()
+    models = load_models(job, plan, device)
+    detector = load_i3d(plan.i3d_spec, device, trust=job.trust_checkpoint)
+    log(f"models and I3D loaded in {time.perf_counter() - t0:.1f} s on {device}")
+    return models, detector, device
 
 
 def todo_chunks(done, a, b, chunk_size):
@@ -323,27 +339,23 @@ def run(job):
 
     a, b = rank_range(job.starting_index, job.num_samples, rank, world)
     out, settings = job.output_dir, plan.settings
-    log(f"run {run_id(settings)}: samples [{a}, {b}) of [0, {settings['num_samples_total']}) into {out}")
-    if job.replace and a < b:
-        remove_ranges(out, a, b)
-    remove_partial(out, a, b)
-    done = finished_ranges(out)
-    todo = todo_chunks(done, a, b, job.chunk_size) if a < b and find_tiling(done, a, b) is None else []
-    if a < b and not todo:
-        log(f"skipping [{a}, {b}): its stats already exist in {out} (use --replace to redo)")
-    elif todo:
-        left = sum(d - c for c, d in todo)
-        if left < b - a:
-            log(f"resuming [{a}, {b}): {b - a - left} samples already finished in {out}; sampling the other {left}")
-        device = get_device(job.device)
-        if device.type == "cuda" and world > 1 and job.device in (None, "", "auto", "cuda"):
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        t0 = time.perf_counter()
-        models = load_models(job, plan, device)
-        detector = load_i3d(plan.i3d_spec, device, trust=job.trust_checkpoint)
-        log(f"models and I3D loaded in {time.perf_counter() - t0:.1f} s on {device}")
-        sample_chunks(job, plan, todo, models, detector, device, log=log)
-    result = finalize(out, settings, replace=job.replace, log=log)
+    with hold_range(out, a, b):  # the same range launched twice: the second one refuses in one line
+        log(f"run {run_id(settings)}: samples [{a}, {b}) of [0, {settings['num_samples_total']}) into {out}")
+        remove_temps(out)
+        if job.replace and a < b:
+            remove_ranges(out, a, b)
+        remove_partial(out, a, b)
+        done = finished_ranges(out)
+        todo = todo_chunks(done, a, b, job.chunk_size) if a < b and find_tiling(done, a, b) is None else []
+        if a < b and not todo:
+            log(f"skipping [{a}, {b}): its stats already exist in {out} (use --replace to redo)")
+        elif todo:
+            left = sum(d - c for c, d in todo)
+            if left < b - a:
+                log(f"resuming [{a}, {b}): {b - a - left} samples already finished in {out}; sampling the other "
+                    f"{left}")
+            sample_chunks(job, plan, todo, *load_all(job, plan, world, local_rank, log), log=log)
+        result = finalize(out, settings, replace=job.replace, log=log)
     log(outputs_line(out))
     if result["fvd"] is None:
         log(f"covered {result['covered']} of {settings['num_samples_total']} samples; the FVD is computed when "

@@ -211,6 +211,8 @@ def parse_opts(opts):
 def load_yaml(path):
     if not os.path.exists(path):
         raise ConfigError(f"{path}: config file not found")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file")
     with open(path) as f:
         try:
             data = yaml.load(f, Loader=_Loader)

@@ -10,7 +10,7 @@ import os
 import secrets
 import time
 
-from larp.core.io import atomic_write_text
+from larp.core.io import append_text, atomic_write_text
 from larp.core.utils import say
 
 
@@ -50,8 +50,7 @@ class RunLogger:
             return
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
         say(line)  # never on the same line as the progress bar
-        with open(self.log_path, "a") as f:
-            f.write(line + "\n")
+        append_text(self.log_path, line + "\n")
 
     def _rewrite(self):
         buf = io.StringIO()
@@ -72,8 +71,9 @@ class RunLogger:
             self.columns += [k for k in new if k not in self.columns]
             self._rewrite()
         else:
-            with open(self.csv_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(self.rows[-1])
+            buf = io.StringIO()
+            csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore").writerow(self.rows[-1])
+            append_text(self.csv_path, buf.getvalue())
         if self.wandb_run is not None:
             self.wandb_run.log(dict(values), step=step)
 

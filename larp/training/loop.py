@@ -10,7 +10,7 @@ import time
 import torch
 
 from larp.core import dist
-from larp.core.io import atomic_write_text
+from larp.core.io import atomic_write_text, expect_path
 from larp.core.utils import progress_bar, say, seed_everything
 from larp.data.dataset import check_videos_exist, read_video_csv
 from larp.core.errors import ConfigError, StageError, VideoReadError
@@ -22,8 +22,8 @@ from larp.training.config_build import from_dict
 from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
 from larp.training.optim import EMA, lr_at, schedule_args
-from larp.training.run_folder import (clean_run_dir, export_model, finished_step, mark_finished,
-                                      remove_stale_temps, unmark_finished)
+from larp.training.run_folder import (check_free, clean_run_dir, export_model, finished_step, hold_run_folder,
+                                      mark_finished, remove_temps, unmark_finished)
 from larp.training.tokenizer_stage import TokenizerStage
 
 STAGES = {"tokenizer": TokenizerStage, "ar": ARStage}
@@ -46,14 +46,17 @@ def wrap_model(raw, train, info):
 def preflight(cfg, run_dir, world_size=1, replace=False, trust=False):
     """The cheap checks of everything a run needs, so a launch script fails with one line before torchrun starts
     N processes: the batch split, the CSVs (columns, listed videos present; the stage checks what it needs of
-    them), the stage's own inputs and the checkpoint to resume from. Returns lines to print. `trust`
-    (--trust_checkpoint) lets those files hold more than tensors and plain data (larp/core/safe_load.py)."""
+    them), the stage's own inputs, that no other run holds the folder and the checkpoint to resume from. Returns
+    lines to print. `trust` (--trust_checkpoint) lets those files hold more than tensors and plain data
+    (larp/core/safe_load.py)."""
     notes = []
     if cfg.train.parallel == "fsdp":
         fsdp.require()
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes")
     stage_cls, d = STAGES[cfg.stage], cfg.data
+    if d.cache_dir:
+        expect_path(d.cache_dir, "data.cache_dir")
     for key in ("csv", "val_csv"):
         csv = getattr(d, key)
         if not csv:
@@ -68,6 +71,8 @@ def preflight(cfg, run_dir, world_size=1, replace=False, trust=False):
             notes.append(f"data.skip_bad: {e} (they will be skipped)")
         notes.append(f"data.{key}: {len(df)} videos listed in {csv}")
     notes += stage_cls.preflight(cfg, trust)
+    if not dist.is_dist():  # a multi-process run learns it in hold_run_folder, on every rank at once
+        check_free(run_dir)
     latest = os.path.join(run_dir, "ckpt_latest.pth")
     done = None if replace else finished_step(run_dir, step_plan(cfg))
     if done is not None:
@@ -93,8 +98,8 @@ def finished_note(run_dir, step):
 
 def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
     """Run (or resume) the stage of `cfg` in `run_dir`; returns a summary dict (rank 0; others get None). A run that
-    finished with the same step plan (finished.json) is left as it is: no step, evaluation or export. `trust`:
-    --trust_checkpoint (see preflight)."""
+    finished with the same step plan (finished.json) is left as it is: no step, evaluation or export. A second run
+    in the same folder refuses while this one lives. `trust`: --trust_checkpoint (see preflight)."""
     done = None if replace else finished_step(run_dir, step_plan(cfg))
     if done is not None:
         if info.is_main:
@@ -102,6 +107,12 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
         return {"step": done, "last": {}, "eval": {}, "run_dir": run_dir, "export": os.path.join(run_dir, "export"),
                 "finished": True} if info.is_main else None
     notes = preflight(cfg, run_dir, info.world_size, replace, trust)  # one clear error before anything is written
+    with hold_run_folder(run_dir, info):
+        return _train(cfg, run_dir, info, notes, replace, wandb_mode, trust)
+
+
+def _train(cfg, run_dir, info, notes, replace, wandb_mode, trust=False):
+    """The run itself, while this process holds the run folder (see train)."""
     seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -125,12 +136,11 @@ def train(cfg, run_dir, info, replace=False, wandb_mode=None, trust=False):
 
 
 def prepare_run_dir(run_dir, info, replace):
-    """Rank 0 creates the run folder (emptied with --replace) and removes temp files of killed writes."""
+    """Rank 0 empties the run folder with --replace and removes temp files of killed writes."""
     if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         if replace:
             clean_run_dir(run_dir)
-        remove_stale_temps(run_dir)
+        remove_temps(run_dir)
         unmark_finished(run_dir)  # it trains on: finished again only once it exports
     dist.barrier()
 

@@ -1,14 +1,17 @@
-"""A run folder: what --replace removes, the temp files of killed writes, the exported model and the mark of a
-finished run."""
+"""A run folder: the lock a run holds on it, what --replace removes, the temp files of killed writes, the exported
+model and the mark of a finished run."""
+import contextlib
 import glob
 import json
 import os
 import shutil
 
-from larp.core import dist
-from larp.core.io import atomic_write_text
+from larp.core import dist, locks
+from larp.core.errors import FolderBusyError, LarpError
+from larp.core.io import atomic_write_text, naming_write_errors, remove_stale_temps
 from larp.training import fsdp
 
+LOCK_NAME = ".run.lock"
 FINISHED = "finished.json"  # written after the export: {"step", "plan"}; a rerun with the same plan does nothing
 RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "previews", "wandb",
              FINISHED)
@@ -21,10 +24,47 @@ def clean_run_dir(run_dir):
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-def remove_stale_temps(run_dir):
+def remove_temps(run_dir):
     """Temp files of writes killed half-way (the targets themselves are always whole)."""
-    for p in glob.glob(os.path.join(run_dir, ".tmp_*")):
-        os.remove(p)
+    for folder in (run_dir, os.path.join(run_dir, "previews"), os.path.join(run_dir, "export")):
+        remove_stale_temps(folder)
+
+
+def busy_message(run_dir, holder):
+    return (f"run folder {run_dir} is in use by {holder.strip()}: another train.py run trains there; wait for it to "
+            f"end or choose another --name")
+
+
+def check_free(run_dir):
+    """Raise FolderBusyError when a live process holds the run folder (creates nothing)."""
+    holder = locks.holder(os.path.join(run_dir, LOCK_NAME))
+    if holder:
+        raise FolderBusyError(busy_message(run_dir, holder))
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir, info):
+    """Rank 0 creates the run folder and holds its lock while the run lives (the OS drops it when the process dies,
+    so a killed run never blocks the next one). A run that finds the folder held refuses on every rank with one
+    line naming the folder and the holder's pid and host."""
+    fd, problem = None, None
+    if info.is_main:
+        path = os.path.join(run_dir, LOCK_NAME)
+        try:
+            with naming_write_errors(path):
+                os.makedirs(run_dir, exist_ok=True)
+                fd, holder = locks.take(path)
+            problem = FolderBusyError(busy_message(run_dir, holder)) if holder else None
+        except LarpError as e:  # a read-only folder
+            problem = e
+    problem = dist.all_gather_object(problem)[0]  # every rank stops together
+    if problem:
+        raise problem
+    try:
+        yield
+    finally:
+        if fd is not None:
+            locks.release(fd)
 
 
 def export_model(raw, ema, directory, sharded=False):
