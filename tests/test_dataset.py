@@ -211,3 +211,17 @@ def test_select_fvd_clips():
     assert select_fvd_clips(50, 10, seed=1) == random.Random(1).sample(range(50), 10)
     with pytest.raises(ValueError, match="only 5 clips"):
         select_fvd_clips(5, 10)
+
+
+def test_no_listed_video_present_points_to_set_datasets(tmp_path):
+    """A CSV whose videos are all missing (the shipped reference CSVs before set_datasets.sh) says how to set the
+    dataset up; one missing video among present ones does not."""
+    from larp.data.dataset import check_videos_exist
+    present = tmp_path / "a.mp4"
+    present.write_bytes(b"x")
+    df = pd.DataFrame({"path": [str(tmp_path / "gone1.mp4"), str(tmp_path / "gone2.mp4")]})
+    with pytest.raises(VideoReadError, match="set_datasets.sh"):
+        check_videos_exist(df, "ucf101_train.csv")
+    with pytest.raises(VideoReadError) as e:
+        check_videos_exist(pd.DataFrame({"path": [str(present), str(tmp_path / "gone1.mp4")]}), "x.csv")
+    assert "1 of 2" in str(e.value) and "set_datasets" not in str(e.value)

@@ -30,6 +30,7 @@ from larp.core.utils import progress_bar
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")
 CSV_COLUMNS = ("id", "path", "action", "label")
+DATASET_HINT = "; the datasets are linked and their CSVs built by `bash set_datasets.sh` (README: Datasets)"
 
 
 def resolve_csv(spec):
@@ -48,8 +49,7 @@ def resolve_csv(spec):
             raise CSVNotFoundError(f"'{part}' is a folder, expected a CSV file")
         if found is None:
             where = f"{METADATA_DIR}/{part}" + ("" if part.endswith(".csv") else "[.csv]")
-            hint = "" if os.path.dirname(part) else \
-                "; the dataset CSVs are built by `bash set_datasets.sh` (README: Datasets)"
+            hint = "" if os.path.dirname(part) else DATASET_HINT
             raise CSVNotFoundError(f"CSV file '{part}' not found (looked for {os.path.abspath(part)} and "
                                    f"{where}){hint}")
         paths.append(os.path.abspath(found))
@@ -134,8 +134,9 @@ def check_videos_exist(df, csv):
     """Cheap pre-flight (one stat per file): every listed video exists and is not empty."""
     bad = [(p, why) for p in df["path"] for why in [_video_file_problem(p)] if why]
     if bad:
+        hint = DATASET_HINT if len(bad) == len(df) else ""  # none there: the dataset is not set up yet
         raise VideoReadError(f"{csv}: {len(bad)} of {len(df)} listed video(s) missing or empty, e.g. {bad[0][0]} "
-                             f"({bad[0][1]})")
+                             f"({bad[0][1]}){hint}")
 
 
 FRAME_TRANSFORM = "short side resized (antialias), centre crop"  # what transform_frames does, as stats record it
