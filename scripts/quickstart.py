@@ -307,7 +307,8 @@ def detector_line(path):
     return lines[-1]
 
 
-def write_report(q, acc, times, total_s, stats):
+def generator_results(q):
+    """Per generator: fvd {order: (FVD, detector line, mean NLL)} and speed {order: (passes, seconds, videos/s)}."""
     fvd, speed = {}, {}
     for order in ("nar", "raster"):
         d = os.path.join(q, "samples", order)
@@ -319,6 +320,11 @@ def write_report(q, acc, times, total_s, stats):
             timing = json.load(f)
         steps = load_generator(os.path.join(q, "runs", order, "export")).num_decode_steps()
         speed[order] = (steps, timing["generate_s"], timing["generate_videos_per_s"])
+    return fvd, speed
+
+
+def write_report(q, acc, times, total_s, stats):
+    fvd, speed = generator_results(q)
     with open(os.path.join(q, "eval_tokenizer", "metrics.json")) as f:
         tok = json.load(f)
     lines = ["# Quickstart report", "",
