@@ -222,13 +222,13 @@ def load_i3d(spec=None, device="cpu", batch_size=16, verbose=True, precision="fp
         name = f"random I3D (seed {RANDOM_SEED}, input {size}x{size})"
         det = I3DDetector(random_i3d().to(device), "ours", name, device, size, True, batch_size, precision=precision)
     else:
-        digest = sha256_file(spec)
+        torchscript = _is_torchscript(spec)  # its bytes are read (and hashed) once: the checked bytes are loaded
+        data, digest = read_torchscript(spec, trust) if torchscript else (None, sha256_file(spec))
         expected = os.environ.get(EXPECTED_SHA256_ENV)
         if expected and expected.lower() != digest:
             warnings.warn(f"{spec}: SHA-256 {digest} differs from ${EXPECTED_SHA256_ENV}={expected}; "
                           "FVD may not be comparable to published numbers")
-        if _is_torchscript(spec):
-            data, digest = read_torchscript(spec, trust)  # the checked bytes are the ones loaded
+        if torchscript:
             try:
                 with warnings.catch_warnings():  # recent torch flags torch.jit as deprecated; it still loads
                     warnings.simplefilter("ignore", FutureWarning)

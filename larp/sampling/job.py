@@ -142,9 +142,8 @@ def resolve_model(spec, flag):
 def read_model_config(spec, flag, want, trust=False):
     """The config dict of a checkpoint, checked cheaply before any model is built
     (larp.core.checkpoint.peek_checkpoint)
-    and required to be a `want` ('tokenizer' or 'generator'). `trust`: --trust_checkpoint."""
-    if not os.path.exists(spec) and (spec.count("/") != 1 or spec.startswith((".", "/")) or spec.endswith(".pth")):
-        raise SampleError(f"--{flag} {spec}: no such file or directory")  # not a hub id either
+    and required to be a `want` ('tokenizer' or 'generator'). `spec`: a local path (resolve_model); `trust`:
+    --trust_checkpoint."""
     try:
         cfg = peek_checkpoint(spec, trust)
     except CheckpointError as e:
