@@ -23,8 +23,8 @@ from larp.core.utils import get_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# codebook size of the tokenizer each AR config is trained on (quickstart tokenizer / LARP-L-long)
-VOCAB = {"quickstart": 256, "larp": 8192}
+# codebook size of the tokenizer each AR config is trained on: cfgs/quickstart_tokenizer.yaml's / LARP-L-long's
+VOCAB = {"quickstart": 4096, "larp": 8192}
 
 
 def sync(device):

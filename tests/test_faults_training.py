@@ -39,8 +39,8 @@ def argv(synth, reference_dir, out, name, extra=()):
             "--name", name, "-b", "8", "-j", "0", "--manualSeed", "3", "--cache_tokens", "--device", "cpu",
             "--opts", "data.val_csv", val_csv, "vae.checkpoint", str(reference_dir / "golden/tiny/tokenizer"),
             "model.num_classes", "4", "train.max_steps", str(STEPS), "train.log_interval", "1",
-            "lr_schedule.warmup_steps", "5", "optimizer.args.lr", "1e-3", "eval.num_videos", "0", "wandb.mode",
-            "disabled", *EXTRA, *extra]
+            "lr_schedule.warmup_steps", "5", "optimizer.args.lr", "1e-3", "eval.num_videos", "0", "train.keep", "last",
+            "wandb.mode", "disabled", *EXTRA, *extra]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
 """Synthetic set (classes, files, CSVs, geometry) and the analytic oracle (accurate, reads the videos, robust)."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +137,15 @@ def test_oracle_cli(small_set, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("oracle_accuracy=") and float(lines[-1].split("=")[1]) >= 0.99
     assert any("red_right" in line for line in lines)
+
+
+def test_worker_processes_write_the_same_set(tmp_path):
+    one = synthetic.make_synthetic_dataset(str(tmp_path / "one"), classes=4, videos_per_class=4, frames=8, progress=False)
+    two = synthetic.make_synthetic_dataset(str(tmp_path / "two"), classes=4, videos_per_class=4, frames=8, progress=False,
+                                 workers=2)
+    for a, b in zip(one, two):
+        assert open(a).read() == open(b).read()
+    names = sorted(os.listdir(tmp_path / "one" / "videos"))
+    assert names == sorted(os.listdir(tmp_path / "two" / "videos")) and len(names) == 16
+    for n in names:
+        assert (tmp_path / "one" / "videos" / n).read_bytes() == (tmp_path / "two" / "videos" / n).read_bytes()

@@ -229,7 +229,7 @@ def test_ar_resume_after_crash_on_the_fly_encoding(synth, reference_dir, tmp_pat
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(synth, reference_dir, tmp_path):
     extra = ["model.args.class_dropout_prob", "0.0", "model.args.resid_dropout_p", "0.0",
-             "model.args.ffn_dropout_p", "0.0", "eval.num_videos", "0"]
+             "model.args.ffn_dropout_p", "0.0", "eval.num_videos", "0", "train.keep", "last"]
     one = run_main(ar_argv(synth, reference_dir, tmp_path, "one", 10, extra))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py")] + ar_argv(synth, reference_dir, tmp_path, "two", 10, extra)

@@ -82,10 +82,10 @@ def test_a_finished_run_says_so_and_does_nothing(trained, data):
 
 def test_the_resume_note_names_each_changed_key(trained, data, tmp_path):
     shutil.copytree(trained["dir"], tmp_path / "run")
-    result, stdout, _ = run_train(train_argv(data, tmp_path, "run", steps=3, extra=["optimizer.args.lr", "0.002"]))
+    result, stdout, _ = run_train(train_argv(data, tmp_path, "run", steps=3, extra=["optimizer.args.lr", "0.004"]))
     assert result["step"] == 3 and not result.get("finished")
     note = next(line for line in stdout.splitlines() if "config differs" in line)
-    assert "train.max_steps: 2 -> 3" in note and "optimizer.args.lr: 0.001 -> 0.002" in note
+    assert "train.max_steps: 2 -> 3" in note and "optimizer.args.lr: 0.003 -> 0.004" in note
 
 
 def eval_tokenizer(tokenizer, csv, *extra):

@@ -9,6 +9,8 @@ so the class can be read from any 4 consecutive frames (see larp/data/oracle.py)
 
     python -m larp.data.synthetic --out data/synthetic --classes 8 --videos-per-class 48
 """
+import contextlib
+import multiprocessing
 import os
 import time
 
@@ -108,14 +110,25 @@ def render_video(label, num_classes=8, frames=16, size=32, rng=None, params=None
     return out
 
 
+def _write_one(job):
+    """Render and write video k of class `label` (job: out, label, k, classes, frames, size, seed, fps, name)."""
+    out, label, k, classes, frames, size, seed, fps, vid = job
+    video = render_video(label, classes, frames, size, np.random.default_rng([seed, label, k]))
+    write_video(os.path.join(out, "videos", vid + ".mp4"), video, fps=fps)
+    return vid
+
+
 def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=32, seed=0, fps=8,
-                           val_fraction=0.25, progress=True):
-    """Write `videos_per_class` videos of each class under out/videos/ and out/train.csv, out/val.csv.
+                           val_fraction=0.25, progress=True, workers=1):
+    """Write `videos_per_class` videos of each class under out/videos/ and out/train.csv, out/val.csv (`workers`
+    processes render and encode them; video k of class c depends only on (seed, c, k)).
 
     CSV paths are relative to `out` (read_video_csv resolves them). Returns (train_csv, val_csv).
     """
     if size % 2 or size < 16:
         raise UsageError(f"--size must be even and >= 16 (H.264 yuv420p), got {size}")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
     if frames < 2:
         raise UsageError(f"--frames must be >= 2 (motion is part of the class), got {frames}")
     names = class_names(classes)
@@ -123,14 +136,14 @@ def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=
     if not 0 < num_val < videos_per_class:
         raise UsageError(f"--videos-per-class {videos_per_class} with val fraction {val_fraction} leaves an empty split")
     rows = {"train": [], "val": []}
-    jobs = [(label, k) for label in range(classes) for k in range(videos_per_class)]
-    for label, k in progress_bar(jobs, desc="synthetic videos", disable=not progress):
-        rng = np.random.default_rng([seed, label, k])
-        video = render_video(label, classes, frames, size, rng)
-        vid = f"{names[label]}_{k:03d}"
-        write_video(os.path.join(out, "videos", vid + ".mp4"), video, fps=fps)
-        split = "val" if k >= videos_per_class - num_val else "train"
-        rows[split].append({"id": vid, "path": f"videos/{vid}.mp4", "action": names[label], "label": label})
+    jobs = [(out, label, k, classes, frames, size, seed, fps, f"{names[label]}_{k:03d}")
+            for label in range(classes) for k in range(videos_per_class)]
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        written = pool.imap(_write_one, jobs, chunksize=64) if pool else map(_write_one, jobs)
+        for job, _ in zip(jobs, progress_bar(written, total=len(jobs), desc="synthetic videos", disable=not progress)):
+            _, label, k, *_, vid = job
+            split = "val" if k >= videos_per_class - num_val else "train"
+            rows[split].append({"id": vid, "path": f"videos/{vid}.mp4", "action": names[label], "label": label})
     paths = []
     for split in ("train", "val"):
         path = os.path.join(out, f"{split}.csv")
@@ -150,6 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed of the whole set")
     p.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4s")
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of each class's videos in val.csv")
+    p.add_argument("--workers", type=int, default=1, help="processes that render and encode the videos")
     return p.parse_args(argv)
 
 
@@ -157,7 +171,8 @@ def main(args):
     expect_path(args.out, "--out")
     start = time.time()
     train_csv, val_csv = make_synthetic_dataset(args.out, args.classes, args.videos_per_class, args.frames,
-                                                args.size, args.seed, args.fps, args.val_fraction)
+                                                args.size, args.seed, args.fps, args.val_fraction,
+                                                workers=args.workers)
     print(f"wrote {train_csv} and {val_csv} ({args.classes} classes x {args.videos_per_class} videos, "
           f"{args.frames} frames, {args.size}px) in {time.time() - start:.1f}s")
 

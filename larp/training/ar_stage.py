@@ -24,6 +24,7 @@ from larp.training.stage_data import clip_dataset, eval_clips
 from larp.training.token_cache import TokenItems, token_cache
 
 class ARStage:
+    KEEP_METRIC = ("val_loss", "min")  # train.keep best_val keeps the lowest validation loss
 
     def __init__(self, cfg, model, tokenizer, device):
         m = cfg.model

@@ -66,6 +66,7 @@ class TrainConfig:
     deterministic: bool = False
     find_unused_parameters: bool = False
     parallel: str = "ddp"      # ddp | fsdp (ar stage: FSDP2 fully_shard per transformer block, then the root)
+    keep: str = "last"         # the exported weights: last | best_val (best validation metric; larp/training/keep_best.py)
 
 
 @dataclass

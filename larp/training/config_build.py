@@ -316,6 +316,7 @@ def validate(cfg):
     choices = (("lr_schedule.name", cfg.lr_schedule.name, ("cosine", "step", "constant")),
                ("train.amp", cfg.train.amp, ("fp32", "bf16", "fp16")),
                ("train.parallel", cfg.train.parallel, ("ddp", "fsdp")),
+               ("train.keep", cfg.train.keep, ("last", "best_val")),
                ("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled")))
     for key, value, allowed in choices:
         if value not in allowed:
@@ -326,6 +327,9 @@ def validate(cfg):
         if cfg.train.amp == "fp16":
             raise ConfigError("train.parallel: fsdp runs fp32 or bf16 (train.amp fp16 needs a GradScaler whose "
                               "inf checks are not synchronised over shards); use train.amp bf16")
+    if cfg.train.keep == "best_val" and not (cfg.data.val_csv and cfg.eval.num_videos):
+        raise ConfigError("train.keep: best_val needs a validation set: set data.val_csv and eval.num_videos > 0 "
+                          "(eval.interval sets how often it compares; 0 = only at the end)")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size: must be a positive integer, got {cfg.batch_size!r}")
     if cfg.stage == "ar":

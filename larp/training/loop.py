@@ -22,8 +22,9 @@ from larp.training.config_build import from_dict
 from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
 from larp.training.optim import EMA, lr_at, schedule_args
-from larp.training.run_folder import (check_free, clean_run_dir, export_model, finished_step, hold_run_folder,
-                                      mark_finished, remove_temps, unmark_finished)
+from larp.training.keep_best import export_kept, update_best
+from larp.training.run_folder import (check_free, clean_run_dir, finished_step, hold_run_folder, mark_finished,
+                                      remove_temps, unmark_finished)
 from larp.training.tokenizer_stage import TokenizerStage
 
 STAGES = {"tokenizer": TokenizerStage, "ar": ARStage}
@@ -122,10 +123,11 @@ def _train(cfg, run_dir, info, notes, replace, wandb_mode, trust=False):
     step, last = run_steps(stage, run, step)
     final = run_eval(stage, info, run_dir, step, run.log, run.sharded)
     export_dir = os.path.join(run_dir, "export")
-    export_model(stage.model, run.ema, export_dir, run.sharded)
+    kept = export_kept(stage, run, step, final, export_dir)
     if info.is_main:
-        mark_finished(run_dir, step, step_plan(cfg))
-    run.log.log(f"finished at step {step}: {cfg.stage} model in {export_dir}/; "
+        mark_finished(run_dir, step, step_plan(cfg), kept)
+    weights = "" if kept["step"] == step else f" (the weights of step {kept['step']}, train.keep {kept['rule']})"
+    run.log.log(f"finished at step {step}: {cfg.stage} model in {export_dir}/{weights}; "
                 + ", ".join(p for p in (os.path.join(run_dir, n) for n in ("metrics.csv", "log.txt", "previews/"))
                             if os.path.exists(p)))
     dist.barrier()
@@ -238,7 +240,7 @@ def after_step(stage, run, step, epoch, total, spe):
     """The evaluation and the checkpoints due after `step`."""
     tc, ev = run.cfg.train, run.cfg.eval
     if ev.interval and step % ev.interval == 0 and step < total:
-        run_eval(stage, run.info, run.run_dir, step, run.log, run.sharded)
+        update_best(stage, run, step, run_eval(stage, run.info, run.run_dir, step, run.log, run.sharded))
     if step % tc.latest_interval == 0 or step == total:
         save_checkpoint(os.path.join(run.run_dir, "ckpt_latest.pth"), stage, run.ema, run.plain, step, epoch,
                         run.sharded)

@@ -13,8 +13,8 @@ from larp.training import fsdp
 
 LOCK_NAME = ".run.lock"
 FINISHED = "finished.json"  # written after the export: {"step", "plan"}; a rerun with the same plan does nothing
-RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "previews", "wandb",
-             FINISHED)
+RUN_FILES = ("ckpt_*.pth", "log.txt", "metrics.csv", "config.yaml", "wandb_id.txt", "export", "export.next", "best",
+             "best.next", "best.prev", "previews", "wandb", FINISHED)
 
 
 def clean_run_dir(run_dir):
@@ -88,9 +88,11 @@ def export_model(raw, ema, directory, sharded=False):
     raw.load_state_dict(backup)
 
 
-def mark_finished(run_dir, step, plan):
-    """The run exported its model at `step`; `plan` is what set its number of steps (loop.step_plan)."""
-    atomic_write_text(os.path.join(run_dir, FINISHED), json.dumps({"step": step, "plan": plan}, indent=2) + "\n")
+def mark_finished(run_dir, step, plan, kept=None):
+    """The run exported its model at `step`; `plan` is what set its number of steps (loop.step_plan); `kept`: which
+    weights the export holds (larp/training/keep_best.py)."""
+    mark = {"step": step, "plan": plan, **({"kept": kept} if kept else {})}
+    atomic_write_text(os.path.join(run_dir, FINISHED), json.dumps(mark, indent=2) + "\n")
 
 
 def unmark_finished(run_dir):

@@ -22,6 +22,7 @@ from larp.core.visualize import save_preview_png
 
 class TokenizerStage:
     model_name = "larp_tokenizer"
+    KEEP_METRIC = ("val_psnr", "max")  # train.keep best_val keeps the highest validation PSNR
 
     def __init__(self, cfg, device):
         if "lr" in cfg.disc_optimizer.args:
