@@ -55,15 +55,18 @@ def clip_stack(csv_path, frames, all_windows=False):
     return np.stack(videos).astype(np.float32) / 255, np.array(labels)
 
 
-def nearest_rms(videos, reference, chunk=2048):
-    """Mean over `videos` of the RMS pixel difference to the nearest clip of `reference` (memorisation check)."""
-    a = videos.reshape(len(videos), -1).astype(np.float64)
-    best = np.full(len(a), np.inf)
+def nearest_rms(sets, reference, chunk=4096):
+    """For each array of videos in `sets`: the mean over its videos of the RMS pixel difference to the nearest clip of
+    `reference` (memorisation check). One float32 matrix product over all sets, `chunk` reference clips at a time."""
+    a = torch.from_numpy(np.concatenate([v.reshape(len(v), -1) for v in sets]))
+    best = torch.full((len(a),), float("inf"))
     for i in range(0, len(reference), chunk):
-        b = reference[i:i + chunk].reshape(-1, a.shape[1]).astype(np.float64)
-        d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
-        best = np.minimum(best, d2.min(1))
-    return float(np.sqrt(np.clip(best, 0, None) / a.shape[1]).mean())
+        b = torch.from_numpy(reference[i:i + chunk].reshape(-1, a.shape[1]))
+        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+        best = torch.minimum(best, d2.min(1).values)
+    rms = (best.clamp(min=0) / a.shape[1]).sqrt().double().numpy()
+    bounds = np.cumsum([0] + [len(v) for v in sets])
+    return [float(rms[lo:hi].mean()) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def within_class_spread(videos, labels):
@@ -122,17 +125,17 @@ def measure(q, frames, samples, seeds):
     """Memorisation and diversity of real val clips and of every seed's samples: {"spread", "nearest_train"} plus
     the per-clip mean-colour PSNR of the val clips."""
     real, real_labels = clip_stack(os.path.join(q, "data", "val.csv"), frames)
-    train_clips, _ = clip_stack(os.path.join(q, "data", "train.csv"), frames, all_windows=True)
     name = "real videos (val)"
-    stats = {"mean_colour_psnr": mean_colour_psnr(real), "spread": {name: within_class_spread(real, real_labels)},
-             "nearest_train": {name: nearest_rms(real, train_clips)}, "train_clips": len(train_clips)}
+    sets = {name: (real, real_labels)}
     for order in ORDERS:
         for seed in seeds:
-            fake, fake_labels = clip_stack(os.path.join(samples(order, seed), "samples.csv"), frames)
-            key = f"{order.upper()} samples, seed {seed}"
-            stats["spread"][key] = within_class_spread(fake, fake_labels)
-            stats["nearest_train"][key] = nearest_rms(fake, train_clips)
-    return stats
+            sets[f"{order.upper()} samples, seed {seed}"] = clip_stack(os.path.join(samples(order, seed), "samples.csv"),
+                                                                       frames)
+    train_clips, _ = clip_stack(os.path.join(q, "data", "train.csv"), frames, all_windows=True)
+    nearest = nearest_rms([v for v, _ in sets.values()], train_clips)
+    return {"mean_colour_psnr": mean_colour_psnr(real), "train_clips": len(train_clips),
+            "spread": {k: within_class_spread(v, labels) for k, (v, labels) in sets.items()},
+            "nearest_train": dict(zip(sets, nearest))}
 
 
 def detector_line(path):
