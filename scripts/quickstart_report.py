@@ -95,8 +95,8 @@ def metric_column(run_dir, key):
 
 
 def kept_checkpoint(run_dir):
-    """{"step", "val_loss", "lowest", "lowest_step"}: the step whose weights the export holds (finished.json,
-    train.keep), the validation loss there and the lowest the run reached."""
+    """{"step", "val_loss", "lowest", "lowest_step", "last", "last_step"}: the step whose weights the export holds
+    (finished.json, train.keep), the validation loss there, the lowest the run reached and the last."""
     with open(os.path.join(run_dir, "finished.json")) as f:
         kept = json.load(f).get("kept", {})
     steps, losses = metric_column(run_dir, "val_loss")
@@ -104,7 +104,8 @@ def kept_checkpoint(run_dir):
         sys.exit(f"[quickstart] {run_dir}/metrics.csv has no val_loss")
     step = kept.get("step", steps[-1])
     low = int(np.argmin(losses))
-    return {"step": step, "val_loss": losses[steps.index(step)], "lowest": losses[low], "lowest_step": steps[low]}
+    return {"step": step, "val_loss": losses[steps.index(step)], "lowest": losses[low], "lowest_step": steps[low],
+            "last": losses[-1], "last_step": steps[-1]}
 
 
 def training_curves(q, out_png, baseline_psnr, kept):
@@ -175,6 +176,32 @@ def accuracy_lines(acc, seeds):
     return lines
 
 
+def goal_lines(acc, kept, stats, fvd_ratio, psnr_gain, total_s):
+    """The quickstart's goals (a generator that learned the classes, not its training clips) and whether this run
+    met each."""
+    real = "real videos (val)"
+    fakes = [k for k in stats["spread"] if k != real]
+    spread = min(stats["spread"][k] for k in fakes) / stats["spread"][real]
+    nearest = min(stats["nearest_train"][k] for k in fakes)
+    kept_ratio = max(k["val_loss"] / k["lowest"] for k in kept.values())
+    nar, raster = min(acc["nar"].values()), min(acc["raster"].values())
+    farther = nearest / stats["nearest_train"][real]
+    rows = [("NAR oracle accuracy, lowest of the seeds", f"{nar:.3f}", ">= 0.95", nar >= 0.95),
+            ("raster oracle accuracy, lowest of the seeds", f"{raster:.3f}", ">= 0.90", raster >= 0.90),
+            ("val loss at the kept checkpoint / lowest, worse generator", f"{kept_ratio:.3f}", "<= 1.05",
+             kept_ratio <= 1.05),
+            ("nearest training clip: closest sample set / real val clips", f"{farther:.2f}", "> 1 (samples farther)",
+             farther > 1),
+            ("within-class spread / real, lowest sample set", f"{spread:.3f}", ">= 0.80", spread >= 0.80),
+            ("NAR FVD / tokenizer reconstruction FVD", f"{fvd_ratio:.2f}", "<= 2", fvd_ratio <= 2),
+            ("tokenizer PSNR - mean-colour PSNR (dB)", f"{psnr_gain:.2f}", ">= 4", psnr_gain >= 4),
+            ("wall time of this run (min; a new machine adds the venv)", f"{total_s / 60:.1f}", "<= 15",
+             total_s <= 900)]
+    lines = ["| goal | this run | target | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} | {'yes' if ok else '**no**'} |" for name, value, target, ok in rows]
+    return lines
+
+
 def write_report(q, run, acc, stats, times, total_s):
     """quickstart/report.md. `run`: the run's settings {"num_samples", "sample_args", "seeds", "fvd_clips",
     "frames", "size", "samples" (order, seed) -> folder}."""
@@ -190,13 +217,15 @@ def write_report(q, run, acc, stats, times, total_s):
              f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}. Training set: {stats['train_clips']} clips. "
              f"{run['num_samples']} samples per generator and sampling seed, conditioned on the labels of "
              f"{run['num_samples']} val clips (FVD clip protocol, seed 42); sampling flags: "
-             f"`{' '.join(run['sample_args'])}`.", "",
-             "## Oracle class accuracy (analytic classifier, larp/data/oracle.py)", ""]
+             f"`{' '.join(run['sample_args'])}`.", "", "## Goals", ""]
+    lines += goal_lines(acc, kept, stats, fvd["nar"][0] / recon_fvd, tok["psnr"] - stats["mean_colour_psnr"], total_s)
+    lines += ["", "## Oracle class accuracy (analytic classifier, larp/data/oracle.py)", ""]
     lines += accuracy_lines(acc, seeds)
     lines += ["", "## Generators: the kept checkpoint (train.keep best_val)", "",
-              "| generator | kept step | val loss there | lowest val loss (step) | kept / lowest |", "|---|---|---|---|---|"]
+              "| generator | kept step | val loss there | lowest val loss (step) | kept / lowest | last val loss (step) |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {o.upper()} | {k['step']} | {k['val_loss']:.4f} | {k['lowest']:.4f} ({k['lowest_step']}) | "
-              f"{k['val_loss'] / k['lowest']:.3f} |" for o, k in kept.items()]
+              f"{k['val_loss'] / k['lowest']:.3f} | {k['last']:.4f} ({k['last_step']}) |" for o, k in kept.items()]
     detectors = "; ".join(sorted({v[1] for v in fvd.values()}))
     lines += ["", "## FVD against the same real clips", "",
               f"`eval/compute_fvd.py`, {detectors}. Scored: the first {n} samples of seed {seeds[0]} of each generator "

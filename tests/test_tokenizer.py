@@ -268,3 +268,20 @@ def test_eval_script_bad_tokenizer_is_one_line(tmp_path):
     ev = _eval_module()
     with pytest.raises(CheckpointError, match=r"--tokenizer: .*nope.*no such file"):
         ev.main(ev.get_args(["--tokenizer", str(tmp_path / "nope"), "--dataset_csv", "x.csv", "--no_fvd"]))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_tokens_without_losses_are_the_same(golden_dir, golden_cases, deterministic):
+    """encode(losses=False), what a frozen tokenizer uses, gives the same tokens and code vectors (and, sampling,
+    takes the same random draws) without the VQ and entropy losses."""
+    model = LARPTokenizer.from_pretrained(golden_dir).set_vq_eval_deterministic(deterministic)
+    x = golden_cases["tokenizer.input_video"]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        full = model.encode(x)
+        torch.manual_seed(5)
+        fast = model.encode(x, losses=False)
+    assert torch.equal(full["bottleneck_rep"], fast["bottleneck_rep"])
+    assert torch.equal(full["encoded"], fast["encoded"]) and "loss" not in fast
+    if deterministic:
+        assert torch.equal(fast["bottleneck_rep"], golden_cases["tokenizer.tokens"])

@@ -54,11 +54,13 @@ class VectorQuantizer(nn.Module):
             return z @ cb.t()
         return -(z.pow(2).sum(-1, keepdim=True) - 2 * z @ cb.t() + cb.pow(2).sum(-1))
 
-    def forward(self, z, uniforms=None):  # z: (B, N, d); uniforms: None or (B, N) in [0, 1)
+    def forward(self, z, uniforms=None, losses=True):  # z: (B, N, d); uniforms: None or (B, N) in [0, 1)
+        """`losses` False: the codes only (regularized_z, bottleneck_rep, codebook_usage), the same codes and random
+        draws, without the VQ and entropy losses (most of the time of a frozen tokenizer's encode)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self._quantize(z.float(), uniforms)  # code matching in fp32: bf16 scores would change tokens
+            return self._quantize(z.float(), uniforms, losses)  # code matching in fp32: bf16 scores would change tokens
 
-    def _quantize(self, z, uniforms=None):
+    def _quantize(self, z, uniforms=None, losses=True):
         if self.cfg.l2_normalized:
             z = F.normalize(z, dim=-1)
         scores = self.similarity(z)  # (B, N, V)
@@ -72,6 +74,9 @@ class VectorQuantizer(nn.Module):
         else:
             idx = scores.argmax(dim=-1)  # (B, N)
         z_q = self.lookup(idx)  # (B, N, d)
+        usage = torch.tensor(torch.unique(idx).numel() / self.cfg.codebook_size, device=z.device)
+        if not losses:
+            return {"regularized_z": z + (z_q - z).detach(), "bottleneck_rep": idx, "codebook_usage": usage}
         commitment = F.mse_loss(z, z_q.detach())
         codebook = F.mse_loss(z_q, z.detach())
         loss = self.cfg.commitment_loss_weight * commitment + self.cfg.codebook_loss_weight * codebook
@@ -85,9 +90,7 @@ class VectorQuantizer(nn.Module):
             loss = loss + self.cfg.entropy_loss_weight * ent
             out["entropy_loss"] = ent
         z_st = z + (z_q - z).detach()  # straight-through
-        usage = torch.unique(idx).numel() / self.cfg.codebook_size
-        out.update(regularized_z=z_st, bottleneck_rep=idx, loss=loss,
-                   codebook_usage=torch.tensor(usage, device=z.device))
+        out.update(regularized_z=z_st, bottleneck_rep=idx, loss=loss, codebook_usage=usage)
         return out
 
 
@@ -115,8 +118,8 @@ class Bottleneck(nn.Module):
         self.out_linear = nn.Linear(bottleneck_dim, out_size or hidden_size)
         self.regularizer = VectorQuantizer(bottleneck_dim, VQConfig(**regularizer.get("args", {})))
 
-    def forward(self, x, uniforms=None):  # (B, N, D)
-        out = self.regularizer(self.in_linear(x), uniforms)
+    def forward(self, x, uniforms=None, losses=True):  # (B, N, D)
+        out = self.regularizer(self.in_linear(x), uniforms, losses)
         out["output"] = self.out_linear(out["regularized_z"].to(x.dtype))  # (B, N, D_dec)
         return out
 

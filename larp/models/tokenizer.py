@@ -223,16 +223,17 @@ class LARPTokenizer(nn.Module):
             q = q + self.encoder_latent_query_token_type_embed
         return q
 
-    def encode(self, x, uniforms=None):
+    def encode(self, x, uniforms=None, losses=True):
         """x: (B, 3, T, H, W) in [0, 1] -> dict: encoded (B, N, D) for `decode`, bottleneck_rep (B, N) tokens,
         regularized_z (B, N, d) code vectors, loss (VQ), commitment/codebook losses, codebook_usage.
-        `uniforms` (B, N): the draws of a sampling quantiser (quantizer.py); None: its own random draws."""
+        `uniforms` (B, N): the draws of a sampling quantiser (quantizer.py); None: its own random draws. `losses`
+        False: the same tokens without the VQ and entropy losses (no `loss` keys), for a frozen tokenizer."""
         self._check_input(x)
         p = self.x_embedder(x * 2 - 1 if self.input_centering else x) + self.encoder_patch_pe  # (B, L, D)
         if hasattr(self, "encoder_patch_token_type_embed"):
             p = p + self.encoder_patch_token_type_embed
         z = self.encoder(p, self.latent_query.expand(x.shape[0], -1, -1).to(p.dtype))  # (B, N, D)
-        out = self.bottleneck(z, uniforms)
+        out = self.bottleneck(z, uniforms, losses)
         out["encoded"] = out.pop("output")
         return out
 
@@ -241,7 +242,8 @@ class LARPTokenizer(nn.Module):
         length: the condition of a frame-prediction generator. `uniforms` as in `encode`."""
         t = video.shape[2]
         last = video[:, :, num_cond - 1:num_cond].expand(-1, -1, t - num_cond, -1, -1)
-        return self.encode(torch.cat([video[:, :, :num_cond], last], dim=2), uniforms)["bottleneck_rep"]  # (B, N)
+        clip = torch.cat([video[:, :, :num_cond], last], dim=2)
+        return self.encode(clip, uniforms, losses=False)["bottleneck_rep"]  # (B, N)
 
     def decode(self, z):
         """z: (B, N, D) (the `encoded` output) -> (B, 3, T, H, W), not clamped."""

@@ -94,7 +94,7 @@ class ARStage:
     def tokens(self, video):
         """Frozen-tokenizer tokens (B, N) of a clip batch."""
         with autocast(video.device, self.encode_dtype):
-            return self.tokenizer.encode(video)["bottleneck_rep"]
+            return self.tokenizer.encode(video, losses=False)["bottleneck_rep"]
 
     @torch.no_grad()
     def condition_tokens(self, video):

@@ -5,6 +5,8 @@ validation metric of the stage (`KEEP_METRIC`: the generators' val_loss, lowest;
 highest), the final evaluation included. The best weights so far live in <run_dir>/best/ (the export layout plus
 best.json: step, metric, value), written as the run goes, so a resumed run goes on comparing against them. A new
 best is written to best.next/ and swapped in by two renames; a kill between them is repaired on the next read.
+With EMA on, the metric is that of the trained weights (what the evaluation sees) and best/ holds the EMA weights
+of that step, as export/ always does.
 """
 import json
 import os
