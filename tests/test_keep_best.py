@@ -42,12 +42,18 @@ def test_export_holds_the_best_evaluation(synth, reference_dir, tmp_path, monkey
         assert any(not torch.equal(v, seen[3][k]) for k, v in exported.items())
 
 
-def test_keep_last_is_the_default(synth, reference_dir, tmp_path, monkeypatch):
+def test_keep_last_exports_the_last_weights(synth, reference_dir, tmp_path, monkeypatch):
     seen = scripted_val_loss(monkeypatch, [1.0, 9.0])
-    summary = run_main(ar_argv(synth, reference_dir, tmp_path, "last", 4, extra=["eval.interval", "2"]))
+    summary = run_main(ar_argv(synth, reference_dir, tmp_path, "last", 4, extra=["eval.interval", "2", "train.keep",
+                                                                                "last"]))
     exported = load_generator(summary["export"]).state_dict()
     assert all(torch.equal(v, seen[1][k]) for k, v in exported.items())
     assert not os.path.exists(os.path.join(summary["run_dir"], "best"))
+
+
+def test_keep_defaults_to_last():
+    from larp.training.config import TrainConfig
+    assert TrainConfig().keep == "last"
 
 
 @pytest.mark.parametrize("left", ["best.next", "best.prev"])
