@@ -35,14 +35,16 @@ def test_goals_table_marks_misses():
     assert rows["NAR oracle accuracy, lowest of the seeds"].endswith("0.940 | >= 0.95 | **no** |")
     assert rows["raster oracle accuracy, lowest of the seeds"].endswith("| yes |")
     assert rows["val loss at the kept checkpoint / lowest, worse generator"].endswith("1.100 | <= 1.05 | **no** |")
-    assert rows["nearest training clip: closest sample set / real val clips"].endswith("0.80 | > 1 (samples farther) | **no** |")
+    nearest = rows["nearest training clip: closest sample set / real val clips"]
+    assert nearest.endswith("0.80 | > 1 (samples farther) | **no** |")
     assert rows["within-class spread / real, lowest sample set"].endswith("0.700 | >= 0.80 | **no** |")
     assert rows["NAR FVD / tokenizer reconstruction FVD"].endswith("| yes |")
 
 
 def stage(tmp_path, name, code, needs=()):
     done = tmp_path / f"{name}.done"
-    cmd = [sys.executable, "-c", f"import time, pathlib; {code}; pathlib.Path({str(done)!r}).write_text(str(time.time()))"]
+    write = f"pathlib.Path({str(done)!r}).write_text(str(time.time()))"
+    cmd = [sys.executable, "-c", f"import time, pathlib; {code}; {write}"]
     return quickstart_stages.Stage(name, cmd, str(done), needs)
 
 
