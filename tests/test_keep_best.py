@@ -38,6 +38,7 @@ def test_export_holds_the_best_evaluation(synth, reference_dir, tmp_path, monkey
     exported = load_generator(summary["export"]).state_dict()
     for k, v in exported.items():
         assert torch.equal(v, seen[best_index][k]), k
+    assert sorted(os.listdir(summary["export"])) == ["config.json", "model.safetensors"]  # the export layout only
     if best_index != 3:  # the last weights differ, so the export really is the earlier step's
         assert any(not torch.equal(v, seen[3][k]) for k, v in exported.items())
 

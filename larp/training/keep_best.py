@@ -92,7 +92,7 @@ def export_kept(stage, run, step, final, export_dir):
         tmp = export_dir.rstrip("/") + ".next"
         with naming_write_errors(export_dir):
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(os.path.join(run.run_dir, BEST), tmp)
+            shutil.copytree(os.path.join(run.run_dir, BEST), tmp, ignore=shutil.ignore_patterns(MARK))
             shutil.rmtree(export_dir, ignore_errors=True)
             os.replace(tmp, export_dir)
     dist.barrier()
