@@ -25,7 +25,7 @@ from larp.training.config_build import from_dict
 from larp.data.dataset import VideoDataset
 from larp.data.synthetic import make_synthetic_dataset
 from larp.core.errors import run_cli
-from larp.metrics.image import psnr
+from larp.metrics.image import mean_colour_psnr, psnr
 from larp.training.optim import lr_at
 from larp.training.tokenizer_stage import TokenizerStage
 
@@ -34,11 +34,6 @@ def load_clips(csv, cfg, limit=None):
     ds = VideoDataset(csv, frame_num=cfg["data"]["frame_num"], input_size=cfg["data"]["input_size"], train=False)
     idx = range(len(ds)) if limit is None else torch.linspace(0, len(ds) - 1, limit).round().long().tolist()
     return torch.stack([ds[i]["video"] for i in idx])  # (B, 3, T, S, S) in [0, 1]
-
-
-def mean_colour_psnr(videos):
-    """PSNR of each clip against its own mean colour (over all frames and pixels), mean over clips."""
-    return float(psnr(videos.mean((2, 3, 4), keepdim=True).expand_as(videos), videos).mean())
 
 
 @torch.no_grad()
@@ -86,7 +81,7 @@ def main(args):
     device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
     train = load_clips(os.path.join(data, "train.csv"), base).to(device)
     val = load_clips(os.path.join(data, "val.csv"), base, limit=args.val_clips).to(device)
-    base_psnr = mean_colour_psnr(val)
+    base_psnr = float(mean_colour_psnr(val).mean())
     print(f"device {device}, torch {torch.__version__}, {len(train)} train clips, {len(val)} val clips; "
           f"per-clip mean-colour baseline {base_psnr:.2f} dB", flush=True)
     results = {}

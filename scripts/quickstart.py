@@ -94,12 +94,12 @@ def all_stages(q, py, tok):
     then goes on to the tokenizer's evaluations and the raster samples and FVD while the NAR still trains. The NAR's
     FVD reuses the real clips' features the raster's FVD saved."""
     real_stats = os.path.join(q, "fvd", "raster", "real_stats.pkl")
-    fvd = [Stage("fvd_raster", lambda: fvd_command(q, py, "raster"), os.path.join(q, "fvd", "raster", "fake_stats.pkl"),
-                 (f"sample_raster_seed{SEEDS[0]}",)),
-           Stage("fvd_nar", lambda: fvd_command(q, py, "nar", real_stats), os.path.join(q, "fvd", "nar", "fake_stats.pkl"),
-                 (f"sample_nar_seed{SEEDS[0]}", "fvd_raster"))]
-    return (training_stages(q, py) + tokenizer_stages(q, py, tok) + sample_stages(q, py, tok, "raster") + fvd[:1]
-            + sample_stages(q, py, tok, "nar") + fvd[1:])
+    fvd_raster = Stage("fvd_raster", lambda: fvd_command(q, py, "raster"),
+                       os.path.join(q, "fvd", "raster", "fake_stats.pkl"), (f"sample_raster_seed{SEEDS[0]}",))
+    fvd_nar = Stage("fvd_nar", lambda: fvd_command(q, py, "nar", real_stats),
+                    os.path.join(q, "fvd", "nar", "fake_stats.pkl"), (f"sample_nar_seed{SEEDS[0]}", "fvd_raster"))
+    return (training_stages(q, py) + tokenizer_stages(q, py, tok) + sample_stages(q, py, tok, "raster") + [fvd_raster]
+            + sample_stages(q, py, tok, "nar") + [fvd_nar])
 
 
 def clip_shape(q):

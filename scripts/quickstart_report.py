@@ -13,6 +13,7 @@ import torch
 from larp.core.visualize import save_curves_png
 from larp.data.dataset import read_video_csv
 from larp.data.video_io import read_frames
+from larp.metrics.image import mean_colour_psnr
 from larp.models.generator import load_generator
 
 ORDERS = ("nar", "raster")
@@ -81,12 +82,6 @@ def within_class_spread(videos, labels):
     return float(np.mean(spreads))
 
 
-def mean_colour_psnr(videos):
-    """PSNR of each clip against its own mean colour (what a tokenizer that learned nothing scores), mean."""
-    mse = ((videos - videos.mean((1, 2, 3), keepdims=True)) ** 2).reshape(len(videos), -1).mean(1)
-    return float(np.mean(10 * np.log10(1 / mse)))
-
-
 def metric_column(run_dir, key):
     """(steps, values) of one metrics.csv column (the rows where it is set)."""
     with open(os.path.join(run_dir, "metrics.csv")) as f:
@@ -134,7 +129,8 @@ def measure(q, frames, samples, seeds):
                                                                        frames)
     train_clips, _ = clip_stack(os.path.join(q, "data", "train.csv"), frames, all_windows=True)
     nearest = nearest_rms([v for v, _ in sets.values()], train_clips)
-    return {"mean_colour_psnr": mean_colour_psnr(real), "train_clips": len(train_clips),
+    baseline = float(mean_colour_psnr(torch.from_numpy(real).permute(0, 4, 1, 2, 3)).mean())  # (B, 3, T, H, W)
+    return {"mean_colour_psnr": baseline, "train_clips": len(train_clips),
             "spread": {k: within_class_spread(v, labels) for k, (v, labels) in sets.items()},
             "nearest_train": dict(zip(sets, nearest))}
 
@@ -202,11 +198,41 @@ def goal_lines(acc, kept, stats, fvd_ratio, psnr_gain, total_s):
     return lines
 
 
+def fvd_lines(fvd, recon_fvd, run):
+    """The FVD section: samples of the first seed and the tokenizer's reconstructions against the same real clips."""
+    n, seed = run["fvd_clips"], run["seeds"][0]
+    detectors = "; ".join(sorted({v[1] for v in fvd.values()}))
+    lines = ["", "## FVD against the same real clips", "",
+             f"`eval/compute_fvd.py`, {detectors}. Scored: the first {n} samples of seed {seed} of each generator "
+             f"against the {n} val clips they were conditioned on, and the tokenizer's reconstructions of those "
+             f"{n} clips (`eval/eval_larp_tokenizer.py --max_clips {n}`: the floor a generator on these tokens can "
+             f"reach); {run['frames']}-frame {run['size']}x{run['size']} clips, each frame upsampled bilinearly to "
+             f"224x224 for the I3D. With {n} clips the 400-d covariance has rank <= {n - 1}, so these numbers compare "
+             "the rows here; they are not comparable to published FVD (10,000 16-frame clips).", "",
+             "| videos | FVD | FVD / reconstruction FVD | mean NLL / token |", "|---|---|---|---|",
+             f"| tokenizer reconstructions | {recon_fvd:.2f} | 1.00 | |"]
+    return lines + [f"| {k.upper()} samples | {v[0]:.2f} | {v[0] / recon_fvd:.2f} | {v[2]:.3f} |"
+                    for k, v in fvd.items()]
+
+
+def diversity_lines(stats, tok):
+    """The within-class spread and nearest-training-clip table of the real val clips and every sample set."""
+    real_spread = stats["spread"]["real videos (val)"]
+    lines = ["## Within-class diversity and memorisation", "",
+             "Spread: mean RMS pixel difference between two videos of the same class. Nearest training clip: mean "
+             f"RMS pixel difference to the closest of the {stats['train_clips']} training clips (a generator that "
+             "copies training clips token for token sits near the tokenizer's own reconstruction error, "
+             f"{(tok['mse']) ** 0.5:.4f}).", "",
+             "| videos | spread | spread / real | nearest training clip |", "|---|---|---|---|"]
+    return lines + [f"| {k} | {v:.4f} | {v / real_spread:.2f} | {stats['nearest_train'][k]:.4f} |"
+                    for k, v in stats["spread"].items()]
+
+
 def write_report(q, run, acc, stats, times, total_s):
     """quickstart/report.md. `run`: the run's settings {"num_samples", "sample_args", "seeds", "fvd_clips",
     "frames", "size", "samples" (order, seed) -> folder}."""
-    seeds, samples, n = run["seeds"], run["samples"], run["fvd_clips"]
-    fvd, speed = generator_results(q, samples, seeds[0])
+    seeds = run["seeds"]
+    fvd, speed = generator_results(q, run["samples"], seeds[0])
     with open(os.path.join(q, "eval_tokenizer", "metrics.json")) as f:
         tok = json.load(f)
     recon_fvd = last_value(os.path.join(q, "logs", "fvd_tokenizer.log"), "fvd")
@@ -226,32 +252,14 @@ def write_report(q, run, acc, stats, times, total_s):
               "|---|---|---|---|---|---|"]
     lines += [f"| {o.upper()} | {k['step']} | {k['val_loss']:.4f} | {k['lowest']:.4f} ({k['lowest_step']}) | "
               f"{k['val_loss'] / k['lowest']:.3f} | {k['last']:.4f} ({k['last_step']}) |" for o, k in kept.items()]
-    detectors = "; ".join(sorted({v[1] for v in fvd.values()}))
-    lines += ["", "## FVD against the same real clips", "",
-              f"`eval/compute_fvd.py`, {detectors}. Scored: the first {n} samples of seed {seeds[0]} of each generator "
-              f"against the {n} val clips they were conditioned on, and the tokenizer's reconstructions of those "
-              f"{n} clips (`eval/eval_larp_tokenizer.py --max_clips {n}`: the floor a generator on these tokens can "
-              f"reach); {run['frames']}-frame {run['size']}x{run['size']} clips, each frame upsampled bilinearly to "
-              f"224x224 for the I3D. With {n} clips the 400-d covariance has rank <= {n - 1}, so these numbers compare "
-              "the rows here; they are not comparable to published FVD (10,000 16-frame clips).", "",
-              "| videos | FVD | FVD / reconstruction FVD | mean NLL / token |", "|---|---|---|---|",
-              f"| tokenizer reconstructions | {recon_fvd:.2f} | 1.00 | |"]
-    lines += [f"| {k.upper()} samples | {v[0]:.2f} | {v[0] / recon_fvd:.2f} | {v[2]:.3f} |" for k, v in fvd.items()]
+    lines += fvd_lines(fvd, recon_fvd, run)
     lines += ["", "## Tokenizer reconstruction (val clips, deterministic VQ)", "",
               "| PSNR (dB) | per-clip mean colour PSNR (dB) | SSIM | MSE |", "|---|---|---|---|",
               f"| {tok['psnr']:.2f} | {stats['mean_colour_psnr']:.2f} | {tok['ssim']:.4f} | {tok['mse']:.5f} |", "",
               "The mean-colour column is what predicting every pixel of a clip as that clip's mean colour scores "
               "(a tokenizer that learned nothing). Input (rows `real`) and reconstruction (rows `recon`): "
-              "![tokenizer](tokenizer_recon.png)", "",
-              "## Within-class diversity and memorisation", "",
-              "Spread: mean RMS pixel difference between two videos of the same class. Nearest training clip: mean "
-              f"RMS pixel difference to the closest of the {stats['train_clips']} training clips (a generator that "
-              "copies training clips token for token sits near the tokenizer's own reconstruction error, "
-              f"{(tok['mse']) ** 0.5:.4f}).", "",
-              "| videos | spread | spread / real | nearest training clip |", "|---|---|---|---|"]
-    real_spread = stats["spread"]["real videos (val)"]
-    lines += [f"| {k} | {v:.4f} | {v / real_spread:.2f} | {stats['nearest_train'][k]:.4f} |"
-              for k, v in stats["spread"].items()]
+              "![tokenizer](tokenizer_recon.png)", ""]
+    lines += diversity_lines(stats, tok)
     lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
               f"## Sampling speed (generation only, seed {seeds[0]}, same batch size and settings)", "",
               "| generator | forward passes / video | seconds | videos/s |", "|---|---|---|---|"]

@@ -10,6 +10,7 @@ so the class can be read from any 4 consecutive frames (see larp/data/oracle.py)
     python -m larp.data.synthetic --out data/synthetic --classes 8 --videos-per-class 48
 """
 import contextlib
+import functools
 import multiprocessing
 import os
 import time
@@ -110,12 +111,11 @@ def render_video(label, num_classes=8, frames=16, size=32, rng=None, params=None
     return out
 
 
-def _write_one(job):
-    """Render and write video k of class `label` (job: out, label, k, classes, frames, size, seed, fps, name)."""
-    out, label, k, classes, frames, size, seed, fps, vid = job
+def _write_one(out, classes, frames, size, seed, fps, job):
+    """Render and write video k of class `label` (job: label, k, name) under out/videos/."""
+    label, k, vid = job
     video = render_video(label, classes, frames, size, np.random.default_rng([seed, label, k]))
     write_video(os.path.join(out, "videos", vid + ".mp4"), video, fps=fps)
-    return vid
 
 
 def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=32, seed=0, fps=8,
@@ -136,12 +136,12 @@ def make_synthetic_dataset(out, classes=8, videos_per_class=48, frames=16, size=
     if not 0 < num_val < videos_per_class:
         raise UsageError(f"--videos-per-class {videos_per_class} with val fraction {val_fraction} leaves an empty split")
     rows = {"train": [], "val": []}
-    jobs = [(out, label, k, classes, frames, size, seed, fps, f"{names[label]}_{k:03d}")
-            for label in range(classes) for k in range(videos_per_class)]
+    jobs = [(label, k, f"{names[label]}_{k:03d}") for label in range(classes) for k in range(videos_per_class)]
+    write = functools.partial(_write_one, out, classes, frames, size, seed, fps)
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        written = pool.imap(_write_one, jobs, chunksize=64) if pool else map(_write_one, jobs)
-        for job, _ in zip(jobs, progress_bar(written, total=len(jobs), desc="synthetic videos", disable=not progress)):
-            _, label, k, *_, vid = job
+        written = pool.imap(write, jobs, chunksize=64) if pool else map(write, jobs)
+        for (label, k, vid), _ in zip(jobs, progress_bar(written, total=len(jobs), desc="synthetic videos",
+                                                         disable=not progress)):
             split = "val" if k >= videos_per_class - num_val else "train"
             rows[split].append({"id": vid, "path": f"videos/{vid}.mp4", "action": names[label], "label": label})
     paths = []

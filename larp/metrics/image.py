@@ -20,6 +20,12 @@ def psnr(a, b, data_range=1.0):
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
+def mean_colour_psnr(videos):
+    """(B,) PSNR of each sample against its own mean colour (every pixel of every frame replaced by the sample's mean
+    per channel): what a reconstruction that kept nothing but the colour scores. videos (B, C, T, H, W) in [0, 1]."""
+    return psnr(videos.mean(tuple(range(2, videos.dim())), keepdim=True).expand_as(videos), videos)
+
+
 def gaussian_window(size=11, sigma=1.5):
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-coords ** 2 / (2 * sigma ** 2))

@@ -74,13 +74,14 @@ class VectorQuantizer(nn.Module):
         else:
             idx = scores.argmax(dim=-1)  # (B, N)
         z_q = self.lookup(idx)  # (B, N, d)
-        usage = torch.tensor(torch.unique(idx).numel() / self.cfg.codebook_size, device=z.device)
+        out = {"regularized_z": z + (z_q - z).detach(), "bottleneck_rep": idx,  # straight-through
+               "codebook_usage": torch.tensor(torch.unique(idx).numel() / self.cfg.codebook_size, device=z.device)}
         if not losses:
-            return {"regularized_z": z + (z_q - z).detach(), "bottleneck_rep": idx, "codebook_usage": usage}
+            return out
         commitment = F.mse_loss(z, z_q.detach())
         codebook = F.mse_loss(z_q, z.detach())
         loss = self.cfg.commitment_loss_weight * commitment + self.cfg.codebook_loss_weight * codebook
-        out = {"commitment_loss": commitment, "codebook_loss": codebook}
+        out.update(commitment_loss=commitment, codebook_loss=codebook)
         if self.cfg.entropy_loss_weight > 0:
             # The reference computes the entropy on the affinity -||z - e||^2 (= 2 cos - 2 for unit vectors),
             # from the distances of its deterministic branch: with stochastic VQ on, it fails (the distances are
@@ -89,8 +90,7 @@ class VectorQuantizer(nn.Module):
             ent = entropy_loss(affinity, self.cfg.entropy_loss_temperature)
             loss = loss + self.cfg.entropy_loss_weight * ent
             out["entropy_loss"] = ent
-        z_st = z + (z_q - z).detach()  # straight-through
-        out.update(regularized_z=z_st, bottleneck_rep=idx, loss=loss, codebook_usage=usage)
+        out["loss"] = loss
         return out
 
 

@@ -32,8 +32,9 @@ def read_best(run_dir):
     """{"step", "metric", "value"} of the weights in <run_dir>/best/, or None. Finishes a swap a kill interrupted:
     a complete best.next/ (its best.json written last) or, failing that, the best.prev/ it was replacing."""
     best = os.path.join(run_dir, BEST)
-    if _mark(best) is not None:
-        return _mark(best)
+    mark = _mark(best)
+    if mark is not None:
+        return mark
     for other in (NEXT, PREV):
         folder = os.path.join(run_dir, other)
         if _mark(folder) is not None and dist.is_main_process():
@@ -50,14 +51,14 @@ def better(value, best, mode):
 
 def update_best(stage, run, step, result):
     """After an evaluation (every rank calls it: an FSDP export is collective): with train.keep best_val, when
-    rank 0's `result` beats the kept metric, export the model into <run_dir>/best/. Returns True when it did."""
+    rank 0's `result` beats the kept metric, export the model into <run_dir>/best/."""
     if run.cfg.train.keep != "best_val":
-        return False
+        return
     name, mode = stage.KEEP_METRIC
     value = dist.all_gather_object((result or {}).get(name))[0]  # rank 0 evaluated
     kept = dist.all_gather_object(read_best(run.run_dir) if dist.is_main_process() else None)[0]
     if value is None or not better(value, kept and kept["value"], mode):
-        return False
+        return
     nxt = os.path.join(run.run_dir, NEXT)
     if dist.is_main_process():
         shutil.rmtree(nxt, ignore_errors=True)
@@ -74,7 +75,6 @@ def update_best(stage, run, step, result):
             shutil.rmtree(prev, ignore_errors=True)
         run.log.log(f"train.keep best_val: step {step} has the best {name} so far ({value:.4g}); saved in {best}/")
     dist.barrier()
-    return True
 
 
 def export_kept(stage, run, step, final, export_dir):
@@ -97,4 +97,3 @@ def export_kept(stage, run, step, final, export_dir):
             os.replace(tmp, export_dir)
     dist.barrier()
     return {"rule": "best_val", **kept}
-
