@@ -33,7 +33,7 @@ from larp.metrics.detectors import I3DDetector, load_i3d
 from larp.metrics.i3d import MaxPool3dSame, pad_same
 from larp.metrics.i3d_weights import kinetics400_available
 from larp.core.utils import get_device
-from i3d_jax_reference import procedural_clip  # benchmarks/, beside this file
+from larp.data.procedural import procedural_clip
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                        "i3d_kinetics400_logits.npz")

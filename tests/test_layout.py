@@ -9,12 +9,12 @@ import os
 
 import pytest
 
-from benchmarks.config_path import import_graph, trace_stages
+from tools.config_path import import_graph, trace_stages
 from tests.conftest import ROOT
 
 # The subpackages of larp/, bottom to top. A module may import its own subpackage and the layers below its own;
 # subpackages that share a layer do not import each other.
-LAYERS = [["core"], ["data", "models", "metrics"], ["sampling", "training"]]
+LAYERS = [["core"], ["data", "models", "metrics"], ["sampling", "training"], ["quickstart"]]
 ENTRY_POINTS = {"train", "sample"}
 # imports allowed inside functions: optional or slow dependencies used by few code paths
 LAZY_OK = {"huggingface_hub", "torch.nn.attention.flex_attention", "torch.utils._triton", "lpips", "wandb"}
@@ -126,7 +126,7 @@ def test_imports_at_the_top_unless_lazy_for_an_optional_dependency():
 
 def test_training_config_climbs_back_up_at_most_8_times(tmp_path):
     """A two-step run of each stage: the functions that get the config (or a section) as an argument, in call
-    order; a move to a module that imports the current one is a climb. Measured with benchmarks/config_path.py on
+    order; a move to a module that imports the current one is a climb. Measured with tools/config_path.py on
     the same runs, the code before the refactor climbed 11 times (issue 14 counted 18 its own way)."""
     result = trace_stages(str(tmp_path))
     climbs = {stage: c for stage, (_, c) in result.items()}

@@ -7,11 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import quickstart_report  # noqa: E402
-import quickstart_stages  # noqa: E402
+from larp.quickstart import report as quickstart_report
+from larp.quickstart import stages as quickstart_stages
 
 
 def test_nearest_rms_matches_brute_force():

@@ -1,5 +1,5 @@
 """Frame-prediction sampling: the condition tokens, every decoded frame scored, the sampled condition (the
-reference protocol); the shared fixtures are in tests/test_sample.py."""
+reference protocol); the shared fixtures are in tests/test_sample_sharding.py."""
 import json
 import os
 
@@ -12,7 +12,7 @@ from larp.sampling import run as sampling
 from larp.data.video_io import read_frames
 from tests.conftest import patch_everywhere
 
-from tests.test_sample import GOLDEN, data_csv, report, run  # noqa: F401 (data_csv: a fixture)
+from tests.test_sample_sharding import GOLDEN, data_csv, report, run  # noqa: F401 (data_csv: a fixture)
 
 
 def test_condition_tokens_depend_on_first_frames_only():

@@ -15,7 +15,7 @@ from larp.core.errors import LarpError
 from larp.training.loop import preflight
 from larp.core.utils import torch_at_least
 from tests.conftest import ROOT
-from tests.test_ar import tiny
+from tests.test_generator import tiny
 
 
 @pytest.mark.parametrize("version,minimum,want", [

@@ -6,8 +6,8 @@ Every stage is a plain command of this repository (printed before it runs), so t
 worked example. A stage whose output exists is reused, so a second run only rebuilds the report;
 `--fresh` deletes quickstart/ first.
 
-    bash scripts/quickstart.sh            # sets up .venv, then runs this file
-    python scripts/quickstart.py --fresh
+    bash scripts/quickstart.sh            # sets up .venv, then runs this module
+    python -m larp.quickstart --fresh
 """
 import argparse
 import csv
@@ -24,10 +24,10 @@ from larp.core.visualize import save_video_grid_gif, save_video_grid_png
 from larp.data.dataset import VideoDataset, select_fvd_clips
 from larp.data.synthetic import class_names
 from larp.data.video_io import read_frames
-from quickstart_report import ORDERS, measure, oracle, write_report
-from quickstart_stages import Stage, run_pipeline
+from larp.quickstart.report import ORDERS, measure, oracle, write_report
+from larp.quickstart.stages import Stage, run_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: its train.py, sample.py
 
 NUM_CLASSES = 8
 # 1000 videos per class, 12 of them (1.2 %) held out: 7,904 training videos = 15,808 eight-frame clips, seen under
@@ -170,7 +170,15 @@ def class_preview(sample_dir, out_png, out_gif, per_class=4):
     save_video_grid_png(firsts, out_png, row_labels=labels[::per_class])
 
 
-def main(args):
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m larp.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fresh", action="store_true", help="delete quickstart/ and redo every stage")
+    return p.parse_args(argv)
+
+
+def main(args=None):
+    args = args if args is not None else parse_args()
     q = os.path.join(ROOT, "quickstart")
     if args.fresh and os.path.isdir(q):
         shutil.rmtree(q)
@@ -206,9 +214,3 @@ def main(args):
     run = {"num_samples": NUM_SAMPLES, "sample_args": SAMPLE_ARGS, "seeds": SEEDS, "fvd_clips": FVD_CLIPS,
            "frames": frames, "size": size, "samples": lambda o, s: samples_dir(q, o, s)}
     write_report(q, run, acc, stats, times, time.perf_counter() - t_start)
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fresh", action="store_true", help="delete quickstart/ and redo every stage")
-    main(p.parse_args())

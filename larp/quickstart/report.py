@@ -1,4 +1,4 @@
-"""The quickstart's measurements and report (scripts/quickstart.py runs the stages, then `measure` and `write_report`):
+"""The quickstart's measurements and report (larp/quickstart/run.py runs the stages, then `measure` and `write_report`):
 oracle accuracy per sampling seed, memorisation and diversity against the training clips, training curves, the
 kept checkpoints, FVD of samples and of tokenizer reconstructions, sampling speed, stage times."""
 import csv

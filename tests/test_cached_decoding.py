@@ -4,7 +4,7 @@ import torch
 
 import larp.models.decoding as gen
 from larp.models.sampling_params import SAMPLING_FIELDS, SamplingParams
-from test_ar import tiny
+from tests.test_generator import tiny
 
 
 def record_generate(model, monkeypatch, cond, **kw):
@@ -144,7 +144,7 @@ def test_sampling_benchmark_runs_and_shares_weights():
     spec.loader.exec_module(bench)
     args = bench.parse_args(["--dim", "32", "--grid", "2", "3", "4", "--vocab", "64", "--batch", "2",
                              "--repeats", "1", "--warmup", "0", "--device", "cpu",
-                             "--capture", "eager"])  # the traced loop is tested in tests/test_decode.py (11 s here)
+                             "--capture", "eager"])  # the traced loop is tested in tests/test_decode_loop.py (11 s here)
     nar, raster = bench.build_pair(args)
     assert torch.equal(raster.layers[3].attention.wqkv.weight, nar.layers[3].attention.wqkv.weight)
     assert torch.equal(raster.output.weight, nar.output_B.weight)

@@ -2,7 +2,7 @@
 steps on the synthetic set and print validation PSNR against the per-clip mean-colour baseline (the PSNR of
 predicting every pixel of a clip as that clip's mean colour, which a tokenizer that learned nothing reaches).
 
-    python benchmarks/screen_quickstart_tokenizer.py --steps 1000 \
+    python tools/screen_quickstart_tokenizer.py --steps 1000 \
         --variant base: \
         --variant local:model.local_query_attention=true,model.input_centering=true,loss.l2_weight=1
 

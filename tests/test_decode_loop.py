@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import larp.models.decoding as gen
 from larp.models.decode_runner import resolve_capture
 from larp.models.sampling_params import SamplingParams
-from test_ar import tiny
+from tests.test_generator import tiny
 
 # ops that wait for the device (item, data-dependent shapes) or copy host data to it
 FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select", "unique", "_unique2",

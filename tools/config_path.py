@@ -3,7 +3,7 @@ one of its sections) as an argument, in call order, grouped into consecutive sta
 from a module to one that imports it (directly or not), i.e. back up the import order. A config threaded down and
 back up through the layers climbs often; one read where it is needed climbs little (issue 14).
 
-    python benchmarks/config_path.py          # two-step AR and tokenizer runs on a tiny synthetic set
+    python tools/config_path.py          # two-step AR and tokenizer runs on a tiny synthetic set
 
 tests/test_layout.py runs the same trace and bounds the climbs.
 """

@@ -1,0 +1,3 @@
+from larp.quickstart.run import main
+
+main()
