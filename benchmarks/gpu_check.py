@@ -1,24 +1,27 @@
-"""The ready CUDA check: one command, one GPU, under 8 minutes; writes <out>/gpu_check.json and <out>/gpu_check.md.
+"""The GPU check: one command on a bare GPU machine, within 8 minutes; writes <out>/gpu_check.json and
+<out>/gpu_check.md and prints the decoding summary.
 
-    PYTHON=python3 bash benchmarks/gpu_check.sh --out gpu_check_out     # one H100 / H200
-    bash benchmarks/gpu_check.sh --device cpu --tiny                     # tiny CPU fallback of every section (CI)
-    PYTHON=python3 bash benchmarks/gpu_check.sh --sections tests decode seed   # issue 22, 455 s: gpu_decode.py
-Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes; 435 s in all):
-  tests       60  pytest tests/test_cuda.py tests/test_generator.py tests/test_cached_decoding.py (the CUDA tests compare the
-                  FlexAttention / cached-sampling / tokenizer / FSDP paths with the golden cases and the CPU)
-  sampling   200  NAR-L vs raster-L and raster-LP (and NAR-LP), random weights, 4x16x16, batch 32, bf16 autocast,
-                  cfg 1.25: forward passes, seconds per generate() (NAR: median of 3 after a warm-up; raster: one
-                  run), videos/s, ratios (models from benchmarks/bench_sampling.py: raster shares the NAR weights)
-  train_fsdp  60  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
-  train_ddp   60  the same with DDP: median step time and peak memory of both (the first step, reported apart,
-                  compiles FlexAttention; the second section finds inductor's on-disk cache warm)
-  tokenizer   30  LARP-L-long encode / decode clips/s, batch 8, bf16 (benchmarks/bench_tokenizer.py)
-  i3d         25  I3D features clips/s, batch 16 of 16x128x128 clips (--i3d, default kinetics400; if that detector
-                  cannot be loaded the error is recorded and a random I3D, labelled as such, is timed instead)
-A section that fails, crashes or runs out of time is recorded with its error and the check goes on; what a
-section measured before it was stopped is kept. The exit status is 0 when every section passed.
-Needs only torch, numpy, safetensors, pyyaml, tqdm, pandas and pytest (no av / decord / lpips / wandb); never
-installs anything.
+    bash benchmarks/gpu_check.sh --prepare                     # on a machine with a package index: fetch .whl/
+    bash benchmarks/gpu_check.sh                               # on the GPU machine (--out defaults to $OUT)
+    bash benchmarks/gpu_check.sh --device cpu --tiny           # tiny CPU run of every section
+    bash benchmarks/gpu_check.sh --sections decode_nar seed    # chosen sections
+
+Sections, in this order, each in its own process with its own time budget (seconds, GPU sizes; 455 s in all). A
+section writes its results as it measures them, so a crash or a timeout loses only what was still to come:
+  tests          60  pytest tests/test_cuda.py tests/test_generator.py tests/test_cached_decoding.py (the CUDA paths
+                     against the golden cases and the CPU)
+  decode_nar     70  NAR-L and raster-L decoding, batch 32, cfg 1.25, bf16 weights: eager and captured seconds,
+  decode_raster 150  tokens, the reference samplers, and the per-pass breakdown (benchmarks/gpu_decode.py)
+  attention      20  SDPA decode attention per backend and cache length
+  train_fsdp     50  20 training steps of NAR-L, batch 8, bf16, random tokens, torchrun --nproc_per_node 1, FSDP2
+  train_ddp      50  the same with DDP: median step time and peak memory of both
+  tokenizer      30  LARP-L-long encode / decode clips/s, batch 8, bf16 (benchmarks/bench_tokenizer.py)
+  i3d            25  I3D features clips/s, batch 16 of 16x128x128 clips (--i3d, default kinetics400; if that detector
+                     cannot be loaded the error is recorded and a random I3D, labelled as such, is timed instead)
+  seed          150  (not in the default list) the seed command on 1,024 samples, see benchmarks/gpu_decode.py
+The exit status is 0 when every section passed. The driver imports only torch and the standard library; each
+section imports what it needs, so a missing package fails that section alone. gpu_check.sh installs the packages
+a bare GPU image lacks (benchmarks/gpu_check_wheels.txt) from the .whl/ folder that --prepare fills.
 """
 import argparse
 import json
@@ -34,22 +37,17 @@ from types import SimpleNamespace
 
 import torch
 
-from larp.core import dist
-from larp.training import fsdp, loop as training
-from larp.training.ar_stage import ARStage, build_ar_model
-from larp.training.config_build import build_config
-from larp.metrics.detectors import load_i3d
-from larp.models.sampling_params import SamplingParams
 from larp.core.io import atomic_write_text
-from larp.core.utils import autocast, get_device
-from bench_sampling import build_pair, sync, timed
-from gpu_decode import EXTRA_BUDGET_S, EXTRA_TINY_BUDGET_S, decode_markdown, section_decode, section_seed  # noqa: F401
+from larp.core.utils import get_device
+from bench_sampling import sync
+from gpu_decode import (EXTRA_BUDGET_S, EXTRA_TINY_BUDGET_S, decode_markdown, section_attention,  # noqa: F401
+                        section_decode_nar, section_decode_raster, section_seed, summary_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SECTIONS = ("tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d")
-BUDGET_S = dict(tests=60, sampling=200, train_fsdp=60, train_ddp=60, tokenizer=30, i3d=25, **EXTRA_BUDGET_S)
-TINY_BUDGET_S = dict(tests=120, sampling=60, train_fsdp=90, train_ddp=90, tokenizer=60, i3d=60, **EXTRA_TINY_BUDGET_S)
+SECTIONS = ("tests", "decode_nar", "decode_raster", "attention", "train_fsdp", "train_ddp", "tokenizer", "i3d")
+BUDGET_S = dict(tests=60, train_fsdp=50, train_ddp=50, tokenizer=30, i3d=25, **EXTRA_BUDGET_S)
+TINY_BUDGET_S = dict(tests=120, train_fsdp=90, train_ddp=90, tokenizer=60, i3d=60, **EXTRA_TINY_BUDGET_S)
 TESTS = ["tests/test_cuda.py", "tests/test_generator.py", "tests/test_cached_decoding.py"]
 TINY_TESTS = ["tests/test_cuda.py"]  # on a CPU these skip; the CPU suite runs the rest anyway
 
@@ -87,46 +85,8 @@ def section_tests(args, rec):
         raise SystemExit(f"pytest exit status {res.returncode}: {rec.data['summary']}")
 
 
-def section_sampling(args, rec):
-    device = get_device(args.device)
-    if args.tiny:
-        grid, vocab, batch, dtype = (2, 4, 4), 64, 4, "fp32"
-        sizes = {"L": dict(size=None, dim=64, layers=2, heads=4), "LP": dict(size=None, dim=64, layers=3, heads=4)}
-    else:
-        grid, vocab, batch, dtype = (4, 16, 16), 8192, 32, "bf16"
-        sizes = {"L": dict(size="llama-abs-L"), "LP": dict(size="llama-abs-LP")}
-    settings = dict(grid=list(grid), vocab=vocab, num_classes=101, batch=batch, cfg_scale=1.25, top_k=0, dtype=dtype)
-    rec["settings"] = settings
-    labels = torch.arange(batch, device=device) % 101
-    rows = {}
-    for size in ("L", "LP"):
-        with torch.device(device):  # random init straight on the device
-            nar, raster = build_pair(SimpleNamespace(grid=grid, vocab=vocab, num_classes=101,
-                                                     **{"dim": 0, "layers": 0, "heads": 0, **sizes[size]}))
-        nar, raster = nar.to(device).eval(), raster.to(device).eval()  # (the index buffers are built on the CPU)
-        # raster runs once, after the NAR of the same dims warmed the kernels: 1024 passes dwarf launch costs
-        for order, model, warmup, repeats in (("nar", nar, 1, 3), ("raster", raster, 0, 1)):
-            def gen():
-                with autocast(device, dtype):
-                    model.generate(labels, SamplingParams(cfg_scale=settings["cfg_scale"], top_k=0),
-                                   seeds=list(range(batch)))
-            for _ in range(warmup):
-                gen()
-            seconds, _ = timed(gen, device, repeats)
-            rows[f"{order}-{size}"] = {
-                "forward_passes": model.num_decode_steps(), "seconds": seconds, "videos_per_s": batch / seconds,
-                "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "dim": model.args.dim,
-                "blocks": len(model.layers), "repeats": repeats}
-            rec["rows"] = rows
-        del nar, raster
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    rec["ratios"] = {"raster-L / nar-L": rows["raster-L"]["seconds"] / rows["nar-L"]["seconds"],
-                     "raster-LP / nar-L": rows["raster-LP"]["seconds"] / rows["nar-L"]["seconds"]}
-
-
 def section_tokenizer(args, rec):
-    from bench_tokenizer import CONFIGS, bench
+    from bench_tokenizer import CONFIGS, bench  # lazy, as every section's own imports (see the module docstring)
     device = get_device(args.device)
     name, batch, dtype, repeats = ("tiny", 2, "fp32", 1) if args.tiny else ("L", 8, "bf16", 3)
     with open(CONFIGS[name]) as f:
@@ -137,6 +97,7 @@ def section_tokenizer(args, rec):
 
 
 def section_i3d(args, rec):
+    from larp.metrics.detectors import load_i3d
     device = get_device(args.device)
     batch, frames, size, repeats = (1, 16, 32, 1) if args.tiny else (16, 16, 128, 3)
     rec["requested"] = args.i3d
@@ -161,6 +122,10 @@ def section_i3d(args, rec):
 
 def section_train(args, rec, parallel):
     """Under torchrun (one process per GPU): NAR steps on random tokens through the real wrap + step code."""
+    from larp.core import dist
+    from larp.training import fsdp, loop as training
+    from larp.training.ar_stage import ARStage, build_ar_model
+    from larp.training.config_build import build_config
     info = dist.init_distributed(args.device)
     device = info.device
     fsdp.ensure_process_group(device)  # DDP on a single rank needs a process group too
@@ -207,6 +172,11 @@ def section_train(args, rec, parallel):
                          "mean_step_ms": 1000 * statistics.mean(timed), "clips_per_s": batch / median,
                          "peak_memory_gb": peak, "loss_first": losses[0], "loss_last": losses[-1]}
     dist.cleanup()
+
+
+SECTION_FUNCTIONS = {"tests": section_tests, "decode_nar": section_decode_nar, "decode_raster": section_decode_raster,
+                     "attention": section_attention, "tokenizer": section_tokenizer, "i3d": section_i3d,
+                     "seed": section_seed}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -310,16 +280,6 @@ def markdown(report):
     if r:
         lines += ["", f"**Tests:** `{r.get('command', '')}`: {r.get('summary', '')}"]
         lines += [f"- {p}" for p in r.get("problems", [])]
-    r = s.get("sampling", {}).get("results", {})
-    if r.get("rows"):
-        st = r["settings"]
-        lines += ["", f"**Sampling** (random weights, grid {'x'.join(map(str, st['grid']))}, batch {st['batch']}, "
-                  f"{st['dtype']}, cfg {st['cfg_scale']}):", "",
-                  "| model | blocks | M params | forward passes | seconds | videos/s |", "|---|---|---|---|---|---|"]
-        for k, v in r["rows"].items():
-            lines.append(f"| {k} | {v['blocks']} | {v['params_M']:.4g} | {v['forward_passes']} | {v['seconds']:.3f} | "
-                         f"{v['videos_per_s']:.2f} |")
-        lines += [f"\n{k}: **{v:.2f}x**" for k, v in r.get("ratios", {}).items()]
     rows = [(k, s[k]["results"]) for k in ("train_ddp", "train_fsdp") if s.get(k, {}).get("results", {}).get("result")]
     if rows:
         st = rows[0][1]["settings"]
@@ -366,14 +326,16 @@ def drive(args):
     md = markdown(report)
     atomic_write_text(os.path.join(args.out, "gpu_check.md"), md)
     print(md, flush=True)
+    print("\n".join(["[gpu_check] summary"] + summary_table(report["sections"])), flush=True)
     print(f"[gpu_check] wrote {os.path.join(args.out, 'gpu_check.json')} and gpu_check.md", flush=True)
     return 0 if all(e["status"] == "ok" for e in report["sections"].values()) else 1
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_check_out",
-                   help="output folder: gpu_check.json, gpu_check.md, sections/ (gpu_check.sh runs in the repo root)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out",
+                   help="output folder: gpu_check.json, gpu_check.md, sections/ (default: $OUT when set, else "
+                   "gpu_check_out in the repository root)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the CPU fallback of every section")
     p.add_argument("--i3d", default="kinetics400", help="detector spec for the I3D section (as --i3d elsewhere)")
@@ -392,7 +354,7 @@ def main(argv=None):
     if args.section.startswith("train_"):
         section_train(args, rec, args.section.split("_", 1)[1])
     else:
-        globals()[f"section_{args.section}"](args, rec)
+        SECTION_FUNCTIONS[args.section](args, rec)
     return 0
 
 

@@ -1,18 +1,18 @@
-"""The decode sections of benchmarks/gpu_check.py (issue 22): not in its default list, run them with
-    PYTHON=python3 bash benchmarks/gpu_check.sh --sections tests decode seed --out gpu_check_out   # ~7.5 min
-(carry benchmarks/reference_code, and checkpoints/ for the Kinetics-400 I3D, to a device machine).
+"""The decoding sections of benchmarks/gpu_check.py, each run in its own process:
 
-  decode 240 s  attention probe: one decode attention (batch 64, 16 heads, head dim 64, bf16) per SDPA backend, at
-                KV lengths 64 / 256 / 1024 as slices (a new shape per length, as the old loop had at every step) and
-                over the full 1024-slot cache with a mask (the fixed shape): first call and steady time.
-                NAR-L and raster-L, random weights saved in the release format, 4x16x16, batch 32, bf16 autocast,
-                cfg 1.25: our eager loop, our captured loop (CUDA graphs: first call = recording, then timed),
-                the share of their tokens that agree (same seeds), and the reference samplers (LARP raster, NAR)
-                on the same files, weights cast to bf16 as their sample.py does.
-  seed   150 s  the seed command on 1,024 samples: sample.py's run() with a random LARP-L tokenizer and NAR-L
-                generator (release format), synthetic 16x128x128 clips, batch 64, cfg 1.25, bf16, I3D (--i3d) and
-                mp4 writing; wall time and its extrapolation to 10,000 samples.
-Tiny sizes on a CPU (--tiny) run every step of both, in seconds, to show they work.
+  decode_nar     NAR-L, random weights saved in the release format, 4x16x16, batch 32, cfg 1.25, weights cast to
+  decode_raster  bf16 once (sample.py's configuration), raster-L the same: our eager loop, our captured loop (CUDA
+                 graphs: the first call records every pass shape, then timed), whether the captured tokens equal
+                 the eager ones (same seeds), the reference sampler (LARP raster, NAR) on the same files with the
+                 same cast, and where a pass's time goes (one profiled eager call: attention, MLP, sampling and the
+                 rest per pass, and kernels per pass on CUDA, aten ops on a CPU). Each row is written as soon as it
+                 exists.
+  attention      one decode attention per SDPA backend (batch 64, 16 heads, head dim 64, bf16) over 64 / 256 /
+                 1024 cache slots, and over 1024 slots under a mask: first call and steady time (CUDA only).
+  seed           (not in the default list) the seed command on 1,024 samples: sample.py's run() with a random LARP-L
+                 tokenizer and NAR-L generator, synthetic 16x128x128 clips, batch 64, cfg 1.25, bf16, I3D and mp4
+                 writing; wall time and its extrapolation to 10,000 samples.
+--tiny runs every step at tiny sizes, in seconds, on a CPU.
 """
 import json
 import math
@@ -25,22 +25,19 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from larp.core.errors import I3DError
-from larp.data.synthetic import make_synthetic_dataset
-from larp.metrics.detectors import check_i3d_spec
 from larp.models.generator import load_generator
 from larp.models.sampling_params import SamplingParams
-from larp.models.tokenizer import LARPTokenizer
-from larp.sampling import run as sampling
-from larp.sampling.job import SampleJob
-from larp.core.utils import autocast, get_device
+from larp.models.transformer import Attention, FeedForward
+from larp.core.utils import get_device, get_dtype
 from bench_sampling import build_pair, sync
 from bench_tokenizer import CONFIGS
 from reference_samplers import ReferenceMissing, load_reference, reference_generate
 
-EXTRA_BUDGET_S = {"decode": 240, "seed": 150}  # seconds per section (benchmarks/gpu_check.py)
-EXTRA_TINY_BUDGET_S = {"decode": 120, "seed": 120}
+EXTRA_BUDGET_S = {"decode_nar": 70, "decode_raster": 150, "attention": 20, "seed": 150}  # seconds per section
+EXTRA_TINY_BUDGET_S = {"decode_nar": 60, "decode_raster": 60, "attention": 20, "seed": 120}
+TARGET_S = {"nar": 0.20, "raster": 3.0}  # seconds per batch of 32 on an H200, bf16 weights, cfg 1.25
 GOLDEN = os.path.join(os.path.dirname(CONFIGS["tiny"]), "..")  # tests/fixtures/reference/golden/tiny
 
 
@@ -52,14 +49,121 @@ def clock(fn, device):
     return time.perf_counter() - t0, out
 
 
-def attention_probe(device, tiny):
+def time_sampler(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    runs = [clock(fn, device) for _ in range(repeats)]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
+
+
+def decode_settings(tiny):
+    if tiny:
+        return dict(grid=[2, 4, 4], vocab=64, batch=4, dtype="fp32", cfg_scale=1.25, dim=64, layers=2, heads=4)
+    return dict(grid=[4, 16, 16], vocab=8192, batch=32, dtype="bf16", cfg_scale=1.25, size="llama-abs-L")
+
+
+def pass_breakdown(model, call, device):
+    """Per pass of one profiled eager call: ms in attention, MLP, and the rest (norms, heads, embeddings, cache
+    writes, guidance and sampling), kernels (CUDA) or aten ops (CPU). Device time on CUDA, CPU time on a CPU."""
+    scopes = [(m, "attention") for m in model.modules() if isinstance(m, Attention)]
+    scopes += [(m, "mlp") for m in model.modules() if isinstance(m, FeedForward)]
+    open_ranges, hooks = [], []
+    for module, name in scopes:
+        def enter(_m, _args, name=name):
+            open_ranges.append(record_function(name))
+            open_ranges[-1].__enter__()
+
+        def leave(_m, _args, _out):
+            open_ranges.pop().__exit__(None, None, None)
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    cuda = device.type == "cuda"
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            with record_function("generate"):
+                call()
+            sync(device)
+    finally:
+        for h in hooks:
+            h.remove()
+    passes = model.num_decode_steps()
+    ms = {}
+    for e in prof.key_averages():
+        if e.key in ("generate", "attention", "mlp"):
+            ms[e.key] = (e.device_time_total if cuda else e.cpu_time_total) / 1000 / passes
+    events = prof.events()
+    if cuda:
+        count = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        count = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is not None
+                    and e.cpu_parent.name in ("generate", "attention", "mlp"))
+    return {"total_ms": ms.get("generate", 0.0), "attention_ms": ms.get("attention", 0.0), "mlp_ms": ms.get("mlp", 0.0),
+            "rest_ms": ms.get("generate", 0.0) - ms.get("attention", 0.0) - ms.get("mlp", 0.0),
+            "kernels_per_pass" if cuda else "aten_ops_per_pass": count / passes, "passes": passes}
+
+
+def decode_row(order, model, path, settings, device, rec):
+    """Eager, captured, breakdown and reference of one model, recorded as each is measured."""
+    batch, cfg, nar = settings["batch"], settings["cfg_scale"], order == "nar"
+    labels = torch.arange(batch, device=device) % 101
+    captured = "graph" if device.type == "cuda" else "compile:aot_eager"
+
+    def ours(capture):
+        return lambda: model.generate(labels, SamplingParams(cfg_scale=cfg), seeds=list(range(batch)), capture=capture)
+
+    row = rec["row"] = {"forward_passes": model.num_decode_steps(), "captured_mode": captured}
+    row["eager_s"], eager = time_sampler(ours("eager"), device, 1 if nar else 0, 3 if nar else 1)
+    rec["row"] = row
+    row["captured_first_call_s"], _ = clock(ours(captured), device)  # records (or compiles) every pass shape
+    row["captured_s"], graph = time_sampler(ours(captured), device, 0, 3)
+    row["tokens_equal_eager"] = bool(torch.equal(eager, graph))
+    row["tokens_agree"] = (eager == graph).float().mean().item()
+    row["target_s"] = None if "size" not in settings else TARGET_S[order]  # the targets are for the real sizes
+    rec["row"] = row
+    row["breakdown"] = pass_breakdown(model, ours("eager"), device)
+    rec["row"] = row
+    try:
+        ref = load_reference(order, path, device, get_dtype(settings["dtype"]))
+        row["reference_s"], _ = time_sampler(lambda: reference_generate(ref, labels, cfg), device, 1 if nar else 0,
+                                             2 if nar else 1)
+        row["reference_over_captured"] = row["reference_s"] / row["captured_s"]
+        del ref
+    except ReferenceMissing as e:
+        row["reference_error"] = str(e)
+    rec["row"] = row
+
+
+def section_decode(args, rec, order):
+    device = get_device(args.device)
+    settings = decode_settings(args.tiny)
+    rec["settings"] = settings
+    bench_args = SimpleNamespace(**{"num_classes": 101, "size": None, "dim": 0, "layers": 0, "heads": 0, **settings})
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device(device):  # random init straight on the device
+            pair = dict(zip(("nar", "raster"), build_pair(bench_args)))
+        path = os.path.join(tmp, order)
+        pair[order].save_pretrained(path)
+        del pair
+        model = load_generator(path, device=device).to(get_dtype(settings["dtype"])).eval()  # cast once
+        decode_row(order, model, path, settings, device, rec)
+
+
+def section_decode_nar(args, rec):
+    section_decode(args, rec, "nar")
+
+
+def section_decode_raster(args, rec):
+    section_decode(args, rec, "raster")
+
+
+def section_attention(args, rec):
     """ms of one decode attention call, first and steady (median of 10), per backend and KV layout."""
+    device = get_device(args.device)
     if device.type != "cuda":
-        return {"skipped": "CUDA only"}
-    b, h, hd, S = (4, 2, 16, 64) if tiny else (64, 16, 64, 1024)
+        rec["skipped"] = "CUDA only"
+        return
+    b, h, hd, S = (4, 2, 16, 64) if args.tiny else (64, 16, 64, 1024)
     q = torch.randn(b, h, 1, hd, device=device, dtype=torch.bfloat16)
     k, v = torch.randn(2, b, h, S, hd, device=device, dtype=torch.bfloat16)
-    out = {}
     for name in ("MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION", "default"):
         backends = list(SDPBackend.__members__.values()) if name == "default" else [getattr(SDPBackend, name)]
         for layout in ("slice64", "slice256", f"slice{S}", "masked"):
@@ -71,78 +175,14 @@ def attention_probe(device, tiny):
                 with sdpa_kernel(backends):
                     first, _ = clock(call, device)
                     steady = statistics.median(clock(call, device)[0] for _ in range(10))
-                out[f"{name}/{layout}"] = {"first_ms": 1000 * first, "steady_ms": 1000 * steady}
+                rec[f"{name}/{layout}"] = {"first_ms": 1000 * first, "steady_ms": 1000 * steady}
             except RuntimeError as e:  # backend not available for this shape / mask
-                out[f"{name}/{layout}"] = {"error": str(e).splitlines()[0][:120]}
-    return out
-
-
-def time_sampler(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    runs = [clock(fn, device) for _ in range(repeats)]
-    return statistics.median(t for t, _ in runs), runs[-1][1]
-
-
-def decode_rows(order, model, path, settings, device, tiny):
-    """Eager, captured and reference timings of one model; tokens agreement eager vs captured."""
-    batch, cfg = settings["batch"], settings["cfg_scale"]
-    labels = torch.arange(batch, device=device) % 101
-    params = SamplingParams(cfg_scale=cfg)
-    captured = "graph" if device.type == "cuda" else "compile:aot_eager"
-    nar = order == "nar"
-
-    def ours(capture):
-        def call():
-            with autocast(device, settings["dtype"]):
-                return model.generate(labels, params, seeds=list(range(batch)), capture=capture)
-        return call
-
-    row = {"forward_passes": model.num_decode_steps()}
-    row["eager_s"], eager = time_sampler(ours("eager"), device, 1 if nar else 0, 3 if nar or tiny else 1)
-    row["captured_first_call_s"], _ = clock(ours(captured), device)  # records (or compiles) every pass shape
-    row["captured_s"], graph = time_sampler(ours(captured), device, 0, 3 if nar or tiny else 2)
-    row["tokens_agree"] = (eager == graph).float().mean().item()
-    try:
-        ref = load_reference(order, path, device, torch.bfloat16 if settings["dtype"] == "bf16" else None)
-        row["reference_s"], _ = time_sampler(lambda: reference_generate(ref, labels, cfg), device, 1 if nar else 0,
-                                             2 if nar else 1)
-        row["reference_over_captured"] = row["reference_s"] / row["captured_s"]
-        del ref
-    except ReferenceMissing as e:
-        row["reference_error"] = str(e)
-    row["captured_mode"] = captured
-    return row
-
-
-def section_decode(args, rec):
-    device = get_device(args.device)
-    tiny = args.tiny
-    if tiny:
-        settings = dict(grid=[2, 4, 4], vocab=64, batch=4, dtype="fp32", cfg_scale=1.25, dim=64, layers=2, heads=4)
-    else:
-        settings = dict(grid=[4, 16, 16], vocab=8192, batch=32, dtype="bf16", cfg_scale=1.25, size="llama-abs-L")
-    rec["settings"] = settings
-    rec["attention_probe"] = attention_probe(device, tiny)
-    bench_args = SimpleNamespace(**{"num_classes": 101, "size": None, "dim": 0, "layers": 0, "heads": 0, **settings})
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        with torch.device(device):  # random init straight on the device
-            pair = build_pair(bench_args)
-        for order, model in zip(("nar", "raster"), pair):
-            path = os.path.join(tmp, order)
-            model.save_pretrained(path)
-            ours = load_generator(path, device=device)
-            rows[f"{order}-L"] = decode_rows(order, ours, path, settings, device, tiny)
-            rec["rows"] = rows
-            del ours
-        del pair
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+                rec[f"{name}/{layout}"] = {"error": str(e).splitlines()[0][:120]}
 
 
 def seed_models(tmp, tiny):
     """(tokenizer dir, generator dir) in the release format: the golden tiny pair, or random LARP-L + NAR-L."""
+    from larp.models.tokenizer import LARPTokenizer
     if tiny:
         return os.path.join(GOLDEN, "tokenizer"), os.path.join(GOLDEN, "nar")
     with open(CONFIGS["L"]) as f:
@@ -155,6 +195,12 @@ def seed_models(tmp, tiny):
 
 
 def section_seed(args, rec):
+    # lazy: the sampling stack reads videos (av); the decoding sections must run without it
+    from larp.core.errors import I3DError
+    from larp.data.synthetic import make_synthetic_dataset
+    from larp.metrics.detectors import check_i3d_spec
+    from larp.sampling import run as sampling
+    from larp.sampling.job import SampleJob
     device = get_device(args.device)
     tiny = args.tiny
     n, batch, T, frames, size, classes = (16, 8, 8, 16, 32, 4) if tiny else (1024, 64, 16, 64, 128, 8)
@@ -185,26 +231,45 @@ def section_seed(args, rec):
                      "extrapolated_10000_s": wall * 10000 / n, "videos_per_s": n / wall}
 
 
+def summary_table(sections):
+    """The decoding summary: seconds per batch, eager and captured, tokens, targets, and the per-pass breakdown."""
+    rows = [(o, sections.get(f"decode_{o}", {}).get("results", {})) for o in ("nar", "raster")]
+    rows = [(o, r) for o, r in rows if r.get("row")]
+    if not rows:
+        return []
+    st = rows[0][1]["settings"]
+    unit = "kernels" if any("kernels_per_pass" in r["row"].get("breakdown", {}) for _, r in rows) else "aten ops"
+    lines = ["", f"**Decoding** ({st.get('size') or 'tiny'}, random weights in the release format, grid "
+             f"{'x'.join(map(str, st['grid']))}, batch {st['batch']}, {st['dtype']} weights, cfg {st['cfg_scale']}; "
+             "seconds per batch):", "",
+             f"| model | passes | eager s | captured s (first call) | tokens = eager | target s | reference s | "
+             f"attention / MLP / rest ms per pass | {unit} per pass |", "|---|---|---|---|---|---|---|---|---|"]
+    for order, r in rows:
+        v = r["row"]
+        b = v.get("breakdown", {})
+        cap = f"{v['captured_s']:.3f} ({v['captured_first_call_s']:.1f})" if "captured_s" in v else "-"
+        same = "-" if "tokens_equal_eager" not in v else ("yes" if v["tokens_equal_eager"] else
+                                                          f"no ({100 * v['tokens_agree']:.2f} %)")
+        met = "-" if v.get("target_s") is None or "captured_s" not in v else \
+            f"{v['target_s']} ({'met' if v['captured_s'] <= v['target_s'] else 'missed'})"
+        ref = f"{v['reference_s']:.3f}" if "reference_s" in v else "-"
+        split = (f"{b['attention_ms']:.3f} / {b['mlp_ms']:.3f} / {b['rest_ms']:.3f}" if b else "-")
+        count = b.get("kernels_per_pass", b.get("aten_ops_per_pass"))
+        name = f"{order}-{'L' if st.get('size') else 'tiny'}"
+        lines.append(f"| {name} | {v['forward_passes']} | {v['eager_s']:.3f} | {cap} | {same} | {met} | {ref} | "
+                     f"{split} | {'-' if count is None else f'{count:.0f}'} |")
+    return lines
+
+
 def decode_markdown(sections):
-    """The report lines of the decode and seed sections (none when they did not run)."""
-    lines = []
-    r = sections.get("decode", {}).get("results", {})
-    if r.get("rows"):
-        st = r["settings"]
-        lines += ["", f"**Decoding** (random weights, release format; grid {'x'.join(map(str, st['grid']))}, batch "
-                  f"{st['batch']}, {st['dtype']}, cfg {st['cfg_scale']}; seconds per generate()):", "",
-                  "| model | passes | eager | captured (first call) | captured | tokens agree | reference | "
-                  "reference / captured |", "|---|---|---|---|---|---|---|---|"]
-        for k, v in r["rows"].items():
-            ref = (f"{v['reference_s']:.3f} | {v['reference_over_captured']:.1f}x" if "reference_s" in v
-                   else f"- | {v.get('reference_error', '')[:60]}")
-            lines.append(f"| {k} | {v['forward_passes']} | {v['eager_s']:.3f} | {v['captured_first_call_s']:.3f} | "
-                         f"{v['captured_s']:.3f} | {100 * v['tokens_agree']:.2f} % | {ref} |")
-        probe = {k: v for k, v in r.get("attention_probe", {}).items() if isinstance(v, dict) and "first_ms" in v}
-        if probe:
-            lines += ["", "SDPA decode attention, ms (first call / steady):", "",
-                      "| backend / layout | first | steady |", "|---|---|---|"]
-            lines += [f"| {k} | {v['first_ms']:.3f} | {v['steady_ms']:.3f} |" for k, v in probe.items()]
+    """The report lines of the decoding, attention and seed sections (none when they did not run)."""
+    lines = summary_table(sections)
+    probe = {k: v for k, v in sections.get("attention", {}).get("results", {}).items()
+             if isinstance(v, dict) and "first_ms" in v}
+    if probe:
+        lines += ["", "SDPA decode attention, ms (first call / steady):", "",
+                  "| backend / layout | first | steady |", "|---|---|---|"]
+        lines += [f"| {k} | {v['first_ms']:.3f} | {v['steady_ms']:.3f} |" for k, v in probe.items()]
     r = sections.get("seed", {}).get("results", {})
     if r.get("result"):
         t, st = r["result"], r["settings"]

@@ -1,11 +1,15 @@
 """The fixed-shape decode loop: the same ops in every pass whatever the step and grid, nothing in the loop that makes
-the host wait or copy, and a compiled pass that picks exactly the eager tokens."""
+the host wait or copy, a compiled pass that picks exactly the eager tokens, passes that attend only over the cache
+slots that exist, a runner that dies with its model, and the capture rule (a pass keeps no output of its own)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import larp.models.decoding as gen
-from larp.models.decode_runner import resolve_capture
+from larp.models.decode_runner import CaptureRuleError, resolve_capture
 from larp.models.sampling_params import SamplingParams
 from tests.test_generator import tiny
 
@@ -31,9 +35,9 @@ class OpLog(TorchDispatchMode):
 def ops_per_pass(monkeypatch, model, cond, params):
     passes, real = [], gen._pass
 
-    def logged(*args):
+    def logged(*args, **kwargs):
         with OpLog() as log:
-            real(*args)
+            real(*args, **kwargs)
         passes.append([op[1] for op in log.ops])
 
     monkeypatch.setattr(gen, "_pass", logged)
@@ -61,9 +65,9 @@ def test_no_sync_or_host_copy_inside_the_loop(monkeypatch, order):
     model = tiny(order)
     seen, real = [], gen._decode_loop
 
-    def logged(run, schedule):
+    def logged(model, run, schedule):
         with OpLog() as log:
-            real(run, schedule)
+            real(model, run, schedule)
         seen.extend(log.ops)
 
     monkeypatch.setattr(gen, "_decode_loop", logged)
@@ -113,3 +117,66 @@ def test_capture_modes():
         resolve_capture("graph", cpu)
     with pytest.raises(ValueError, match="capture"):
         tiny("raster").generate(torch.tensor([0]), capture="fast")
+
+
+def test_deleting_the_model_frees_its_kept_runner():
+    """No reference cycle between a model and the runner kept on it: the KV cache (and on CUDA the graph pool) goes
+    with the model, without waiting for the garbage collector."""
+    model = tiny("nar")
+    model.generate(torch.tensor([0, 1]), SamplingParams(cfg_scale=1.5), seeds=[0, 1], capture="compile:aot_eager")
+    cache = weakref.ref(model.__dict__["_decode_runner"][1].bufs["caches"][0][0])
+    assert cache() is not None
+    gc.disable()
+    try:
+        del model
+        assert cache() is None, "the KV cache outlived its model"
+    finally:
+        gc.enable()
+
+
+def test_a_pass_that_keeps_an_output_breaks_the_capture_rule(monkeypatch):
+    """A pass must write into the runner's buffers: one that returns a tensor, or rebinds a buffer, is refused on
+    its first run (a recorded CUDA graph would overwrite such an output on the next replay)."""
+    model, real = tiny("raster"), gen._pass
+
+    def returns(*args, **kwargs):
+        real(*args, **kwargs)
+        return kwargs["bufs"]["out"] + 0
+
+    def rebinds(*args, **kwargs):
+        real(*args, **kwargs)
+        kwargs["bufs"]["nll"] = kwargs["bufs"]["nll"].clone()
+
+    for bad, message in ((returns, "returned Tensor"), (rebinds, r"replaced the buffers \['nll'\]")):
+        monkeypatch.setattr(gen, "_pass", bad)
+        with pytest.raises(CaptureRuleError, match=message):
+            model.generate(torch.tensor([0]), seeds=[0], return_nll=True)
+    monkeypatch.setattr(gen, "_pass", real)
+    model.generate(torch.tensor([0]), seeds=[0], return_nll=True)  # the real pass keeps the rule
+
+
+@pytest.mark.parametrize("order", ["nar", "raster"])
+def test_passes_attend_only_over_the_slots_that_exist(monkeypatch, order):
+    """Each pass attends over the filled prefix of the cache: NAR over exactly the condition and the planes before
+    the one it samples, with no mask; raster over its prefix rounded up to a multiple of 64 slots, masked."""
+    T, H, W = 2, 6, 8  # 96 tokens: raster crosses a bucket boundary
+    model = tiny(order, latent_shape=(T, H, W), max_seq_len=T * H * W)
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def logged(q, k, v, attn_mask=None, **kw):
+        seen.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", logged)
+    model.generate(torch.tensor([0, 1]), SamplingParams(cfg_scale=1.5), seeds=[0, 1])
+    per_pass = seen[::len(model.layers)]
+    assert len(per_pass) == model.num_decode_steps()
+    if order == "nar":  # plane p holds the tokens with t + h + w == p; step s feeds plane s - 1
+        planes = [sum(1 for t in range(T) for h in range(H) for w in range(W) if t + h + w == p)
+                  for p in range(T + H + W - 2)]
+        ends = [1 + sum(planes[:s]) for s in range(len(planes))]
+        assert per_pass == [(end - (ends[s - 1] if s else 0), end, None) for s, end in enumerate(ends)]
+    else:
+        S = T * H * W
+        want = [(1, min(S, 64 * -(-(s + 1) // 64)), (1, min(S, 64 * -(-(s + 1) // 64)))) for s in range(S)]
+        assert per_pass == want

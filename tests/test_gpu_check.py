@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.sh: its tiny CPU fallback runs every section and writes the JSON report and the tables."""
+"""benchmarks/gpu_check.sh: its tiny CPU run goes through every section, writes the JSON report and the tables, and
+prints the decoding summary; --prepare refuses an unknown argument in one line."""
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ def test_gpu_check_tiny_cpu_fallback(tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
-    assert list(sections) == ["tests", "sampling", "train_fsdp", "train_ddp", "tokenizer", "i3d"]
+    assert list(sections) == ["tests", "decode_nar", "decode_raster", "attention", "train_fsdp", "train_ddp",
+                              "tokenizer", "i3d"]
     bad = {k: (v["status"], v.get("error"), v.get("log_tail", "")[-1500:]) for k, v in sections.items()
            if v["status"] != "ok"}
     assert not bad and res.returncode == 0, bad
@@ -25,10 +27,13 @@ def test_gpu_check_tiny_cpu_fallback(tmp_path):
     # CUDA tests are collected and skipped on a CPU, with the reason recorded
     tests = sections["tests"]["results"]
     assert tests["counts"].get("skipped", 0) >= 5 and not tests["counts"].get("failed")
-    rows = sections["sampling"]["results"]["rows"]
-    assert rows["nar-L"]["forward_passes"] == 2 + 4 + 4 - 2 and rows["raster-L"]["forward_passes"] == 32
-    ratios = sections["sampling"]["results"]["ratios"]
-    assert ratios["raster-L / nar-L"] == pytest.approx(rows["raster-L"]["seconds"] / rows["nar-L"]["seconds"])
+    nar, raster = (sections[f"decode_{o}"]["results"]["row"] for o in ("nar", "raster"))
+    assert nar["forward_passes"] == 2 + 4 + 4 - 2 and raster["forward_passes"] == 32
+    assert nar["tokens_equal_eager"] and raster["tokens_equal_eager"]  # the traced passes pick the eager tokens
+    for row in (nar, raster):
+        b = row["breakdown"]
+        assert b["passes"] == row["forward_passes"] and b["aten_ops_per_pass"] > 50
+        assert b["attention_ms"] > 0 and b["mlp_ms"] > 0 and b["rest_ms"] > 0
     ddp, fsdp = (sections[k]["results"]["result"] for k in ("train_ddp", "train_fsdp"))
     assert ddp["steps"] == fsdp["steps"] == 20
     assert fsdp["loss_first"] == pytest.approx(ddp["loss_first"], abs=1e-5)  # same init and batch, one process
@@ -40,7 +45,16 @@ def test_gpu_check_tiny_cpu_fallback(tmp_path):
     assert i3d["requested"] == "kinetics400" and i3d["result"]["clips_per_s"] > 0
     assert i3d["random_fallback"] == ("error" in i3d)  # a fallback is always explained, never silent
     md = (out / "gpu_check.md").read_text()
-    for text in ("| sampling | ok |", "raster-L / nar-L", "**Training**", "**Tokenizer**", "**I3D features**"):
+    for text in ("| decode_nar | ok |", "| nar-tiny | 8 |", "| raster-tiny | 32 |", "**Training**", "**Tokenizer**",
+                 "**I3D features**"):
         assert text in md
+    assert "[gpu_check] summary" in res.stdout and "| nar-tiny | 8 |" in res.stdout.split("[gpu_check] summary")[1]
     if i3d["random_fallback"]:
         assert "RANDOM weights" in md
+
+
+def test_prepare_refuses_an_unknown_argument():
+    res = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--prepare", "--pyhton-version", "3.12"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "gpu_check.sh --prepare: unknown argument '--pyhton-version' (takes --python-version X.Y)"]

@@ -7,10 +7,12 @@ Both orders run the same loop over the steps of their plan (larp.models.decoding
   * raster: step s samples token s (N steps), a causal prefix.
 Every pass has a fixed shape: the KV cache is persistent (one slot per sequence position), the step number lives on
 the device (bufs["step"]), and each pass reads its slots, targets and uniforms by index from tables of the plan,
-writes the cache, the tokens and the next inputs by index, and attends to the whole cache under a mask by rank.
-All steps of one shape therefore run the same ops on the same tensors, with no host sync: a shape can be recorded
-once as a CUDA graph (or compiled) and replayed (larp.models.decode_runner). Raster has two shapes (prefill,
-one token); NAR has one per (plane size fed, plane size sampled), fixed by its plan.
+writes the cache, the tokens and the next inputs by index, and attends only over the cache slots that exist
+(larp.models.decoding_order.attention_spans): NAR over the exact filled prefix with no mask, raster over the
+prefix rounded up to a bucket of slots under a mask by rank. All steps of one shape therefore run the same ops on
+the same tensors, with no host sync: a shape can be recorded once as a CUDA graph (or compiled) and replayed
+(larp.models.decode_runner). A shape is (fed chunk, sampled tokens, attended slots): raster has one per bucket;
+NAR one per step (34 for a 4x16x16 grid).
 
 Randomness is one uniform per (sample, token), drawn up front from torch.Generator(seeds[i]) and turned into a
 token by inverse-CDF sampling: sample i depends only on (seeds[i], cond[i], settings), not on its batch neighbours,
@@ -133,36 +135,39 @@ def _generate(model, cond, params, seeds, return_nll, generator, mode):
     if guided:
         cond = torch.cat([cond, torch.full_like(cond, model.args.num_classes)])  # [cond ; null]
     plan = fixed_plan(model)
-    schedule = [(g, guided and guided_pass(model.order, params.cfg_interval, t))
-                for g, t in zip(plan["group_of"], plan["tokens_before"])]
+    schedule = [(g, guided and guided_pass(model.order, params.cfg_interval, t), kv, masked)
+                for g, t, (kv, masked) in zip(plan["group_of"], plan["tokens_before"], plan["spans"])]
     knobs = (params.cfg_scale, params.temperature, params.top_k, params.top_p, bool(return_nll))
     run = get_runner(model, plan, B, cond.shape[0], _cache_dtype(model, device), mode, knobs, _call_pass)
     run.reset(model.embed_condition(cond), make_uniforms(B, N, seeds, generator, device))
-    _decode_loop(run, schedule)
+    _decode_loop(model, run, schedule)
     out = run.bufs["out"].clone()
     return (out, run.bufs["nll"] / N) if return_nll else out
 
 
-def _decode_loop(run, schedule):
-    """The passes of one call: schedule[s] = (shape group, guided) of step s."""
+def _decode_loop(model, run, schedule):
+    """The passes of one call: schedule[s] = (shape group, guided, kv, masked) of step s."""
     for key in schedule:
-        run.step(key)
+        run.step(model, key)
 
 
-def _call_pass(*args):
-    return _pass(*args)  # looked up at call time, so that tests can wrap it
+def _call_pass(*args, **kwargs):
+    return _pass(*args, **kwargs)  # looked up at call time, so that tests can wrap it
 
 
-def _pass(model, bufs, tab, rank, nb, guided, knobs):
-    """One fixed-shape pass at step bufs["step"] (1,), in place on the buffers of larp.models.decode_runner.
+def _pass(model, bufs, tab, rank, nb, guided, kv, masked, knobs):
+    """One fixed-shape pass at step bufs["step"] (1,), in place on the buffers of larp.models.decode_runner; it
+    returns nothing and allocates nothing that outlives it (what a recorded CUDA graph needs).
 
     tab: the step tables of this shape group; rank (S,): the slot ranks; nb: the sequences run (2B when guided);
+    kv, masked: the pass attends over cache slots [0, kv), under the rank mask when `masked`;
     knobs: (cfg_scale, temperature, top_k, top_p, with_nll)."""
     scale, temperature, top_k, top_p, with_nll = knobs
     out, emb, step = bufs["out"], bufs["emb"], bufs["step"]
     B = out.shape[0]
     at = {name: table.index_select(0, step)[0] for name, table in tab.items()}  # this step's row of each table
-    at["mask"] = rank[None, :] <= rank.index_select(0, at["fed"])[:, None]  # (L, S)
+    at["kv"] = kv
+    at["mask"] = rank[None, :kv] <= rank.index_select(0, at["fed"])[:, None] if masked else None  # (L, kv)
     logits = model.decode_step(emb[:nb].index_select(1, at["fed"]), bufs["caches"], at)  # (nb, M, V)
     cond_logits = logits[:B]
     if guided:

@@ -8,6 +8,7 @@ of larp.models.decoding.
 """
 import torch
 
+RASTER_KV_BUCKET = 64  # raster passes attend over the filled prefix rounded up to a multiple of this many slots
 
 def nar_layout(grid, C):
     """Index tensors of the NAR order for a (T, H, W) grid after C condition positions.
@@ -99,6 +100,7 @@ def fixed_plan(model):
 
     Returns dict: rank (S,) per cache slot (a query sees the slots of rank <= its own: NAR planes, raster
     positions), group_of [per step: its group], tokens_before [per step: tokens sampled by the earlier steps],
+    spans [per step: (kv, masked), see attention_spans],
     groups [one per step shape (L fed, M sampled)]: dicts of (num_steps, ...) tables, row s filled for the steps s
     of that group: fed (L,) cache slots fed, targets (M,) raster indices sampled, slots (M,) where those tokens are
     fed later (slot S of the embedding buffer = never fed), rows (M,) their abs_pe rows; NAR also src (3, M) the
@@ -119,7 +121,7 @@ def _build_fixed_plan(model, device):
     slot = torch.arange(N) + C  # raster: token t is fed at slot C + t (t = N - 1: slot S, never fed)
     if nar:
         slot[model.decode_order.cpu()] = torch.arange(N) + C  # NAR: slots in decode order
-    groups, keys, group_of, tokens_before, done = [], {}, [], [], 0
+    groups, keys, group_of, tokens_before, ends, done = [], {}, [], [], [], 0
     for s, step in enumerate(steps):
         fed = torch.arange(step["start"], step["end"])  # (L,)
         targets = torch.arange(N)[step["targets"]] if isinstance(step["targets"], slice) else step["targets"].cpu()
@@ -136,10 +138,30 @@ def _build_fixed_plan(model, device):
             g["count"][s] = step["count"].cpu().float()
         group_of.append(keys[key])
         tokens_before.append(done)
+        ends.append(step["end"])
         done += len(targets)
     rank = model.rank if nar else torch.arange(S)
     return {"rank": rank.to(device), "group_of": group_of, "tokens_before": tokens_before,
+            "spans": attention_spans(rank.cpu(), ends, nar, S),
             "groups": [{k: v.to(device) for k, v in g.items()} for g in groups]}
+
+
+def attention_spans(rank, ends, nar, S, bucket=RASTER_KV_BUCKET):
+    """Per step (kv, masked): a pass attends over the cache slots [0, kv) only, under the rank mask when `masked`.
+
+    A step that feeds slots [start, end) needs exactly the filled prefix [0, end). NAR attends over it as it is:
+    the fed plane's slots share one rank, above every earlier slot, so no mask is needed (except in a prefill
+    whose condition positions see each other causally). Raster rounds `end` up to a multiple of `bucket`, so that
+    its N one-token steps share S / bucket shapes (one recorded CUDA graph each) while attending over at most
+    bucket - 1 slots more than exist, which the mask hides."""
+    spans, start = [], 0
+    for end in ends:
+        kv = end if nar else min(S, -(-end // bucket) * bucket)
+        fed = rank[start:end]
+        masked = not nar or bool((fed != fed[0]).any())  # raster always, so that its passes run the same ops
+        spans.append((kv, masked))
+        start = end
+    return spans
 
 
 def _empty_group(num_steps, L, M, nar):

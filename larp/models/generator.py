@@ -238,12 +238,16 @@ class Generator(nn.Module):
 
     def decode_step(self, x, caches, at):
         """One fixed-shape cached pass: the chunk x (nb, L, D) is written to the cache slots at["fed"] (L,) and
-        attends to every slot that at["mask"] (L, S) allows -> float logits (nb, M, V) of the step's M targets.
+        attends to the slots [0, at["kv"]) that at["mask"] (L, kv) allows (all of them when it is None) -> float
+        logits (nb, M, V) of the step's M targets.
 
         `at`: one step of larp.models.decoding_order.fixed_plan (plus its mask); NAR reads the R/D/B heads at the
         fed positions at["src"] (3, M), weighted by at["w"] (3, M) and averaged over at["count"] (M,); raster reads
         its head at the last fed position."""
-        hidden = self.run_layers(x, caches=caches, index=at["fed"], mask=at["mask"])
+        mask = at["mask"]
+        if mask is not None and not torch.is_autocast_enabled(x.device.type):
+            mask = mask.to(x.dtype).log()  # additive (0 / -inf) once per pass, instead of in every block's attention
+        hidden = self.run_layers(x, caches=caches, index=at["fed"], mask=mask, kv_len=at["kv"])
         if self.order == "nar":
             logits = None
             for h, src, w, name in zip(hidden, at["src"], at["w"], "RDB"):

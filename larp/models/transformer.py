@@ -85,10 +85,10 @@ class Attention(nn.Module):
         self.attn_dropout_p = args.attn_dropout_p
         self.resid_dropout = nn.Dropout(args.resid_dropout_p)
 
-    def forward(self, x, mask=None, is_causal=False, cache=None, index=None):
-        """x (B, L, D). `mask`: bool (L, S) or a FlexAttention BlockMask. `cache`: (k, v) buffers
-        (B_max, Hkv, S, hd) whose slots `index` (L,) receive this chunk; attention then reads all S slots, `mask`
-        hiding the ones this chunk may not see (and the unwritten ones)."""
+    def forward(self, x, mask=None, is_causal=False, cache=None, index=None, kv_len=None):
+        """x (B, L, D). `mask`: bool (L, kv) or a FlexAttention BlockMask. `cache`: (k, v) buffers
+        (B_max, Hkv, S, hd) whose slots `index` (L,) receive this chunk; attention then reads the first `kv_len`
+        slots (all S when None), `mask` hiding the ones this chunk may not see."""
         B, L, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -96,10 +96,10 @@ class Attention(nn.Module):
         k = k.view(B, L, nkv, hd).transpose(1, 2)
         v = v.view(B, L, nkv, hd).transpose(1, 2)
         if cache is not None:
-            ck, cv = cache[0][:B], cache[1][:B]  # (B, nkv, S, hd), fixed shape whatever the position
+            ck, cv = cache[0][:B], cache[1][:B]  # (B, nkv, S, hd)
             ck.index_copy_(2, index, k.to(ck.dtype))
             cv.index_copy_(2, index, v.to(cv.dtype))
-            k, v = ck, cv
+            k, v = ck[:, :, :kv_len], cv[:, :, :kv_len]  # (B, nkv, kv_len, hd): the filled prefix (a view)
         dropout = self.attn_dropout_p if self.training else 0.0
         if mask is not None and not isinstance(mask, torch.Tensor):
             y = flex_attention_fn(q.device.type)(q, k, v, block_mask=mask, enable_gqa=nkv != nh)
