@@ -16,6 +16,7 @@ from PIL import Image
 
 from larp.core.gallery import Page, Section, Tile, render_page, write_if_changed
 from tests.test_sample_fp import fp_model  # noqa: F401 (a fixture)
+from tests.conftest import GOLDEN
 from tests.test_sample_sharding import run
 from tools.browser import LOAD_ALL_IMAGES, Browser, find_chromium
 
@@ -116,6 +117,22 @@ def test_frame_prediction_gallery_in_chromium(fp_run, browser, tmp_path):
     assert len(conds) == 4 and len(seen["images"]) == 12  # condition strip, prediction, real clip of 4 samples
     assert not broken(seen), f"images that did not load: {broken(seen)}"
     assert "first 3 frames are the condition" in seen["text"] and f"{fvd:.4f}" in seen["text"]
+    assert not_blank(tmp_path / "shot.png")
+
+
+@pytest.mark.slow
+def test_tokenizer_gallery_in_chromium(named_csv, browser, tmp_path):
+    """eval/eval_larp_tokenizer.py: each clip beside its reconstruction, with the metrics."""
+    from tests.test_tokenizer import _eval_module
+    ev, out = _eval_module(), tmp_path / "eval"
+    metrics = ev.main(ev.get_args(["--tokenizer", str(GOLDEN / "tokenizer"), "--dataset_csv", named_csv, "--det",
+                                   "--no_fvd", "--clips", "all", "--max_clips", "4", "--num_preview", "3",
+                                   "--device", "cpu",
+                                   "--out", str(out)]))
+    seen, _ = look(browser, out / "gallery.html", tmp_path / "shot.png")
+    assert [i["src"] for i in seen["images"]] == [f"gallery/{i}_{k}.webp" for i in range(3) for k in ("input", "recon")]
+    assert not broken(seen), f"images that did not load: {broken(seen)}"
+    assert f"{metrics['psnr']:.6g}" in seen["text"] and "input | reconstruction" in seen["text"]
     assert not_blank(tmp_path / "shot.png")
 
 
