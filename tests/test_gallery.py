@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 from larp.core.gallery import Page, Section, Tile, render_page, write_if_changed
+from larp.quickstart import report as quickstart_report
+from larp.quickstart.index_page import write_index
 from tests.test_sample_fp import fp_model  # noqa: F401 (a fixture)
 from tests.conftest import GOLDEN
 from tests.test_sample_sharding import run
@@ -133,6 +135,42 @@ def test_tokenizer_gallery_in_chromium(named_csv, browser, tmp_path):
     assert [i["src"] for i in seen["images"]] == [f"gallery/{i}_{k}.webp" for i in range(3) for k in ("input", "recon")]
     assert not broken(seen), f"images that did not load: {broken(seen)}"
     assert f"{metrics['psnr']:.6g}" in seen["text"] and "input | reconstruction" in seen["text"]
+    assert not_blank(tmp_path / "shot.png")
+
+
+def fabricated_quickstart(q, sample_run):
+    """A quickstart folder with what index.html shows: both generators' sample folders (copies of `sample_run`), a
+    tokenizer gallery, curves, previews; the goals of made-up measurements. Returns the goal rows."""
+    from larp.core.gallery import write_page
+    from larp.core.visualize import save_curves_png, save_video_grid_gif
+    for order in ("nar", "raster"):
+        shutil.copytree(sample_run, q / "samples" / f"{order}_seed0")
+    write_page(str(q / "eval_tokenizer" / "gallery.html"), Page(title="tokenizer"))
+    save_curves_png([("loss", {"train": ([0, 1, 2], [3.0, 2.0, 1.5])}, None)], str(q / "training_curves.png"))
+    clips = np.random.default_rng(0).random((4, 3, 4, 8, 8))
+    for order in ("nar", "raster"):
+        save_video_grid_gif(clips, str(q / f"preview_{order}.gif"), nrow=2)
+    stats = {"spread": {"real videos (val)": 0.1, "NAR samples, seed 0": 0.09}, "nearest_train":
+             {"real videos (val)": 0.05, "NAR samples, seed 0": 0.06}}
+    kept = {"nar": {"val_loss": 3.0, "lowest": 3.0}, "raster": {"val_loss": 3.3, "lowest": 3.0}}
+    return quickstart_report.goal_rows({"nar": {0: 0.96}, "raster": {0: 0.91}}, kept, stats, 1.5, 5.0, 600)
+
+
+@pytest.mark.slow
+def test_quickstart_index_in_chromium(class_run, browser, tmp_path):
+    q = tmp_path / "quickstart"
+    goals = fabricated_quickstart(q, class_run[0])
+    galleries = quickstart_report.gallery_links(str(q), lambda o, s: str(q / "samples" / f"{o}_seed{s}"), 0)
+    assert [p for _, p in galleries] == ["eval_tokenizer/gallery.html", "samples/nar_seed0/gallery.html",
+                                         "samples/raster_seed0/gallery.html"]
+    assert any("(samples/nar_seed0/gallery.html)" in line for line in quickstart_report.gallery_lines(galleries))
+    assert write_index(str(q), goals, galleries) and not write_index(str(q), goals, galleries)
+    seen, _ = look(browser, q / "index.html", tmp_path / "shot.png")
+    assert [i["src"] for i in seen["images"]] == ["training_curves.png", "preview_nar.gif", "preview_raster.gif"]
+    assert not broken(seen), f"images that did not load: {broken(seen)}"
+    assert all(name in seen["text"] for name, *_ in goals) and "within-class spread" in seen["text"]
+    assert set(seen["links"]) == {"report.md", *(p for _, p in galleries)}
+    assert all(os.path.exists(q / p) for _, p in galleries)
     assert not_blank(tmp_path / "shot.png")
 
 
