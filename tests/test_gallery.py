@@ -17,6 +17,7 @@ from PIL import Image
 from larp.core.gallery import Page, Section, Tile, render_page, write_if_changed
 from larp.quickstart import report as quickstart_report
 from larp.quickstart.index_page import write_index
+from larp.sampling.run_gallery import gallery_indices
 from tests.test_sample_fp import fp_model  # noqa: F401 (a fixture)
 from tests.conftest import GOLDEN
 from tests.test_sample_sharding import run
@@ -210,6 +211,11 @@ def test_a_rerun_that_changes_nothing_rewrites_nothing(named_csv, class_run):
     run(named_csv, out, gallery_per_class=PER_CLASS)  # finds the run finished
     after = os.stat(page)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_the_page_shows_the_first_samples_of_each_class():
+    assert gallery_indices([0, 1, 0, 0, 1, 2, 2, 2], 2) == {0, 1, 2, 4, 5, 6}
+    assert gallery_indices([0, 1, 0], 0) == set()
 
 
 def test_write_if_changed(tmp_path):

@@ -28,9 +28,9 @@ table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:
 vertical-align:top;font-size:13px}th{background:#f4f4f4}table table td{border:none;padding:0 4px}
 .groups{display:flex;flex-wrap:wrap;gap:18px}.group h3{font-size:13px;margin:2px 0;color:#555}
 .tiles{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;text-align:center;font-size:11px;color:#444}
-figure img{display:block;image-rendering:pixelated;margin:0 auto 2px;background:#eee}
+figure img{display:inline-block;vertical-align:top;image-rendering:pixelated;margin:0 1px 2px;background:#eee}
 .mark{color:rgb(255,140,0);font-weight:bold}.links a{margin-right:12px}.note{font-size:13px;color:#444}
-.figure img{max-width:100%}"""
+.figure{margin:8px 0}.figure img{max-width:100%;display:block}"""
 
 
 @dataclass(frozen=True)

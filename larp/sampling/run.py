@@ -68,7 +68,7 @@ from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, final
                                          write_csv)
 from larp.sampling.job import prepare
 from larp.sampling.overlap import StageClock, host_copy, write_sample
-from larp.sampling.run_gallery import ThumbnailPicker, queue_thumbnails, update_gallery
+from larp.sampling.run_gallery import gallery_indices, queue_thumbnails, update_gallery
 from larp.models.tokenizer import LARPTokenizer
 from larp.core.utils import get_device, get_dtype, progress_bar, say
 from larp.models.decoding import make_uniforms
@@ -169,8 +169,8 @@ class ChunkState:
     """What one chunk [c, d) accumulates until its files are written: features, NLLs (on the device until then),
     sample rows, the pending mp4 writes, stage clocks and the timing."""
 
-    def __init__(self, detector, t_start, meta, per_class=0):
-        self.picker = ThumbnailPicker(per_class)  # the samples of this chunk that get gallery thumbnails
+    def __init__(self, detector, t_start, meta, shown=frozenset()):
+        self.shown = shown  # the global indices whose thumbnails the gallery shows
         self.gen_stats, self.gt_stats = (FeatureStats(detector=detector.name, meta=meta) for _ in range(2))
         self.gen_feats, self.gt_feats, self.clocks = [], [], []
         self.nlls, self.rows, self.pending, self.tm, self.t_start = [], [], [], _new_timing(), t_start
@@ -199,12 +199,13 @@ def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     loader = torch.utils.data.DataLoader(subset, batch_sampler=[padded_rows(*b, B) for b in batches],
                                          num_workers=job.num_workers, pin_memory=device.type == "cuda")
     timings, k, chunk = [], 0, None
+    shown = gallery_indices([plan.dataset.clips[c][2] for c in plan.chosen], job.gallery_per_class)
     with ThreadPoolExecutor(max_workers=4) as pool:
         t_data = time.perf_counter()
         desc = f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"
         for batch, (g, lo, hi) in progress_bar(zip(loader, batches), total=len(batches), unit="batch", desc=desc):
             if chunk is None:
-                chunk = ChunkState(detector, t_data, plan.stats_meta, job.gallery_per_class)
+                chunk = ChunkState(detector, t_data, plan.stats_meta, shown)
             rows, idx = slice(lo - g, hi - g), list(range(lo, hi))
             video, fake = generate_batch(job, plan, batch, g, rows, models, detector, device, chunk, t_data)
             queue_writes(job, plan, batch["label"][rows], idx, video, fake, chunk, pool)
@@ -277,7 +278,7 @@ def queue_writes(job, plan, labels, idx, video, fake, chunk, pool):
             row[key] = rel if not job.stats_only or os.path.exists(os.path.join(out, rel)) else ""
         chunk.rows.append(row)
     num_cond = job.num_cond_frames if job.frame_prediction else 0
-    chunk.pending += queue_thumbnails(pool, out, chunk.picker, labels, idx, frames["path"], video, num_cond,
+    chunk.pending += queue_thumbnails(pool, out, chunk.shown, idx, frames["path"], video, num_cond,
                                       real_copy=frames["gt_path"])
 
 

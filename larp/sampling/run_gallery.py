@@ -1,10 +1,10 @@
 """The gallery of a sampling run: `<output_dir>/gallery.html` (larp.core.gallery), one section per class.
 
-While a chunk is sampled, the first `per_class` samples of each class in it get thumbnails in gallery/
-(`thumbnail_names`): the generated clip, the real clip it was drawn for and, for frame prediction, the still strip
-of its condition frames. The globally first `per_class` samples of a class are among the first of their own chunk,
-so the page, which shows the first `per_class` samples of each class that have thumbnails, is the same whatever
-the shard layout. `write_run_gallery` rebuilds the page from the folder's files each time a shard finalizes; it
+The page shows the first `per_class` samples of each class (by global index; the class of every sample is known
+before sampling, so `gallery_indices` does not depend on the shard layout). Only those samples get thumbnails in
+gallery/ (`thumbnail_names`), written while they are sampled: the generated clip, the real clip it was drawn for
+and, for frame prediction, the still strip of its condition frames. A run of any size writes at most
+`per_class` x classes of them. `write_run_gallery` rebuilds the page from the folder's files each time a shard finalizes; it
 reads the outputs and never changes them.
 """
 import glob
@@ -27,16 +27,15 @@ def thumbnail_names(index):
             "cond": f"{GALLERY_DIR}/{index}_cond.png"}
 
 
-class ThumbnailPicker:
-    """Which samples of a chunk get thumbnails: the first `per_class` of each class, in index order."""
-
-    def __init__(self, per_class):
-        self.per_class, self.seen = per_class, {}
-
-    def take(self, label):
-        n = self.seen.get(label, 0)
-        self.seen[label] = n + 1
-        return n < self.per_class
+def gallery_indices(labels, per_class):
+    """The global sample indices the page shows: the first `per_class` of each class. labels[i]: the class of
+    sample i (known before sampling: that of the real clip it is drawn for)."""
+    seen, shown = {}, set()
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= per_class:
+            shown.add(i)
+    return frozenset(shown)
 
 
 def write_thumbnails(out, index, fake_copy, real_copy, j, num_cond):
@@ -142,11 +141,11 @@ def write_run_gallery(out, settings, per_class):
     return write_page(os.path.join(out, PAGE), page)
 
 
-def queue_thumbnails(pool, out, picker, labels, idx, fake_copy, video, num_cond, real_copy=None):
-    """Queue on `pool` the thumbnails of the samples `idx` (labels `labels`) of one batch that `picker` takes.
+def queue_thumbnails(pool, out, shown, idx, fake_copy, video, num_cond, real_copy=None):
+    """Queue on `pool` the thumbnails of the samples `idx` of one batch that the page shows (`shown`).
     `fake_copy` / `real_copy`: host copies of the generated and real clips (larp.sampling.overlap.host_copy); the real
-    clips `video` are copied only when a sample is taken. Returns the futures."""
-    picked = [(j, i) for j, i in enumerate(idx) if picker.per_class and picker.take(int(labels[j]))]
+    clips `video` are copied only when a sample is shown. Returns the futures."""
+    picked = [(j, i) for j, i in enumerate(idx) if i in shown]
     if picked and real_copy is None:
         real_copy = host_copy(video)
     return [pool.submit(write_thumbnails, out, i, fake_copy, real_copy, j, num_cond) for j, i in picked]
