@@ -218,6 +218,13 @@ def test_the_page_shows_the_first_samples_of_each_class():
     assert gallery_indices([0, 1, 0], 0) == set()
 
 
+def test_a_negative_bound_is_one_line():
+    from larp.core.errors import SampleError
+    from larp.sampling.job import SampleJob
+    with pytest.raises(SampleError, match=r"^--gallery_per_class -1: expected a number of samples >= 0$"):
+        SampleJob(ar_model="a", tokenizer="t", output_dir="o", gallery_per_class=-1)
+
+
 def test_write_if_changed(tmp_path):
     path = str(tmp_path / "page.html")
     assert write_if_changed(path, "a")
