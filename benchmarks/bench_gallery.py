@@ -1,6 +1,6 @@
 """Size and load time of a sampling run's gallery page for a run of many samples, in headless Chromium.
 
-    python benchmarks/bench_gallery.py [--samples 1000] [--classes 101] [--per_class 4] [--repeats 5] [--keep DIR]
+    python -m benchmarks.bench_gallery [--samples 1000] [--classes 101] [--per_class 4] [--repeats 5] [--keep DIR]
 
 Builds a fake run folder as sample.py leaves it (run_config.json, samples.csv with UCF-101-like class names, tiny
 mp4s, fvd_report.csv, timing.json, stats files named as the run's) with the thumbnails sampling makes (animated
@@ -17,20 +17,17 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from larp.core.gallery import save_thumbnail  # noqa: E402
-from larp.data.procedural import procedural_clip  # noqa: E402
-from larp.data.video_io import write_video  # noqa: E402
-from larp.sampling.output_folder import REPORT_COLUMNS, SAMPLE_COLUMNS, run_id, write_csv  # noqa: E402
-from larp.sampling.run_gallery import thumbnail_names, write_run_gallery  # noqa: E402
-from tools.browser import LOAD_ALL_IMAGES, Browser  # noqa: E402
+from larp.core.gallery import save_thumbnail
+from larp.data.procedural import procedural_clip
+from larp.data.video_io import write_video
+from larp.sampling.output_folder import REPORT_COLUMNS, SAMPLE_COLUMNS, run_id, write_csv
+from larp.sampling.run_gallery import thumbnail_names, write_run_gallery
+from tools.browser import LOAD_ALL_IMAGES, Browser  # tools/ is not installed: run with python -m from the root
 
 
 def fake_settings(total):
