@@ -12,8 +12,8 @@ Frame prediction (K600, 5 conditioning frames, all 16 decoded frames scored at 6
 Hub ids may be pinned to a commit (--ar_model_revision / --tokenizer_revision, or owner/name@COMMIT); the run
 settings and the report row record the commit actually loaded. Files are read safely (docs/security.md).
 
-Outputs (sampled_videos/, samples.csv, preview.png, gallery.html, fvd_report.csv, timing.json), resuming and the seeding rule are
-described in larp/sampling/run.py; the checks made before any model loads in larp/sampling/job.py.
+Outputs (sampled_videos/, samples.csv, preview.png, gallery.html, fvd_report.csv, timing.json), resuming and the
+seeding rule are described in larp/sampling/run.py; the checks made before any model loads in larp/sampling/job.py.
 """
 from larp.core.cli import TRUST_HELP, parser
 from larp.core.errors import SampleError, run_cli

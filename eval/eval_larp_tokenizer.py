@@ -15,8 +15,8 @@ per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the t
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
 DIR/metrics.json (with the settings it depends on and the protocol card of the FVD), a preview grid DIR/preview.png
 (input row, reconstruction row, ...) and DIR/gallery.html (each preview clip beside its reconstruction, animated,
-with the metrics; opens offline). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being the tokenizer's run
-folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
+with the metrics; opens offline). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being
+the tokenizer's run folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
 these (its numbers are printed again), refused when they differ; --replace redoes it. A hub id may be pinned with
 --revision COMMIT (or owner/name@COMMIT); metrics.json records the commit actually loaded. Files are read safely
 (docs/security.md).

@@ -21,7 +21,8 @@ BINARIES = ("chromium", "chromium-browser", "google-chrome")
 LOAD_ALL_IMAGES = """(async () => {
   const imgs = [...document.images];
   imgs.forEach(i => { i.loading = 'eager'; });
-  const settle = i => i.complete ? null : new Promise(r => { i.addEventListener('load', r); i.addEventListener('error', r); });
+  const settle = i => i.complete ? null
+    : new Promise(r => { i.addEventListener('load', r); i.addEventListener('error', r); });
   await Promise.race([Promise.all(imgs.map(settle)), new Promise(r => setTimeout(r, 20000))]);
   return {images: imgs.map(i => ({src: i.getAttribute('src'), loaded: i.complete && i.naturalWidth > 0})),
           videos: [...document.querySelectorAll('video')].map(v => ({src: v.currentSrc, error: v.error !== null})),

@@ -4,8 +4,8 @@ The page shows the first `per_class` samples of each class (by global index; the
 before sampling, so `gallery_indices` does not depend on the shard layout). Only those samples get thumbnails in
 gallery/ (`thumbnail_names`), written while they are sampled: the generated clip, the real clip it was drawn for
 and, for frame prediction, the still strip of its condition frames. A run of any size writes at most
-`per_class` x classes of them. `write_run_gallery` rebuilds the page from the folder's files each time a shard finalizes; it
-reads the outputs and never changes them.
+`per_class` x classes of them. `write_run_gallery` rebuilds the page from the folder's files each time a shard
+finalizes; it reads the outputs and never changes them.
 """
 import glob
 import json
