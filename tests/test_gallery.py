@@ -225,6 +225,19 @@ def test_a_negative_bound_is_one_line():
         SampleJob(ar_model="a", tokenizer="t", output_dir="o", gallery_per_class=-1)
 
 
+@pytest.mark.slow
+def test_a_larger_bound_on_a_finished_run_fills_in_thumbnails(named_csv, class_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(class_run[0], copy)
+    before = set(os.listdir(copy / "gallery"))
+    run(named_csv, copy, gallery_per_class=PER_CLASS + 1)  # finds the run finished: no sampling, more thumbnails
+    rows = pd.read_csv(copy / "samples.csv").sort_values("index")
+    want = set(rows.groupby("label").head(PER_CLASS + 1)["index"])
+    assert before < set(os.listdir(copy / "gallery")) == {f"{i}{k}.webp" for i in want for k in ("", "_real")}
+    shown = re.findall(r'src="gallery/(\d+)\.webp"', open(copy / "gallery.html").read())
+    assert sorted(map(int, shown)) == sorted(want)
+
+
 def test_write_if_changed(tmp_path):
     path = str(tmp_path / "page.html")
     assert write_if_changed(path, "a")

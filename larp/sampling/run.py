@@ -68,7 +68,7 @@ from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, final
                                          write_csv)
 from larp.sampling.job import prepare
 from larp.sampling.overlap import StageClock, host_copy, write_sample
-from larp.sampling.run_gallery import gallery_indices, queue_thumbnails, update_gallery
+from larp.sampling.run_gallery import queue_thumbnails, shown_samples, update_gallery
 from larp.models.tokenizer import LARPTokenizer
 from larp.core.utils import get_device, get_dtype, progress_bar, say
 from larp.models.decoding import make_uniforms
@@ -199,7 +199,7 @@ def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     loader = torch.utils.data.DataLoader(subset, batch_sampler=[padded_rows(*b, B) for b in batches],
                                          num_workers=job.num_workers, pin_memory=device.type == "cuda")
     timings, k, chunk = [], 0, None
-    shown = gallery_indices([plan.dataset.clips[c][2] for c in plan.chosen], job.gallery_per_class)
+    shown = shown_samples(plan, job.gallery_per_class)
     with ThreadPoolExecutor(max_workers=4) as pool:
         t_data = time.perf_counter()
         desc = f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"
@@ -364,7 +364,7 @@ def run(job):
                     f"{left}")
             sample_chunks(job, plan, todo, *load_all(job, plan, world, local_rank, log), log=log)
         result = finalize(out, settings, replace=job.replace, log=log)
-        update_gallery(out, settings, job.gallery_per_class)
+        update_gallery(job, plan)
     log(outputs_line(out))
     if result["fvd"] is None:
         log(f"covered {result['covered']} of {settings['num_samples_total']} samples; the FVD is computed when "

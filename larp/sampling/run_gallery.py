@@ -4,8 +4,9 @@ The page shows the first `per_class` samples of each class (by global index; the
 before sampling, so `gallery_indices` does not depend on the shard layout). Only those samples get thumbnails in
 gallery/ (`thumbnail_names`), written while they are sampled: the generated clip, the real clip it was drawn for
 and, for frame prediction, the still strip of its condition frames. A run of any size writes at most
-`per_class` x classes of them. `write_run_gallery` rebuilds the page from the folder's files each time a shard
-finalizes; it reads the outputs and never changes them.
+`per_class` x classes of them. Each time a shard finalizes, `update_gallery` makes the thumbnails still missing
+from the samples' mp4s (a finished run rerun with a larger bound) and rebuilds the page from the folder's files;
+it reads the outputs and never changes them.
 """
 import glob
 import json
@@ -13,6 +14,7 @@ import os
 
 from larp.core.gallery import Page, Section, Tile, save_strip, save_thumbnail, write_page
 from larp.core.io import to_uint8
+from larp.data.video_io import read_frames
 from larp.models.sampling_params import SAMPLING_FIELDS
 from larp.sampling.output_folder import folder_lock, read_csv, run_id
 from larp.sampling.overlap import host_copy
@@ -38,19 +40,46 @@ def gallery_indices(labels, per_class):
     return frozenset(shown)
 
 
+def shown_samples(plan, per_class):
+    """gallery_indices of a run (a SamplePlan: sample i is drawn for clip plan.chosen[i], whose label it takes)."""
+    return gallery_indices([plan.dataset.clips[c][2] for c in plan.chosen], per_class)
+
+
 def write_thumbnails(out, index, fake_copy, real_copy, j, num_cond):
     """The thumbnails of sample `index` (row j of the host copies of its batch; see larp.sampling.overlap): the
-    generated clip and its real clip, with the `num_cond` condition frames (frame prediction) marked and shown as
-    a strip."""
-    names = thumbnail_names(index)
-    for copy, key in ((fake_copy, "fake"), (real_copy, "real")):
-        host, done = copy
+    generated clip and its real clip (see save_thumbnails)."""
+    clips = []
+    for host, done in (fake_copy, real_copy):
         if done is not None:
             done.synchronize()
-        frames = to_uint8(host[j:j + 1])[0]  # (T, H, W, 3)
-        save_thumbnail(os.path.join(out, names[key]), frames, mark=num_cond)
-        if key == "real" and num_cond:
-            save_strip(os.path.join(out, names["cond"]), frames[:num_cond], mark=num_cond)
+        clips.append(to_uint8(host[j:j + 1])[0])  # (T, H, W, 3)
+    save_thumbnails(out, index, *clips, num_cond)
+
+
+def save_thumbnails(out, index, fake, real, num_cond):
+    """The thumbnails of sample `index` from its generated and real uint8 clips (T, H, W, 3), the `num_cond`
+    condition frames (frame prediction) marked and also shown as a strip. The generated one is written last: the
+    page shows a sample once it exists."""
+    names = thumbnail_names(index)
+    save_thumbnail(os.path.join(out, names["real"]), real, mark=num_cond)
+    if num_cond:
+        save_strip(os.path.join(out, names["cond"]), real[:num_cond], mark=num_cond)
+    save_thumbnail(os.path.join(out, names["fake"]), fake, mark=num_cond)
+
+
+def fill_thumbnails(out, plan, shown, num_cond):
+    """Thumbnails of the shown, finished samples that have none (the run was sampled with a smaller bound, or a
+    writer was killed): made from the sample's mp4 and its real clip. Samples without an mp4 (--stats_only) stay
+    out of the page. Returns how many were made."""
+    made = 0
+    for r in read_csv(os.path.join(out, "samples.csv")):
+        i, mp4 = int(r["index"]), os.path.join(out, r["path"]) if r["path"] else ""
+        if i in shown and mp4 and os.path.exists(mp4) and \
+                not os.path.exists(os.path.join(out, thumbnail_names(i)["fake"])):
+            real = to_uint8(plan.dataset[plan.chosen[i]]["video"][None])[0]  # (T, H, W, 3), as sampling loaded it
+            save_thumbnails(out, i, read_frames(mp4), real, num_cond)
+            made += 1
+    return made
 
 
 def _report_row(out, rid):
@@ -151,9 +180,13 @@ def queue_thumbnails(pool, out, shown, idx, fake_copy, video, num_cond, real_cop
     return [pool.submit(write_thumbnails, out, i, fake_copy, real_copy, j, num_cond) for j, i in picked]
 
 
-def update_gallery(out, settings, per_class):
-    """write_run_gallery under the folder's lock, so shards finishing together leave the page of the last one."""
-    if per_class <= 0:
+def update_gallery(job, plan):
+    """The page of a SampleJob's run (larp.sampling.job): thumbnails that are missing are made first
+    (fill_thumbnails), then write_run_gallery runs under the folder's lock, so shards finishing together leave the
+    page of the last one. Returns whether the page changed."""
+    if job.gallery_per_class <= 0:
         return False
-    with folder_lock(out):
-        return write_run_gallery(out, settings, per_class)
+    fill_thumbnails(job.output_dir, plan, shown_samples(plan, job.gallery_per_class),
+                    job.num_cond_frames if job.frame_prediction else 0)
+    with folder_lock(job.output_dir):
+        return write_run_gallery(job.output_dir, plan.settings, job.gallery_per_class)
