@@ -12,8 +12,8 @@ Frame prediction (K600, 5 conditioning frames, all 16 decoded frames scored at 6
 Hub ids may be pinned to a commit (--ar_model_revision / --tokenizer_revision, or owner/name@COMMIT); the run
 settings and the report row record the commit actually loaded. Files are read safely (docs/security.md).
 
-Outputs (sampled_videos/, samples.csv, preview.png, fvd_report.csv, timing.json), resuming and the seeding rule are
-described in larp/sampling/run.py; the checks made before any model loads in larp/sampling/job.py.
+Outputs (sampled_videos/, samples.csv, preview.png, gallery.html, fvd_report.csv, timing.json), resuming and the
+seeding rule are described in larp/sampling/run.py; the checks made before any model loads in larp/sampling/job.py.
 """
 from larp.core.cli import TRUST_HELP, parser
 from larp.core.errors import SampleError, run_cli
@@ -55,6 +55,8 @@ def build_parser():
     p.add_argument("--argmax_cond", action="store_true", help="frame prediction: condition tokens by argmax VQ "
                    "(the reference samples them; here from per-sample seeds)")
     p.add_argument("--stats_only", action="store_true", help="do not write mp4 files")
+    p.add_argument("--gallery_per_class", type=int, default=4, help="samples per class shown (with their real "
+                   "clips) on <output_dir>/gallery.html, which is updated as shards finish; 0: no gallery")
     p.add_argument("--replace", action="store_true", help="redo ranges whose stats already exist")
     p.add_argument("--chunk_size", type=int, default=256, help="samples per saved chunk: a killed shard resumes "
                    "from its last finished chunk (keep it fixed for bit-identical reruns)")
@@ -94,7 +96,8 @@ def make_job(args):
                      frame_num=args.num_frames, input_size=args.input_size, fvd_size=args.fvd_size,
                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
                      num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,
-                     device=args.device, trust_checkpoint=args.trust_checkpoint, capture=args.capture)
+                     device=args.device, trust_checkpoint=args.trust_checkpoint, capture=args.capture,
+                     gallery_per_class=args.gallery_per_class)
 
 
 def main(args):

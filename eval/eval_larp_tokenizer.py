@@ -13,9 +13,10 @@ unseeded). `--clips all` takes every non-overlapping clip of the FVD protocol in
 Every clip is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
-DIR/metrics.json (with the settings it depends on and the protocol card of the FVD) and a preview grid DIR/preview.png (input row, reconstruction
-row, ...). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being the tokenizer's run
-folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
+DIR/metrics.json (with the settings it depends on and the protocol card of the FVD), a preview grid DIR/preview.png
+(input row, reconstruction row, ...) and DIR/gallery.html (each preview clip beside its reconstruction, animated,
+with the metrics; opens offline). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being
+the tokenizer's run folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
 these (its numbers are printed again), refused when they differ; --replace redoes it. A hub id may be pinned with
 --revision COMMIT (or owner/name@COMMIT); metrics.json records the commit actually loaded. Files are read safely
 (docs/security.md).
@@ -85,6 +86,29 @@ def save_preview(preview, path):
         videos += [x, r]
         labels += [f"input {i}", f"recon {i}"]
     return save_video_grid_png(torch.stack(videos), path, row_labels=labels)
+
+
+def write_gallery(out, preview, report):
+    """DIR/gallery.html: each preview clip beside its reconstruction (animated thumbnails in DIR/gallery/), under
+    the metrics and the protocol card; written only when its bytes change."""
+    from larp.core.gallery import Page, Section, Tile, save_thumbnail, write_page
+    from larp.core.io import to_uint8
+    tiles = []
+    for i, (x, r) in enumerate(preview):
+        names = (f"gallery/{i}_input.webp", f"gallery/{i}_recon.webp")
+        for name, video in zip(names, (x, r)):
+            save_thumbnail(os.path.join(out, name), to_uint8(video[None])[0])
+        tiles.append(Tile(names, f"clip {i}: input | reconstruction"))
+    metrics = {k: (f"{report[k]:.6g}" if isinstance(report[k], float) else report[k])
+               for k in ("mse", "psnr", "ssim", "lpips", "fvd", "codebook_usage", "num_clips") if k in report}
+    facts = [("metrics", metrics), ("tokenizer", report["tokenizer"]), ("clips", report["dataset_csv"]),
+             ("VQ", "argmax" if report["det"] else "sampled"), ("precision", report["amp_dtype"])]
+    if "protocol" in report:
+        facts.append(("FVD protocol", report["protocol"]))
+    links = [(n, n) for n in ("metrics.json", "preview.png") if os.path.exists(os.path.join(out, n))]
+    page = Page(title=f"Tokenizer reconstructions: {run_name(report['tokenizer'])}", facts=tuple(facts),
+                links=tuple(links), sections=(Section("input | reconstruction", (("", tuple(tiles)),)),))
+    return write_page(os.path.join(out, "gallery.html"), page)
 
 
 def check_args(args):
@@ -254,6 +278,7 @@ def main(args):
     with naming_write_errors(out):
         os.makedirs(out, exist_ok=True)
     remove_stale_temps(out)
+    remove_stale_temps(os.path.join(out, "gallery"))
     if preview:
         save_preview(preview, os.path.join(out, "preview.png"))
     report = {**metrics, "tokenizer": tokenizer, "dataset_csv": str(args.dataset_csv), "det": args.det,
@@ -262,8 +287,9 @@ def main(args):
     if detector is not None:
         report["protocol"] = protocol_card(args, detector, metrics["num_clips"], total, amp, input_size, frame_num)
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
+    write_gallery(out, preview, report)
     print_metrics(report, args.lpips_net)
-    print(f"wrote {out}/metrics.json and {out}/preview.png")
+    print(f"wrote {out}/metrics.json, {out}/preview.png and {out}/gallery.html (input beside reconstruction)")
     return metrics
 
 

@@ -28,7 +28,8 @@ def test_goals_table_marks_misses():
              "nearest_train": {"real videos (val)": 0.05, "NAR samples, seed 0": 0.06, "RASTER samples, seed 0": 0.04}}
     kept = {"nar": {"val_loss": 3.0, "lowest": 3.0}, "raster": {"val_loss": 3.3, "lowest": 3.0}}
     acc = {"nar": {0: 0.96, 1: 0.94}, "raster": {0: 0.95, 1: 0.97}}
-    rows = {line.split(" | ")[0][2:]: line for line in quickstart_report.goal_lines(acc, kept, stats, 1.5, 5.0, 600)}
+    rows = {line.split(" | ")[0][2:]: line for line in quickstart_report.goal_lines(
+        quickstart_report.goal_rows(acc, kept, stats, 1.5, 5.0, 600))}
     assert rows["NAR oracle accuracy, lowest of the seeds"].endswith("0.940 | >= 0.95 | **no** |")
     assert rows["raster oracle accuracy, lowest of the seeds"].endswith("| yes |")
     assert rows["val loss at the kept checkpoint / lowest, worse generator"].endswith("1.100 | <= 1.05 | **no** |")

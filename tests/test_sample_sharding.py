@@ -4,6 +4,7 @@ here), never from what the code under test prints."""
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -145,6 +146,10 @@ def test_sharded_equals_unsharded(runs):
         vb = read_frames(os.path.join(sharded, "sampled_videos", f"{i}.mp4")).astype(int)
         assert np.abs(va - vb).max() <= 2
     assert np.abs(va - read_frames(os.path.join(single, "sampled_videos", "0.mp4")).astype(int)).mean() > 1
+    # the gallery shows the same samples, in the same places, whatever the layout
+    thumbnails = [re.findall(r'src="([^"]+)"', open(os.path.join(out, "gallery.html")).read())
+                  for out in (single, sharded)]
+    assert thumbnails[0] == thumbnails[1] and len(thumbnails[0]) == 2 * TOTAL
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from larp.data.dataset import read_video_csv
 from larp.data.video_io import read_frames
 from larp.metrics.image import mean_colour_psnr
 from larp.models.generator import load_generator
+from larp.quickstart.index_page import write_index
 
 ORDERS = ("nar", "raster")
 
@@ -172,9 +173,9 @@ def accuracy_lines(acc, seeds):
     return lines
 
 
-def goal_lines(acc, kept, stats, fvd_ratio, psnr_gain, total_s):
+def goal_rows(acc, kept, stats, fvd_ratio, psnr_gain, total_s):
     """The quickstart's goals (a generator that learned the classes, not its training clips) and whether this run
-    met each."""
+    met each: (goal, this run, target, met) rows."""
     real = "real videos (val)"
     fakes = [k for k in stats["spread"] if k != real]
     spread = min(stats["spread"][k] for k in fakes) / stats["spread"][real]
@@ -193,9 +194,30 @@ def goal_lines(acc, kept, stats, fvd_ratio, psnr_gain, total_s):
             ("tokenizer PSNR - mean-colour PSNR (dB)", f"{psnr_gain:.2f}", ">= 4", psnr_gain >= 4),
             ("wall time of this run (min; a new machine adds the venv)", f"{total_s / 60:.1f}", "<= 15",
              total_s <= 900)]
+    return [(name, value, target, "yes" if ok else "no") for name, value, target, ok in rows]
+
+
+def goal_lines(rows):
+    """The goals table of report.md, from goal_rows."""
     lines = ["| goal | this run | target | met |", "|---|---|---|---|"]
-    lines += [f"| {name} | {value} | {target} | {'yes' if ok else '**no**'} |" for name, value, target, ok in rows]
-    return lines
+    return lines + [f"| {name} | {value} | {target} | {'yes' if met == 'yes' else '**no**'} |"
+                    for name, value, target, met in rows]
+
+
+def gallery_links(q, samples, seed):
+    """(text, path relative to `q`) of the gallery pages the run wrote. `samples`: (order, seed) -> folder."""
+    pages = [("tokenizer: val clips beside their reconstructions", os.path.join(q, "eval_tokenizer"))]
+    pages += [(f"{order.upper()} generator: samples of seed {seed} by class, beside real clips", samples(order, seed))
+              for order in ORDERS]
+    return [(text, os.path.relpath(os.path.join(folder, "gallery.html"), q)) for text, folder in pages
+            if os.path.exists(os.path.join(folder, "gallery.html"))]
+
+
+def gallery_lines(pages):
+    """The report's links to the pages that show the videos (quickstart/index.html gathers them)."""
+    return ["## Galleries (open in a browser, offline)", "",
+            "[index.html](index.html): the goals, the curves and links to every page below.", ""] + \
+        ([f"- [{text}]({path})" for text, path in pages] or ["(none written by this run)"])
 
 
 def fvd_lines(fvd, recon_fvd, run):
@@ -244,7 +266,9 @@ def write_report(q, run, acc, stats, times, total_s):
              f"{run['num_samples']} samples per generator and sampling seed, conditioned on the labels of "
              f"{run['num_samples']} val clips (FVD clip protocol, seed 42); sampling flags: "
              f"`{' '.join(run['sample_args'])}`.", "", "## Goals", ""]
-    lines += goal_lines(acc, kept, stats, fvd["nar"][0] / recon_fvd, tok["psnr"] - stats["mean_colour_psnr"], total_s)
+    goals = goal_rows(acc, kept, stats, fvd["nar"][0] / recon_fvd, tok["psnr"] - stats["mean_colour_psnr"], total_s)
+    galleries = gallery_links(q, run["samples"], seeds[0])
+    lines += goal_lines(goals) + [""] + gallery_lines(galleries)
     lines += ["", "## Oracle class accuracy (analytic classifier, larp/data/oracle.py)", ""]
     lines += accuracy_lines(acc, seeds)
     lines += ["", "## Generators: the kept checkpoint (train.keep best_val)", "",
@@ -271,6 +295,7 @@ def write_report(q, run, acc, stats, times, total_s):
     lines += [f"| **this run, total** | {total_s:.1f} |", "", "## Previews (one row per class)", "",
               "NAR: ![NAR samples](preview_nar.gif)  raster: ![raster samples](preview_raster.gif)", ""]
     text = "\n".join(lines)
+    write_index(q, goals, galleries)
     with open(os.path.join(q, "report.md"), "w") as f:
         f.write(text)
     print("\n" + text)

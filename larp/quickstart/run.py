@@ -1,6 +1,6 @@
 """Offline quickstart: synthetic videos -> tiny LARP tokenizer -> tiny NAR and raster generators -> samples,
 oracle accuracy, FVD (Kinetics-400 I3D, on FVD_CLIPS clips per side), tokenizer PSNR, sampling speed; writes
-quickstart/report.md.
+quickstart/report.md and quickstart/index.html (the results and every gallery page, in a browser).
 
 Every stage is a plain command of this repository (printed before it runs), so the quickstart doubles as a
 worked example. A stage whose output exists is reused, so a second run only rebuilds the report;

@@ -44,7 +44,8 @@ class SampleJob:
     the condition tokens come from the tokenizer's sampling quantiser with per-sample seeds (`argmax_cond`: argmax
     instead) and all decoded frames are scored (`paste_cond_frames`: the real condition frames replace the decoded
     ones first, a deliberate deviation, off by default). `capture`: how the decode passes run
-    (larp.models.decoding.generate; not a run setting: graphs replay the eager kernels).
+    (larp.models.decoding.generate; not a run setting: graphs replay the eager kernels). `gallery_per_class`: samples
+    per class on the run's gallery page (larp.sampling.run_gallery; 0: no page; not a run setting either).
     """
     ar_model: str
     tokenizer: str
@@ -74,6 +75,7 @@ class SampleJob:
     device: str = "auto"
     trust_checkpoint: bool = False
     capture: str = "auto"
+    gallery_per_class: int = 4
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -97,6 +99,8 @@ class SampleJob:
         if self.starting_index + self.num_samples > total:
             raise SampleError(f"--starting_index {self.starting_index} + --num_samples {self.num_samples} "
                               f"exceeds --num_samples_total {total}")
+        if self.gallery_per_class < 0:
+            raise SampleError(f"--gallery_per_class {self.gallery_per_class}: expected a number of samples >= 0")
         if self.capture not in CAPTURE_MODES:
             raise SampleError(f"--capture {self.capture}: expected one of {CAPTURE_MODES}")
         if self.frame_prediction and self.params.cfg_scale != 1.0:

@@ -29,7 +29,7 @@ REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num
 SAMPLE_COLUMNS = ["index", "label", "action", "path", "gt_path", "clip_path", "clip_start"]
 STATS_RE = re.compile(r"^generated_fvd_stats_(\d+)_(\d+)\.pkl$")
 RANGE_LOCK_RE = re.compile(r"^\.sampling_(\d+)_(\d+)\.lock$")
-SUBFOLDERS = ("parts", "sampled_videos", "gt_videos")
+SUBFOLDERS = ("parts", "sampled_videos", "gt_videos", "gallery")
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ the flags), checks it with `prepare` before any model loads, then samples and fi
   parts/samples_<a>_<b>.csv, parts/range_<a>_<b>.json    per-range rows and timing, merged into samples.csv
                                      (index,label,action,path,...: readable by larp.data.oracle) and timing.json
   preview.png, fvd_report.csv, .fvd.lock
+  gallery.html, gallery/             the page to look at the samples by class, and its thumbnails
+                                     (larp.sampling.run_gallery)
   .sampling_<a>_<b>.lock             held while a process samples [a, b): the same range started again meanwhile
                                      refuses in one line naming that process (larp.sampling.output_folder.hold_range)
 
@@ -66,6 +68,7 @@ from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, final
                                          write_csv)
 from larp.sampling.job import prepare
 from larp.sampling.overlap import StageClock, host_copy, write_sample
+from larp.sampling.run_gallery import queue_thumbnails, shown_samples, update_gallery
 from larp.models.tokenizer import LARPTokenizer
 from larp.core.utils import get_device, get_dtype, progress_bar, say
 from larp.models.decoding import make_uniforms
@@ -166,7 +169,8 @@ class ChunkState:
     """What one chunk [c, d) accumulates until its files are written: features, NLLs (on the device until then),
     sample rows, the pending mp4 writes, stage clocks and the timing."""
 
-    def __init__(self, detector, t_start, meta):
+    def __init__(self, detector, t_start, meta, shown=frozenset()):
+        self.shown = shown  # the global indices whose thumbnails the gallery shows
         self.gen_stats, self.gt_stats = (FeatureStats(detector=detector.name, meta=meta) for _ in range(2))
         self.gen_feats, self.gt_feats, self.clocks = [], [], []
         self.nlls, self.rows, self.pending, self.tm, self.t_start = [], [], [], _new_timing(), t_start
@@ -195,12 +199,13 @@ def sample_chunks(job, plan, chunks, models, detector, device, log=print):
     loader = torch.utils.data.DataLoader(subset, batch_sampler=[padded_rows(*b, B) for b in batches],
                                          num_workers=job.num_workers, pin_memory=device.type == "cuda")
     timings, k, chunk = [], 0, None
+    shown = shown_samples(plan, job.gallery_per_class)
     with ThreadPoolExecutor(max_workers=4) as pool:
         t_data = time.perf_counter()
         desc = f"sampling {sum(d - c for c, d in chunks)} videos in {len(chunks)} chunk(s)"
         for batch, (g, lo, hi) in progress_bar(zip(loader, batches), total=len(batches), unit="batch", desc=desc):
             if chunk is None:
-                chunk = ChunkState(detector, t_data, plan.stats_meta)
+                chunk = ChunkState(detector, t_data, plan.stats_meta, shown)
             rows, idx = slice(lo - g, hi - g), list(range(lo, hi))
             video, fake = generate_batch(job, plan, batch, g, rows, models, detector, device, chunk, t_data)
             queue_writes(job, plan, batch["label"][rows], idx, video, fake, chunk, pool)
@@ -272,6 +277,9 @@ def queue_writes(job, plan, labels, idx, video, fake, chunk, pool):
                 chunk.pending.append(pool.submit(write_sample, os.path.join(out, rel), frames[key], j))
             row[key] = rel if not job.stats_only or os.path.exists(os.path.join(out, rel)) else ""
         chunk.rows.append(row)
+    num_cond = job.num_cond_frames if job.frame_prediction else 0
+    chunk.pending += queue_thumbnails(pool, out, chunk.shown, idx, frames["path"], video, num_cond,
+                                      real_copy=frames["gt_path"])
 
 
 def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
@@ -356,6 +364,7 @@ def run(job):
                     f"{left}")
             sample_chunks(job, plan, todo, *load_all(job, plan, world, local_rank, log), log=log)
         result = finalize(out, settings, replace=job.replace, log=log)
+        update_gallery(job, plan)
     log(outputs_line(out))
     if result["fvd"] is None:
         log(f"covered {result['covered']} of {settings['num_samples_total']} samples; the FVD is computed when "
@@ -370,7 +379,8 @@ def outputs_line(out):
     shown = []
     for name, what in (("sampled_videos", "generated mp4s"), ("gt_videos", "real clips"),
                        ("samples.csv", "index, class, video"), ("preview.png", "first samples"),
-                       ("fvd_report.csv", "FVD row"), ("timing.json", None)):
+                       ("fvd_report.csv", "FVD row"), ("timing.json", None),
+                       ("gallery.html", "open in a browser")):
         path = os.path.join(out, name)
         if os.path.isdir(path):
             shown.append(f"{path}/ ({len(os.listdir(path))} {what})")
