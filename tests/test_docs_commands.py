@@ -1,6 +1,6 @@
-"""Every shell command shown in README.md and docs/*.md is checked against the code (tools/docs_commands.py says
-how): the entry point exists, every flag shown is in its --help (or read by the shell script), every variable set
-in front of a script is read by it. The commands that finish offline in seconds run: every `--help`, the synthetic
+"""Every shell command shown in README.md, BENCHMARKS.md and docs/*.md is checked against the code (how:
+tools/docs_commands.py): the entry point exists, every flag shown is in its --help (or read by the shell script),
+every variable set in front of a script is read by it. The commands that finish offline in seconds run: every `--help`, the synthetic
 set (with tiny sizes), the oracle on it, and `make_csv check` on a tiny fake tree. The README's Python snippet runs
 on the tiny golden models. `python tools/docs_commands.py FILE.md` checks any other file (e.g. an older README)."""
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +55,7 @@ def fake_tree(tmp):
 def test_every_documented_command_matches_the_code(tmp_path):
     count, problems = check_files(DOC_FILES)
     print(f"{count} documented commands checked")
-    assert count >= 40, f"only {count} commands found in README.md and docs/*.md"
+    assert count >= 40, f"only {count} commands found in README.md, BENCHMARKS.md and docs/*.md"
     assert not problems, f"{len(problems)} of {count} commands disagree with the code:\n" + "\n".join(problems)
 
 

@@ -1,5 +1,5 @@
 """Check every shell command shown in markdown files against the code (tests/test_docs_commands.py runs it on
-README.md and docs/*.md).
+README.md, BENCHMARKS.md and docs/*.md).
 
 A command is a line of a non-Python code block, or an inline code span, that runs `python X.py`, `python -m MOD`,
 `bash X.sh` or `torchrun ... X.py` (after any `VAR=value`, `time` or `srun` in front of it). For each one:
@@ -11,7 +11,7 @@ A command is a line of a non-Python code block, or an inline code span, that run
 - every environment variable the prose names as inline code (`NAME`, `NAME=value`) is read by some code of the
   project, unless another program reads it (FOREIGN_ENV).
 
-    python tools/docs_commands.py                 # README.md and docs/*.md
+    python tools/docs_commands.py                 # README.md, BENCHMARKS.md and docs/*.md
     python tools/docs_commands.py OLD_README.md   # any markdown file: prints its problems, exit 1 if any
 """
 import io
@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC_FILES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+DOC_FILES = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").glob("*.md"))
 PROGRAMS = ("python", "python3", "bash", "torchrun")
 PREFIXES = ("time", "srun", "nohup", "exec")
 TIMEOUT = 120
@@ -199,8 +199,10 @@ def help_text(kind, target, sub=None):
     as their own processes (test_offline_commands_run)."""
     if target == "pytest":
         return run(entry_argv(kind, target) + ("--help",))
-    buf, old_argv = io.StringIO(), sys.argv
+    buf, old_argv, old_path = io.StringIO(), sys.argv, list(sys.path)
     sys.argv = [target] + ([sub] if sub else []) + ["--help"]
+    # sys.path[0] as python sets it: the script's folder, or the working directory (the root) for -m
+    sys.path.insert(0, str(ROOT if kind == "mod" else (ROOT / target).parent))
     code = 1
     try:
         with redirect_stdout(buf), redirect_stderr(buf), warnings.catch_warnings():
@@ -214,7 +216,7 @@ def help_text(kind, target, sub=None):
     except Exception as e:  # an entry point that fails before it parses its flags
         buf.write(f"{type(e).__name__}: {e}")
     finally:
-        sys.argv = old_argv
+        sys.argv, sys.path[:] = old_argv, old_path
     return code, buf.getvalue()
 
 
