@@ -3,6 +3,7 @@ tools/docs_commands.py): the entry point exists, every flag shown is in its --he
 every variable set in front of a script is read by it. The commands that finish offline in seconds run: every `--help`, the synthetic
 set (with tiny sizes), the oracle on it, and `make_csv check` on a tiny fake tree. The README's Python snippet runs
 on the tiny golden models. `python tools/docs_commands.py FILE.md` checks any other file (e.g. an older README)."""
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -135,3 +136,30 @@ def test_the_checker_finds_wrong_commands(tmp_path):
                      "UCF101_SPLIT is not read by set_datasets.sh", "nowhere.py does not exist",
                      "--frash is not read by scripts/quickstart.sh"]:
         assert expected in text, f"not caught: {expected}\n{text}"
+
+
+def slug(heading):
+    """GitHub's anchor of a markdown heading."""
+    s = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return s.replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_exists():
+    """Links between README.md, BENCHMARKS.md and docs/ point at files that exist and at headings (or explicit
+    anchors) they hold."""
+    bad = []
+    for doc in DOC_FILES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                bad.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                text = dest.read_text()
+                anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+                anchors |= set(re.findall(r'<a id="([^"]+)">', text))
+                if anchor not in anchors:
+                    bad.append(f"{doc.name}: {target} (no such heading)")
+    assert not bad, "\n".join(bad)
