@@ -19,7 +19,7 @@ per GPU, in GB (1e9 bytes):
 
 "needs FSDP" means the DDP total exceeds 90% of the GPU (the rest for the CUDA context, the allocator's
 fragmentation and temporaries). The CUDA check (benchmarks/gpu_check.sh) measures the real peak of NAR-L at
-batch 8 for comparison. Prints a markdown table for the README.
+batch 8 for comparison. Prints a markdown table for docs/training.md.
 """
 import argparse
 

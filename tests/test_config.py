@@ -167,6 +167,17 @@ def test_every_script_command_parses(script, tmp_path):
             assert cfg.vae.checkpoint
 
 
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_every_script_defaults_to_one_8_gpu_node(script, tmp_path, monkeypatch):
+    """The release recipes ran on one 8-GPU node, and docs/training.md says every script launches 8 processes
+    unless NPROC says otherwise."""
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.delenv("NNODES", raising=False)
+    calls, _ = run_script(script, tmp_path)
+    argv = calls[0]
+    assert "--nproc_per_node=8" in argv and "--nnodes=1" in argv, argv[:argv.index("train.py")]
+
+
 def test_reference_configs_build_the_released_layouts(reference_dir):
     """cfgs/larp_ar.yaml (with the L-long tokenizer's 1024 tokens / 8192 codes) and cfgs/larp_tokenizer.yaml
     build models whose state dicts have exactly the released names and shapes (meta device: no memory)."""

@@ -127,7 +127,7 @@ def test_imports_at_the_top_unless_lazy_for_an_optional_dependency():
 def test_training_config_climbs_back_up_at_most_8_times(tmp_path):
     """A two-step run of each stage: the functions that get the config (or a section) as an argument, in call
     order; a move to a module that imports the current one is a climb. Measured with tools/config_path.py on
-    the same runs, the code before the refactor climbed 11 times (issue 14 counted 18 its own way)."""
+    the same runs, the code before the refactor climbed 11 times."""
     result = trace_stages(str(tmp_path))
     climbs = {stage: c for stage, (_, c) in result.items()}
     assert sum(len(c) for c in climbs.values()) <= 8, climbs

@@ -1,4 +1,4 @@
-"""Package metadata (issue 26): runtime dependencies are lower bounds, so `pip install -e .` keeps an environment's
+"""Package metadata: runtime dependencies are lower bounds, so `pip install -e .` keeps an environment's
 own torch; pytest and scipy are the `test` extra; constraints.txt pins every dependency for CI and the quickstart."""
 import email
 import json

@@ -1,4 +1,4 @@
-"""No file a user is handed runs code (issue 27, docs/security.md): a malicious file in each format is refused on
+"""No file a user is handed runs code (docs/security.md): a malicious file in each format is refused on
 every path that reads it, with one line naming the file and what it holds, and its payload never runs (each
 payload would create a marker file); legitimate files (ours, old ones, the reference's layouts) still load."""
 import os
@@ -37,7 +37,7 @@ class Payload:
 
 
 class SystemPayload(Payload):
-    """The issue's reproduction: os.system (posix.system)."""
+    """A pickle that calls os.system (posix.system) when loaded."""
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)

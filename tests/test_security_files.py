@@ -53,7 +53,7 @@ def test_stats_pickle_with_code_is_refused(tmp_path, marker, capsys):
     with pytest.raises(UnsafeFileError) as e:
         FeatureStats.load(evil)
     assert_refused(e, evil, "builtins.exec")
-    # the reproduction: compute_fvd.py --real evil.pkl
+    # the same file handed to compute_fvd.py --real evil.pkl
     FeatureStats().add(x).save(tmp_path / "fake.pkl")
     with pytest.raises(SystemExit):
         run_cli(compute_fvd.main, compute_fvd.get_args(["--real", str(evil), "--fake", str(tmp_path / "fake.pkl")]),

@@ -1,4 +1,4 @@
-"""What an older torch than CI's gets (issue 26; README "Set up" has the table): torch 2.4 runs everything but
+"""What an older torch than CI's gets (docs/install.md has the table): torch 2.4 runs everything but
 FSDP, with SDPA repeating the kv heads of grouped-query attention and FlexAttention off with a note; FSDP on a
 torch older than 2.7 is one line."""
 import sys

@@ -1,7 +1,7 @@
 """Follow the training config through the package from `larp.training.loop.train`: the functions that receive it (or
 one of its sections) as an argument, in call order, grouped into consecutive stays per module. A climb is a move
 from a module to one that imports it (directly or not), i.e. back up the import order. A config threaded down and
-back up through the layers climbs often; one read where it is needed climbs little (issue 14).
+back up through the layers climbs often; one read where it is needed climbs little.
 
     python tools/config_path.py          # two-step AR and tokenizer runs on a tiny synthetic set
 

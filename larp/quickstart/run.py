@@ -41,7 +41,7 @@ SEEDS = (0, 1, 2)          # sampling seeds: the report gives the oracle accurac
 # own FVD, in fvd_report.csv, uses the cheap random:32 I3D)
 FVD_CLIPS = 32
 # cfg 3 + top-k 10, the same for both generators: cfg 4 costs within-class spread (0.72-0.77 of the real clips' on
-# the NAR against 0.79-0.82 at cfg 3), cfg 2.5 costs accuracy (NAR 0.91-0.96); README.md, "Quickstart designs"
+# the NAR against 0.79-0.82 at cfg 3), cfg 2.5 costs accuracy (NAR 0.91-0.96); docs/quickstart.md, "Design history"
 SAMPLE_ARGS = ["--cfg_scale", "3.0", "--temperature", "1.0", "--top_k", "10", "--top_p", "1.0",
                "--sample_batch_size", "64", "--i3d", "random:32",
                "--dtype", "fp32", "--tokenizer_dtype", "fp32"]  # CPU: fp32 (the release protocol casts to bf16 / fp16)
