@@ -106,6 +106,7 @@ def load():
 
 
 def main(args):
+    torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     device = get_device(args.device)
     spec = "kinetics400" if kinetics400_available() else "random"
@@ -163,5 +164,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_cli(main, get_args())

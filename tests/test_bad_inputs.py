@@ -181,7 +181,7 @@ CASES = {
                              "bench_fvd.py", ["--device gpu0"], []),
     "launch_script_missing_dataset_csv": (lambda w: ["bash", "scripts/train_larp_ar.sh", "data.csv",
                                                      "ucf101_not_set_up.csv"], "train.py",
-                                          ["ucf101_not_set_up.csv", "not found", "set_datasets.sh", "Datasets"], []),
+                                          ["ucf101_not_set_up.csv", "not found", "set_datasets.sh", "docs/datasets.md"], []),
     "launch_script_offline_hub_tokenizer": (lambda w: ["bash", "scripts/train_larp_ar.sh", "data.csv", w["train"],
                                                        "data.val_csv", w["val"]], "train.py",
                                             ["vae.checkpoint", "hywang66/LARP-L-long-tokenizer", "not a local path"],

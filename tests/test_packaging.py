@@ -1,5 +1,5 @@
 """Package metadata: runtime dependencies are lower bounds, so `pip install -e .` keeps an environment's
-own torch; pytest and scipy are the `test` extra; constraints.txt pins every dependency for CI and the quickstart."""
+own torch; pytest, pytest-xdist and scipy are the `test` extra; constraints.txt pins every dependency for CI and the quickstart."""
 import email
 import json
 import subprocess
@@ -45,10 +45,10 @@ def test_no_runtime_dependency_is_pinned_exactly(requires):
     assert all(s.operator == ">=" for s in torch_req.specifier) and torch_req.specifier.contains("2.4.0")
 
 
-def test_pytest_and_scipy_are_the_test_extra(requires):
+def test_pytest_xdist_and_scipy_are_the_test_extra(requires):
     runtime, extras = requires
-    assert sorted(canonicalize_name(r.name) for r in extras["test"]) == ["pytest", "scipy"]
-    assert not {canonicalize_name(r.name) for r in runtime} & {"pytest", "scipy"}
+    assert sorted(canonicalize_name(r.name) for r in extras["test"]) == ["pytest", "pytest-xdist", "scipy"]
+    assert not {canonicalize_name(r.name) for r in runtime} & {"pytest", "pytest-xdist", "scipy"}
 
 
 def test_constraints_pin_every_dependency_within_its_bounds(requires):

@@ -178,8 +178,11 @@ def test_prior_loss_is_next_code_cross_entropy(tiny_cfg):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_forward(golden_model, golden_cases, dtype):
+    """Low precision is judged by the tokens: the golden tiny decoder barely depends on its tokens (a decode of
+    other tokens is as close to the golden video as a bf16 decode of the right ones), so pixels cannot tell two
+    decodes apart, while the codes the encoder picks are exact."""
     x = golden_cases["tokenizer.input_video"]
-    m = copy.deepcopy(golden_model)
+    m = copy.deepcopy(golden_model).set_vq_eval_deterministic(True)
     if dtype == torch.bfloat16:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             rec = m.decode_from_bottleneck(golden_cases["tokenizer.tokens"])
@@ -190,9 +193,9 @@ def test_low_precision_forward(golden_model, golden_cases, dtype):
         m = m.to(dtype)
         with torch.no_grad():
             rec = m.decode_from_bottleneck(golden_cases["tokenizer.tokens"])
-            assert m.encode(x.to(dtype))["bottleneck_rep"].shape == (2, 32)
-    assert torch.isfinite(rec.float()).all()
-    assert (rec.float() - golden_cases["tokenizer.decoded_from_tokens"]).abs().mean() < 0.05
+            enc = m.encode(x.to(dtype))
+    assert torch.equal(enc["bottleneck_rep"], golden_cases["tokenizer.tokens"])
+    assert rec.shape == golden_cases["tokenizer.decoded_from_tokens"].shape and torch.isfinite(rec.float()).all()
 
 
 def test_bad_input_shape(golden_model):

@@ -200,6 +200,8 @@ def help_text(kind, target, sub=None):
     if target == "pytest":
         return run(entry_argv(kind, target) + ("--help",))
     buf, old_argv, old_path = io.StringIO(), sys.argv, list(sys.path)
+    torch = sys.modules.get("torch")
+    grad = torch.is_grad_enabled() if torch is not None else None
     sys.argv = [target] + ([sub] if sub else []) + ["--help"]
     # sys.path[0] as python sets it: the script's folder, or the working directory (the root) for -m
     sys.path.insert(0, str(ROOT if kind == "mod" else (ROOT / target).parent))
@@ -217,6 +219,8 @@ def help_text(kind, target, sub=None):
         buf.write(f"{type(e).__name__}: {e}")
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
+        if grad is not None:  # an entry point may switch autograd off for its process: not for the caller's
+            torch.set_grad_enabled(grad)
     return code, buf.getvalue()
 
 
