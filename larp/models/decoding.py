@@ -76,9 +76,10 @@ def sample_logits(logits, u, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def apply_guidance(logits, scale):
-    """Doubled batch [cond ; uncond] (2B, M, V) -> uncond + scale * (cond - uncond) (B, M, V)."""
+    """Doubled batch [cond ; uncond] (2B, M, V) -> uncond + scale * (cond - uncond) (B, M, V), in one new tensor
+    (the same operations in the same order as written, so the same bits)."""
     cond, uncond = logits.chunk(2, dim=0)
-    return uncond + scale * (cond - uncond)
+    return (cond - uncond).mul_(scale).add_(uncond)
 
 
 def _cache_dtype(model, device):

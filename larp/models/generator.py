@@ -248,13 +248,13 @@ class Generator(nn.Module):
         if mask is not None and not torch.is_autocast_enabled(x.device.type):
             mask = mask.to(x.dtype).log()  # additive (0 / -inf) once per pass, instead of in every block's attention
         hidden = self.run_layers(x, caches=caches, index=at["fed"], mask=mask, kv_len=at["kv"])
-        if self.order == "nar":
-            logits = None
+        if self.order == "nar":  # in place: w is 0 or 1, so the sum is exactly the out-of-place one, without
+            logits = None        # a (nb, M, V) temporary per operation
             for h, src, w, name in zip(hidden, at["src"], at["w"], "RDB"):
                 out = getattr(self, f"output_{name}")(getattr(self, f"norm_{name}")(h.index_select(1, src)))
-                out = out.float() * w[:, None]  # (nb, M, V); 0 where the target has no such predecessor
-                logits = out if logits is None else logits + out
-            return logits / at["count"][:, None]
+                out = out.float().mul_(w[:, None])  # (nb, M, V); 0 where the target has no such predecessor
+                logits = out if logits is None else logits.add_(out)
+            return logits.div_(at["count"][:, None])
         return self.raster_logits(hidden[:, -1:])
 
     def _train_mask(self, x):
