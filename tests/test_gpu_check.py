@@ -58,3 +58,14 @@ def test_prepare_refuses_an_unknown_argument():
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "gpu_check.sh --prepare: unknown argument '--pyhton-version' (takes --python-version X.Y)"]
+
+
+def test_out_defaults_to_the_out_variable(tmp_path):
+    """On a device machine only what is under $OUT comes back: without --out the check writes there."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--device", "cpu", "--tiny", "--sections",
+                          "attention"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["sections"]["attention"]["results"] == {"skipped": "CUDA only"}
+    assert (tmp_path / "out" / "sections" / "attention.log").exists() and not (tmp_path / "gpu_check_out").exists()
