@@ -68,14 +68,18 @@ def pass_breakdown(model, call, device):
     scopes = [(m, "attention") for m in model.modules() if isinstance(m, Attention)]
     scopes += [(m, "mlp") for m in model.modules() if isinstance(m, FeedForward)]
     open_ranges, hooks = [], []
-    for module, name in scopes:
-        def enter(_m, _args, name=name):
+
+    def enter(name):
+        def hook(_m, _args):
             open_ranges.append(record_function(name))
             open_ranges[-1].__enter__()
+        return hook
 
-        def leave(_m, _args, _out):
-            open_ranges.pop().__exit__(None, None, None)
-        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    def leave(_m, _args, _out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    for module, name in scopes:
+        hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
     cuda = device.type == "cuda"
     try:
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:

@@ -10,6 +10,7 @@ import torch
 
 RASTER_KV_BUCKET = 64  # raster passes attend over the filled prefix rounded up to a multiple of this many slots
 
+
 def nar_layout(grid, C):
     """Index tensors of the NAR order for a (T, H, W) grid after C condition positions.
 
