@@ -39,6 +39,12 @@ def build_parser():
                    "bfloat16): fp32, bf16 or fp16 (float32, bfloat16, float16 also accepted)")
     p.add_argument("--tokenizer_dtype", default=None, help="the tokenizer's weights are cast to it: fp32, bf16 or "
                    "fp16 (default as the reference: fp16 class-conditional, fp32 frame prediction)")
+    p.add_argument("--matmul_precision", default="high", choices=["high", "highest"],
+                   help="float32 matmuls of generation and decoding on CUDA: high = TF32 allowed (the reference's "
+                   "sample.py), highest = full fp32; the I3D keeps fp32 either way (default: %(default)s)")
+    p.add_argument("--nll", default="conditional", choices=["conditional", "class_swapped"],
+                   help="the NLL column: conditional = under each sample's class; class_swapped = the reference "
+                   "NAR's published NLL_sampled (a class-dropout share of samples scored under the null class)")
     p.add_argument("--capture", default="auto", help="how each decode pass runs: auto = recorded once as a CUDA "
                    "graph and replayed on CUDA, eager elsewhere; graph; compile (torch.compile, or compile:<backend>); "
                    "eager")
@@ -97,7 +103,8 @@ def make_job(args):
                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size,
                      num_workers=args.num_workers, i3d=args.i3d, replace=args.replace, stats_only=args.stats_only,
                      device=args.device, trust_checkpoint=args.trust_checkpoint, capture=args.capture,
-                     gallery_per_class=args.gallery_per_class)
+                     gallery_per_class=args.gallery_per_class, matmul_precision=args.matmul_precision,
+                     nll=args.nll)
 
 
 def main(args):

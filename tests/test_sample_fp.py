@@ -117,7 +117,8 @@ def test_frame_prediction_scores_all_decoded_frames(data_csv, fp_model, tmp_path
     assert card["frames_scored"] == "every decoded frame" and "sampled (per-sample seeds)" in card["condition"]
     assert card["num_samples"] == 4 and card["resize"].startswith("torchvision Resize(32, antialias) + CenterCrop(32), "
                                                                   "then Resize((64, 64))")
-    assert card["precision"] == "generator weights bf16, tokenizer fp32, detector fp32"
+    assert card["precision"] == ("generator weights bf16, tokenizer fp32, float32 matmuls of generation and "
+                                 "decoding in TF32 on CUDA (matmul precision high); detector fp32")
 
     pasted, gen_p, real_p, tokens_p = recording_run(monkeypatch, data_csv, tmp_path / "fp_paste", ar=fp_model,
                                                     paste_cond_frames=True, **FP_FLAGS)

@@ -80,7 +80,10 @@ def test_discriminator_loss_smoothing_and_lecam():
         r, f = lf.discriminator(x), lf.discriminator(rec)
     loss, logs = lf.discriminator_loss(x, rec, global_step=0)
     bce = lambda z, t: (torch.clamp(z, min=0) - z * t + torch.log1p(torch.exp(-z.abs()))).mean()  # noqa: E731
-    lecam = torch.relu(r - 0).pow(2).mean() + torch.relu(0 - f).pow(2).mean()  # EMAs start at 0
+    # the reference's LeCam term: on the batch means of the logits (EMAs start at 0)
+    lecam = torch.relu(r.mean() - 0).pow(2) + torch.relu(0 - f.mean()).pow(2)
+    per_sample = torch.relu(r).pow(2).mean() + torch.relu(-f).pow(2).mean()
+    assert abs(lecam - per_sample) > 1e-3 * abs(lecam)  # the two readings differ on this batch
     assert loss.item() == pytest.approx((bce(r, 0.9) + bce(f, 0.0) + 0.5 * lecam).item(), rel=1e-5)
     assert lf.ema_logits_real.item() == pytest.approx(0.1 * r.mean().item(), rel=1e-5)
     assert lf.ema_logits_fake.item() == pytest.approx(0.1 * f.mean().item(), rel=1e-5)

@@ -59,6 +59,19 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """float32 matmuls on CUDA inside the block: "high" allows TF32 (what the reference's sample.py sets for its
+    whole run), "highest" keeps full fp32. The previous setting comes back after the block; CPU matmuls are not
+    affected either way."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "high"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))

@@ -151,7 +151,8 @@ class TokenizerLoss(nn.Module):
             F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
         logs = {"d_loss": loss.item(), "logits_real": real.mean().item(), "logits_fake": fake.mean().item()}
         if self.lecam_weight > 0:
-            lecam = F.relu(real - self.ema_logits_fake).pow(2).mean() + F.relu(self.ema_logits_real - fake).pow(2).mean()
+            # on the batch means of the logits, as the reference's LeCam term
+            lecam = F.relu(real.mean() - self.ema_logits_fake).pow(2) + F.relu(self.ema_logits_real - fake.mean()).pow(2)
             loss = loss + self.lecam_weight * lecam
             logs["lecam"] = lecam.item()
             with torch.no_grad():

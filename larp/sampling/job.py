@@ -28,6 +28,10 @@ from larp.core.safe_load import loaded_spec
 from larp.core.utils import DTYPES, dtype_name
 
 
+MATMUL_PRECISIONS = ("high", "highest")
+NLL_KINDS = ("conditional", "class_swapped")
+
+
 @dataclass(frozen=True)
 class SampleJob:
     """One sampling call as typed values (the flags of `sample.py`, same names where they exist).
@@ -46,6 +50,11 @@ class SampleJob:
     ones first, a deliberate deviation, off by default). `capture`: how the decode passes run
     (larp.models.decoding.generate; not a run setting: graphs replay the eager kernels). `gallery_per_class`: samples
     per class on the run's gallery page (larp.sampling.run_gallery; 0: no page; not a run setting either).
+    `matmul_precision`: float32 matmuls of generation and decoding on CUDA, "high" (TF32 allowed, as the reference's
+    sample.py sets for its whole run) or "highest" (full fp32); the I3D always runs its own precision (fp32).
+    `nll`: the NLL_sampled column, "conditional" (under the sample's class, LARP's definition) or "class_swapped"
+    (the reference NAR's published figure: each sample's NLL is taken under the null class with the generator's
+    class-dropout probability, a per-sample draw).
     """
     ar_model: str
     tokenizer: str
@@ -76,6 +85,8 @@ class SampleJob:
     trust_checkpoint: bool = False
     capture: str = "auto"
     gallery_per_class: int = 4
+    matmul_precision: str = "high"
+    nll: str = "conditional"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -103,6 +114,12 @@ class SampleJob:
             raise SampleError(f"--gallery_per_class {self.gallery_per_class}: expected a number of samples >= 0")
         if self.capture not in CAPTURE_MODES:
             raise SampleError(f"--capture {self.capture}: expected one of {CAPTURE_MODES}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise SampleError(f"--matmul_precision {self.matmul_precision}: expected one of {MATMUL_PRECISIONS}")
+        if self.nll not in NLL_KINDS:
+            raise SampleError(f"--nll {self.nll}: expected one of {NLL_KINDS}")
+        if self.frame_prediction and self.nll != "conditional":
+            raise SampleError(f"--nll {self.nll} with --frame_prediction: the null-class swap needs a class condition")
         if self.frame_prediction and self.params.cfg_scale != 1.0:
             raise SampleError(f"--cfg_scale {self.params.cfg_scale} with --frame_prediction: classifier-free "
                               f"guidance needs a class condition; use --cfg_scale 1")
@@ -199,7 +216,8 @@ def run_settings(job, frame_num, input_size, fvd_size, csv_paths, i3d_spec):
          "seed": int(job.seed), "frame_prediction": bool(job.frame_prediction),
          "num_cond_frames": int(job.num_cond_frames) if job.frame_prediction else 0,
          "paste_cond_frames": bool(job.paste_cond_frames), "argmax_cond": bool(job.argmax_cond),
-         "num_frames": frame_num, "input_size": input_size, "fvd_size": int(fvd_size), "i3d": _spec_id(i3d_spec)}
+         "num_frames": frame_num, "input_size": input_size, "fvd_size": int(fvd_size), "i3d": _spec_id(i3d_spec),
+         "matmul_precision": job.matmul_precision, "nll": job.nll}
     return json.loads(json.dumps(s))
 
 

@@ -192,6 +192,13 @@ def claim_output_dir(output_dir, settings, start, end):
             atomic_write_text(shards_path, json.dumps(sorted(shards + [[start, end]])) + "\n")
 
 
+MATMUL_WORDS = {"high": "float32 matmuls of generation and decoding in TF32 on CUDA (matmul precision high)",
+                "highest": "float32 matmuls of generation and decoding in full fp32 (matmul precision highest)"}
+NLL_WORDS = {"conditional": "mean_nll: per-token NLL of the sampled tokens under their own class (LARP's NLL_sampled)",
+             "class_swapped": "mean_nll: per-token NLL of the sampled tokens, a class-dropout share of samples scored "
+                              "under the null class (the reference NAR's NLL_sampled)"}
+
+
 def protocol_card(settings, detector, detector_sha256=None):
     """What the FVD of a run measured, from its settings: detector and weight digest, clip set and draw, resize,
     precision, sample count (and, for frame prediction, the condition and the frames scored)."""
@@ -204,8 +211,10 @@ def protocol_card(settings, detector, detector_sha256=None):
             "resize": f"torchvision Resize({size}, antialias) + CenterCrop({size})"
                       + (f", then Resize(({fvd}, {fvd}))" if fvd != size else "") + "; detector input 224x224",
             "precision": f"generator weights {settings['dtype']}, tokenizer {settings.get('tokenizer_dtype')}, "
-                         f"detector {'bf16' if detector.endswith(', bf16') else 'fp32'}",
-            "num_samples": total}
+                         f"{MATMUL_WORDS.get(settings.get('matmul_precision'), 'float32 matmuls as the GPU default')}"
+                         f"; detector {'bf16' if detector.endswith(', bf16') else 'fp32'}",
+            "num_samples": total,
+            "nll": NLL_WORDS.get(settings.get("nll", "conditional"))}
     if settings["frame_prediction"]:
         k = settings["num_cond_frames"]
         card["condition"] = (f"tokens of the first {k} frames (the last repeated to the clip length), "

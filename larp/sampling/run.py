@@ -67,10 +67,11 @@ from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, final
                                          hold_range, remove_partial, remove_ranges, remove_temps, run_id, stats_paths,
                                          write_csv)
 from larp.sampling.job import prepare
+from larp.sampling.nll import null_class_nll, null_swapped
 from larp.sampling.overlap import StageClock, host_copy, write_sample
 from larp.sampling.run_gallery import queue_thumbnails, shown_samples, update_gallery
 from larp.models.tokenizer import LARPTokenizer
-from larp.core.utils import get_device, get_dtype, progress_bar, say
+from larp.core.utils import get_device, get_dtype, matmul_precision, progress_bar, say
 from larp.models.decoding import make_uniforms
 from larp.core.visualize import save_preview_png
 
@@ -235,7 +236,8 @@ def generate_batch(job, plan, batch, first, rows, models, detector, device, chun
     video = batch["video"].to(device, non_blocking=True)  # (B, 3, T, S, S) real clips in [0, 1]
     chunk.tm["data_s"] += time.perf_counter() - t_data
     clock.mark()
-    with torch.no_grad():  # the models are cast to their dtypes (load_models): no autocast, as the reference
+    # the models are cast to their dtypes (load_models): no autocast, as the reference
+    with torch.no_grad(), matmul_precision(job.matmul_precision):
         if fp:
             n_tok = tokenizer.bottleneck_token_num
             u = None if job.argmax_cond else condition_uniforms(job.seed, range(first, first + video.shape[0]), n_tok,
@@ -246,6 +248,8 @@ def generate_batch(job, plan, batch, first, rows, models, detector, device, chun
         clock.mark()
         seeds = [sample_seed(job.seed, first + j) for j in range(video.shape[0])]
         tokens, nll = model.generate(cond, job.params, seeds=seeds, return_nll=True, capture=job.capture)
+        if job.nll == "class_swapped":
+            nll = null_class_nll(model, tokens, nll, null_swapped(seeds, model.args.class_dropout_prob))
         clock.mark()
         fake = tokenizer.decode_from_bottleneck(tokens).float().clamp(0, 1)[rows]  # (b, 3, T, S, S)
     clock.mark()

@@ -85,7 +85,7 @@ class ARStage:
         return stage
 
     def build_optimizer(self):
-        self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_cfg.name, self.optimizer_cfg.args)
+        self.optimizer = build_optimizer(self.model, self.optimizer_cfg)
 
     def set_lr(self, lr):
         set_lr(self.optimizer, lr)

@@ -96,6 +96,17 @@ def _trains(cfg):
             f"{'NAR' if m.get('order') == 'nar' else m.get('order')} generator ({m.get('name')})")
 
 
+def check_optimizer_groups(optimizer, saved, path):
+    """The saved optimizer state has as many parameter groups as `optimizer`: a run begun with every parameter in
+    one weight-decay group (optimizer.decay all) resumes only with that rule."""
+    have, want = len(saved.get("param_groups", [])), len(optimizer.param_groups)
+    if have and have != want:
+        names = [g.get("name", "?") for g in saved["param_groups"]]
+        rule = "all" if have == 1 else "linear"
+        raise CheckpointError(f"{path}: its optimizer state has {have} parameter group(s) {names} but this config "
+                              f"gives {want}; resume it with --opts optimizer.decay {rule}")
+
+
 def load_checkpoint(path, stage, ema, info, sharded=False, trust=False):
     """Restore the model, its optimizer, the EMA, the stage's own state and this rank's RNG (`trust`: see
     check_resume).
@@ -108,6 +119,7 @@ def load_checkpoint(path, stage, ema, info, sharded=False, trust=False):
         raise CheckpointError(f"{path}: cannot resume from it ({one_line(e)}); {RESUME_HINT}") from e
     raw = stage.model
     sd = check_state_dict(raw, ckpt["model"]["sd"], source=path)
+    check_optimizer_groups(stage.optimizer, ckpt["optimizer"], path)
     if sharded:
         fsdp.load_full_state(raw, stage.optimizer, sd, ckpt["optimizer"])
     else:

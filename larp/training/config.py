@@ -39,6 +39,9 @@ class DataConfig:
 class OptimizerConfig:
     name: str = "adamw"
     args: dict = field(default_factory=lambda: {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0})
+    # which parameters get args.weight_decay (larp.training.optim.param_groups): linear = the weights of nn.Linear
+    # layers only (the reference's AR trainers); all = every parameter (its tokenizer and discriminator optimizers)
+    decay: str = "linear"
 
 
 @dataclass
@@ -107,9 +110,10 @@ class TokenizerConfig(Config):
     stage: str = "tokenizer"
     model: dict = field(default_factory=dict)  # LARPTokenizer kwargs without the geometry (see tokenizer_kwargs)
     loss: dict = field(default_factory=dict)   # TokenizerLoss kwargs
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(decay="all"))
     # lr = generator lr (with its schedule) x loss.disc_lr_mult
     disc_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
-        args={"betas": [0.5, 0.9], "weight_decay": 0.0}))
+        args={"betas": [0.5, 0.9], "weight_decay": 0.0}, decay="all"))
 
     def tokenizer_kwargs(self):
         return {**self.model, "frame_num": self.data.frame_num, "input_size": self.data.input_size}

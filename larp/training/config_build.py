@@ -13,7 +13,7 @@ from larp.models.generator import ModelArgs
 from larp.models.sampling_params import SAMPLING_FIELDS
 from larp.training.config import GEOMETRY, STAGES
 from larp.core.errors import ConfigError
-from larp.training.optim import OPTIMIZERS
+from larp.training.optim import DECAY_RULES, OPTIMIZERS
 
 # argparse dest -> config key (flags spelled as in the reference command lines).
 FLAG_KEYS = {
@@ -315,6 +315,7 @@ def validate(cfg):
                 raise ConfigError(f"unknown config key '{name}.args.{bad[0]}' (not an argument of {opt.name})")
     choices = (("lr_schedule.name", cfg.lr_schedule.name, ("cosine", "step", "constant")),
                ("train.amp", cfg.train.amp, ("fp32", "bf16", "fp16")),
+               ("optimizer.decay", cfg.optimizer.decay, DECAY_RULES),
                ("train.parallel", cfg.train.parallel, ("ddp", "fsdp")),
                ("train.keep", cfg.train.keep, ("last", "best_val")),
                ("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled")))

@@ -21,7 +21,7 @@ from larp.training.config import dump_yaml, to_dict
 from larp.training.config_build import from_dict
 from larp.training.loader import SKIP_HINT, batches, make_loader
 from larp.training.logger import RunLogger
-from larp.training.optim import EMA, lr_at, schedule_args
+from larp.training.optim import EMA, describe_groups, lr_at, schedule_args
 from larp.training.keep_best import export_kept, update_best
 from larp.training.run_folder import (check_free, clean_run_dir, finished_step, hold_run_folder, mark_finished,
                                       remove_temps, unmark_finished)
@@ -177,6 +177,7 @@ def start(cfg, run_dir, info, notes, wandb_mode, trust=False):
     stage.wrapped = wrap_model(stage.model, tc, info)
     if tc.parallel == "fsdp":  # fully_shard replaced the parameters by DTensor shards: the optimizer must hold those
         stage.build_optimizer()
+    pending.append(describe_groups(stage.optimizer.param_groups))
     ema = EMA(stage.model, tc.ema_decay) if tc.ema_decay > 0 else None
     step = 0
     if resuming:

@@ -45,12 +45,40 @@ def set_lr(optimizer, lr):
         g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
-def build_optimizer(params, name, args):
-    """Optimizer `name` (a key of OPTIMIZERS) over the trainable `params` with keyword arguments `args`."""
-    kwargs = dict(args)
+DECAY_RULES = ("linear", "all")
+
+
+def param_groups(model, weight_decay, decay="linear"):
+    """The optimizer's parameter groups of `model`'s trainable parameters.
+
+    decay "linear" (the reference's AR trainers): two groups, the weights of nn.Linear layers at `weight_decay` and
+    everything else (biases, embeddings, norm gains, position tables) at 0. decay "all": one group, every parameter
+    at `weight_decay`. Each group carries a "name" for the log line (`describe_groups`)."""
+    if decay not in DECAY_RULES:
+        raise ValueError(f"optimizer.decay {decay!r}: expected one of {', '.join(DECAY_RULES)}")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay == "all":
+        return [{"name": "decay", "params": [p for _, p in trainable], "weight_decay": weight_decay}]
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return [{"name": "decay", "params": [p for _, p in trainable if id(p) in linear], "weight_decay": weight_decay},
+            {"name": "no_decay", "params": [p for _, p in trainable if id(p) not in linear], "weight_decay": 0.0}]
+
+
+def describe_groups(groups):
+    """One line: each group's name, weight decay, tensor count and parameter count."""
+    return "optimizer groups: " + "; ".join(
+        f"{g.get('name', i)} (weight_decay {g['weight_decay']:g}): {len(g['params'])} tensors, "
+        f"{sum(p.numel() for p in g['params']):,} parameters" for i, g in enumerate(groups))
+
+
+def build_optimizer(model, cfg):
+    """Optimizer `cfg.name` (a key of OPTIMIZERS) over the trainable parameters of `model`, grouped for weight decay
+    by `cfg.decay` (`param_groups`), with keyword arguments `cfg.args`."""
+    kwargs = dict(cfg.args)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return OPTIMIZERS[name]([p for p in params if p.requires_grad], **kwargs)
+    groups = param_groups(model, kwargs.pop("weight_decay", 0.0), cfg.decay)
+    return OPTIMIZERS[cfg.name](groups, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- EMA

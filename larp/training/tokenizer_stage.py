@@ -39,8 +39,7 @@ class TokenizerStage:
         self.scaler = make_scaler(self.amp, device)
         self.disc_optimizer = None
         if self.loss_fn.discriminator is not None:
-            self.disc_optimizer = build_optimizer(self.loss_fn.discriminator.parameters(), cfg.disc_optimizer.name,
-                                                  cfg.disc_optimizer.args)
+            self.disc_optimizer = build_optimizer(self.loss_fn.discriminator, cfg.disc_optimizer)
         self.disc_scaler = make_scaler(self.amp, device)
         self.code_counts = torch.zeros(self.model.codebook_size, dtype=torch.long, device=device)
         self.train_set, self.val_videos = None, None
@@ -65,7 +64,7 @@ class TokenizerStage:
         return stage
 
     def build_optimizer(self):
-        self.optimizer = build_optimizer(self.model.parameters(), self.optimizer_cfg.name, self.optimizer_cfg.args)
+        self.optimizer = build_optimizer(self.model, self.optimizer_cfg)
 
     def set_lr(self, lr):
         set_lr(self.optimizer, lr)
@@ -73,18 +72,29 @@ class TokenizerStage:
             set_lr(self.disc_optimizer, lr * self.loss_fn.disc_lr_mult)
 
     def step(self, batch, step, total_steps):
-        """One generator update (and a discriminator update once it is active); returns the logged values."""
+        """One training step in the reference's order: the tokenizer's forward pass, then (once it is active) a
+        discriminator update on the detached reconstruction, then the generator loss against the updated
+        discriminator and the generator update. Returns the logged values."""
         x = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W)
         with autocast(self.device, self.amp):
             out = self.wrapped(x, global_step=step, max_steps=total_steps)
-            loss, logs = self.loss_fn.generator_loss(x, out, step)
-        logs["loss"] = check_finite(loss, step)
-        logs["grad_norm"] = optimizer_step(loss, self.optimizer, self.scaler, self.wrapped.parameters(),
-                                           self.grad_clip)
+        logs = self.discriminator_step(x, out["reconstruction"], step) if self.loss_fn.disc_active(step) else {}
+        disc = self.loss_fn.discriminator
+        frozen = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
+        for p in frozen:  # the generator's backward leaves the discriminator's gradients alone
+            p.requires_grad_(False)
+        try:
+            with autocast(self.device, self.amp):
+                loss, g_logs = self.loss_fn.generator_loss(x, out, step)
+            logs.update(g_logs)
+            logs["loss"] = check_finite(loss, step)
+            logs["grad_norm"] = optimizer_step(loss, self.optimizer, self.scaler, self.wrapped.parameters(),
+                                               self.grad_clip)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         logs["ss_ratio"] = float(out.get("ss_ratio", 0.0))
         self.code_counts += torch.bincount(out["bottleneck_rep"].flatten(), minlength=self.code_counts.numel())
-        if self.loss_fn.disc_active(step):
-            logs.update(self.discriminator_step(x, out["reconstruction"], step))
         return logs
 
     def discriminator_step(self, x, reconstruction, step):
