@@ -171,6 +171,9 @@ def test_token_cache_with_code_is_refused_and_ours_is_reused(tmp_path, marker):
     again = token_cache(stage, cfg, DistInfo(), str(run_dir), notes.append)
     assert "reusing" in notes[-1] and torch.equal(built["tokens"], again["tokens"])
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(run_dir / "token_cache.pt")) == []
+    cfg.vae.encode_dtype = "bf16"  # another encode precision: the cache is made again
+    token_cache(stage, cfg, DistInfo(), str(run_dir), notes.append)
+    assert "rebuilding" in notes[-2] and "wrote" in notes[-1]
 
 
 # ---------------------------------------------------------------------------------------------- our checkpoints
