@@ -24,6 +24,12 @@ from larp.metrics.detectors import RANDOM_LABEL
 META_KEYS = ("frames", "size", "resize", "clips", "draw")
 # The two sides of an FVD must agree on these (their clip sets and draws differ by design: real vs generated).
 COMPARE_KEYS = ("frames", "size", "resize")
+# StyleGAN-V's FeatureStats pickles its __dict__; its FeatureStats.load reads these attributes, which our .pkl files
+# carry beside our keys (raw_mean / raw_cov are the same float64 sums Σx, Σxxᵀ on both sides).
+REFERENCE_SUMS = {"capture_all": False, "capture_mean_cov": True, "max_items": None, "only_stats_mode": False,
+                  "loaded_mean": None, "loaded_cov": None, "all_features": None}
+# ... and of stats known only by mu / sigma: its only_stats_mode, which it compares but does not merge
+REFERENCE_MOMENTS = {"capture_all": False, "capture_mean_cov": False, "max_items": None, "only_stats_mode": True}
 
 
 def fvd_label(detector):
@@ -117,19 +123,23 @@ class FeatureStats:
         return mu, self.sum_outer / self.num_items - np.outer(mu, mu)
 
     def to_dict(self):
+        """Our keys plus StyleGAN-V's FeatureStats attributes (REFERENCE_SUMS), whose raw_mean / raw_cov are the
+        same float64 sums, so the reference's FeatureStats.load and its merge script read the file as its own."""
         return {"num_items": self.num_items, "num_features": self.num_features, "raw_mean": self.sum,
-                "raw_cov": self.sum_outer, "detector": self.detector, "meta": dict(self.meta)}
+                "raw_cov": self.sum_outer, "detector": self.detector, "meta": dict(self.meta), **REFERENCE_SUMS}
+
+    def _moments_dict(self):
+        """mu / sigma without a count; in the reference's layout, its only_stats_mode (comparable, not mergeable)."""
+        mu, sigma = self._moments
+        return {"mu": mu, "sigma": sigma, "detector": self.detector, "meta": dict(self.meta),
+                **REFERENCE_MOMENTS, "loaded_mean": mu, "loaded_cov": sigma}
 
     def save(self, path):
         """.pkl: plain dict (num_items, num_features, raw_mean = sum, raw_cov = sum of outer products, detector,
-        meta: a dict of str / int); .npz: mu, sigma, n (+ detector, meta as a JSON string). Atomic."""
+        meta: a dict of str / int; and the reference's keys, see to_dict); .npz: mu, sigma, n (+ detector, meta as a JSON string). Atomic."""
         path = os.fspath(path)
         if path.endswith(".pkl"):
-            if self._moments is not None:
-                d = {"mu": self._moments[0], "sigma": self._moments[1], "detector": self.detector,
-                     "meta": dict(self.meta)}
-            else:
-                d = self.to_dict()
+            d = self.to_dict() if self._moments is None else self._moments_dict()
 
             def write(tmp):
                 with open(tmp, "wb") as f:
@@ -169,18 +179,32 @@ class FeatureStats:
             raise ValueError(f"'{path}': not a readable stats pickle ({type(e).__name__}: {e}); truncated?") from e
         if not isinstance(d, dict):
             raise ValueError(f"'{path}': expected a pickled dict of statistics, got {type(d).__name__}")
+        return cls._from_dict(d, path)
+
+    @classmethod
+    def _from_dict(cls, d, path):
+        """Our pickle or StyleGAN-V's FeatureStats.__dict__: sums (capture_mean_cov), all features (capture_all)
+        or, in its only_stats_mode, loaded_mean / loaded_cov without a count."""
         if "mu" in d and "sigma" in d:
             return cls._from_moments(d, path)
+        if d.get("only_stats_mode"):
+            if d.get("loaded_mean") is None or d.get("loaded_cov") is None:
+                raise ValueError(f"'{path}': only_stats_mode stats without loaded_mean / loaded_cov")
+            return cls._from_moments({**d, "mu": d["loaded_mean"], "sigma": d["loaded_cov"]}, path)
         detector = d.get("detector")
         stats = cls(detector=str(detector) if detector is not None else None, meta=_read_meta(d.get("meta")))
-        if d.get("raw_mean") is not None and d.get("raw_cov") is not None:
+        sums = d.get("capture_mean_cov", True) and d.get("raw_mean") is not None and d.get("raw_cov") is not None
+        if sums:  # the reference keeps zero sums when it captured all features instead
             stats.sum = np.asarray(d["raw_mean"], dtype=np.float64)
             stats.sum_outer = np.asarray(d["raw_cov"], dtype=np.float64)
             stats.num_items, stats.num_features = int(d["num_items"]), stats.sum.shape[0]
-        elif d.get("all_features") is not None:
-            stats.add(np.asarray(d["all_features"])[: d.get("num_items")])
+        elif d.get("all_features") is not None and len(d["all_features"]):
+            feats = d["all_features"]  # the reference's list of per-batch arrays, or one (N, F) array
+            feats = np.concatenate(feats) if isinstance(feats, (list, tuple)) else np.asarray(feats)
+            stats.add(feats[: d.get("num_items")])
         elif d.get("num_items", 0) != 0:
-            raise ValueError(f"'{path}': no raw_mean/raw_cov, mu/sigma or all_features in the stats dict")
+            raise ValueError(f"'{path}': no raw_mean/raw_cov, mu/sigma, loaded_mean/loaded_cov or all_features "
+                             f"in the stats dict")
         return stats
 
     @classmethod
