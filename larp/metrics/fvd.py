@@ -136,7 +136,8 @@ class FeatureStats:
 
     def save(self, path):
         """.pkl: plain dict (num_items, num_features, raw_mean = sum, raw_cov = sum of outer products, detector,
-        meta: a dict of str / int; and the reference's keys, see to_dict); .npz: mu, sigma, n (+ detector, meta as a JSON string). Atomic."""
+        meta: a dict of str / int; and the reference's keys, see to_dict); .npz: mu, sigma, n (+ detector, meta as
+        a JSON string). Atomic."""
         path = os.fspath(path)
         if path.endswith(".pkl"):
             d = self.to_dict() if self._moments is None else self._moments_dict()
