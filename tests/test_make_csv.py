@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from larp.data import make_csv
-from larp.data.dataset import PROJECT_ROOT, read_video_csv
+from larp.data.dataset import METADATA_DIR, PROJECT_ROOT, read_video_csv
 from larp.core.errors import LarpError
 
 # folder name -> action as spelled in the file names; classInd order as in the official file (not sorted)
@@ -117,10 +117,44 @@ def test_cli_and_check(tmp_path, capsys):
     joined = read_video_csv(f"{train_csv}+{val_csv}")
     assert len(joined) == 24 and sorted(joined.label.unique()) == list(range(6))
     make_csv.main(make_csv.parse_args(["check", str(train_csv), str(val_csv)]))
-    assert "ok:" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "ok:" in out and "warning" not in err
     os.remove(videos / "YoYo" / "v_YoYo_g01_c01.avi")
     with pytest.raises(LarpError, match="missing, e.g. .*v_YoYo_g01_c01.avi"):
         make_csv.main(make_csv.parse_args(["check", f"{train_csv}+{val_csv}"]))
+
+
+@pytest.mark.parametrize("name", ["ucf101_train.csv", "ucf101_val.csv"])
+def test_shipped_ucf101_labels_follow_the_sorted_action_name_rule(name):
+    df = read_video_csv(os.path.join(METADATA_DIR, name))
+    assert df.label.nunique() == 101 and make_csv.ucf_label_warning(df, name) is None
+    # in classInd.txt's order (case-insensitive) two pairs of classes swap places
+    by_class_ind = sorted(set(df.action), key=str.lower)
+    relabelled = df.assign(label=[by_class_ind.index(a) for a in df.action])
+    swapped = relabelled.action.isin(["HammerThrow", "Hammering", "JumpRope", "JumpingJack"]).sum()
+    warning = make_csv.ucf_label_warning(relabelled, name)
+    assert warning.startswith(f"warning: {name}: {swapped} of {len(df)} labels do not follow the sorted-action-name")
+    assert warning.endswith("e.g. HammerThrow has 35 (the rule: 34), Hammering has 34 (the rule: 35)")
+    assert "\n" not in warning
+
+
+def test_check_warns_about_labels_in_class_ind_order(tmp_path, capsys):
+    """A CSV of some of the classes, labelled in classInd.txt's order: `check` names the first two classes off the
+    rule and still checks the videos; a K600-style CSV is not held to the rule."""
+    videos, lists = fake_ucf(tmp_path)
+    train, _ = make_csv.ucf101_tables(str(videos), str(lists), 1)
+    class_ind = [action for _, action in UCF_CLASSES]
+    off = train.assign(label=[class_ind.index(make_csv.ucf_action(p)) for p in train.path])
+    off.to_csv(tmp_path / "off.csv", index=False)
+    make_csv.main(make_csv.parse_args(["check", str(tmp_path / "off.csv")]))
+    out, err = capsys.readouterr()
+    assert "ok:" in out and err.count("\n") == 1
+    assert err.startswith(f"warning: {tmp_path / 'off.csv'}: 6 of 18 labels do not follow the sorted-action-name rule")
+    assert "e.g. HammerThrow has 3 (the rule: 2), Hammering has 2 (the rule: 3)" in err
+    twice = train.assign(label=[i % 2 for i in range(len(train))])  # an action with two labels
+    assert "6 actions but 2 distinct labels" in make_csv.ucf_label_warning(twice, "twice.csv")
+    kinetics = pd.DataFrame({"path": ["k600/val/abc_000001_000011.mp4"], "label": [5]})
+    assert make_csv.ucf_label_warning(kinetics, "k600_val.csv") is None
 
 
 @pytest.mark.slow

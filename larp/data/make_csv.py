@@ -4,7 +4,9 @@
     python -m larp.data.make_csv k600 --root data/k600 [--splits train val]
     python -m larp.data.make_csv check data/metadata/ucf101_train.csv ...
 
-Building checks that every listed video exists (the `check` command does only that). data/metadata/ ships the
+Building checks that every listed video exists; the `check` command does that and warns when a UCF-101 CSV's labels
+do not follow the rule below (the reference's dataset sets UCF-101 labels from the file names by that rule, whatever
+the CSV says; classInd.txt's order differs, e.g. at HammerThrow / Hammering). data/metadata/ ships the
 reference's UCF-101 split-1 and K600-val CSVs; these builders write the same rows from the same downloads, so the
 FVD clip draw (which takes the clips sorted by path as spelled in the CSV) is the reference's.
 
@@ -22,6 +24,7 @@ else absolute.
 """
 import os
 import re
+import sys
 
 import pandas as pd
 
@@ -32,6 +35,7 @@ from larp.data.video_io import VIDEO_EXTENSIONS
 from larp.core.errors import UsageError, run_cli
 
 UCF_NAME = re.compile(r"^v_(.+)_g\d+_c\d+$")
+UCF_NUM_CLASSES = 101
 
 
 def csv_path_for(path):
@@ -200,11 +204,42 @@ def write_csv(df, path):
     return path
 
 
+def ucf_label_warning(df, spec):
+    """A one-line warning when the labels of a UCF-101 CSV (every file named v_<Action>_gXX_cYY) break the
+    sorted-action-name rule, else None. The rule: label = position of the file name's action in the sorted action
+    names of the CSV. A CSV holding only some of the 101 actions is held to their order: the k-th action in sorted
+    order has the k-th smallest label."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in df["path"]]
+    found = [UCF_NAME.match(s) for s in stems]
+    if not found or not all(found):
+        return None
+    actions, labels = [m.group(1) for m in found], [int(x) for x in df["label"]]
+    order, distinct = sorted(set(actions)), sorted(set(labels))
+    if len(order) != UCF_NUM_CLASSES and len(distinct) != len(order):
+        return (f"warning: {spec}: {len(order)} actions but {len(distinct)} distinct labels; the sorted-action-name "
+                f"rule gives each action one label")
+    want = dict(zip(order, range(len(order)) if len(order) == UCF_NUM_CLASSES else distinct))
+    wrong = sorted((a, x) for a, x in zip(actions, labels) if x != want[a])
+    if not wrong:
+        return None
+    first = {}
+    for action, label in wrong:
+        first.setdefault(action, label)
+    examples = ", ".join(f"{a} has {x} (the rule: {want[a]})" for a, x in list(first.items())[:2])
+    return (f"warning: {spec}: {len(wrong)} of {len(labels)} labels do not follow the sorted-action-name rule (label = "
+            f"position of the file name's action in the sorted action names, as the reference sets them), e.g. "
+            f"{examples}")
+
+
 def check_csvs(specs):
-    """Number of rows of each CSV; raises FileNotFoundError naming the first missing video."""
+    """Number of rows of each CSV; raises FileNotFoundError naming the first missing video. Prints a warning line
+    for a UCF-101 CSV whose labels break the sorted-action-name rule (ucf_label_warning)."""
     counts = {}
     for spec in specs:
         df = read_video_csv(spec)
+        warning = ucf_label_warning(df, spec)
+        if warning:
+            print(warning, file=sys.stderr)
         missing = [p for p in df["path"] if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"{spec}: {len(missing)} of {len(df)} listed videos are missing, e.g. {missing[0]}")
@@ -226,7 +261,8 @@ def parse_args(argv=None):
     k.add_argument("--root", required=True, help="Kinetics-600 folder holding the split folders")
     k.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to write as k600_<split>.csv")
     k.add_argument("--out", default=METADATA_DIR, help="folder of the k600_<split>.csv files")
-    c = sub.add_parser("check", help="check that every path listed in the CSVs exists", formatter_class=HelpFormatter)
+    c = sub.add_parser("check", help="check that every path listed in the CSVs exists (and warn when UCF-101 "
+                                     "labels break the sorted-action-name rule)", formatter_class=HelpFormatter)
     c.add_argument("csvs", nargs="+", help="CSV paths or names under data/metadata/")
     return p.parse_args(argv)
 
