@@ -1,15 +1,23 @@
 """Every *_reproduce.sh resolves to its release recipe: the script runs with a fake torchrun, its train.py command
 line is resolved like train.py resolves it, and each value is compared with the table of the reference recipe in
-tests/fixtures/reference/recipes.json (reference setting and value -> our key and value)."""
+tests/fixtures/reference/recipes.json (reference setting and value -> our key and value); its _sampling and
+_formats tables are compared with sample.py's defaults and with the stats files and CSV labels."""
 import dataclasses
+import importlib
 import json
 import math
+import os
 import types
 
+import numpy as np
 import pytest
 import torch
 
 import sample
+from larp.data import make_csv
+from larp.data.dataset import METADATA_DIR, read_video_csv
+from larp.metrics import fvd
+from larp.metrics.fvd import FeatureStats
 from larp.models.generator import ModelArgs, build_generator
 from larp.training.ar_stage import ARStage, build_ar_model
 from larp.training.config_build import build_config
@@ -155,3 +163,21 @@ def test_sample_defaults_are_the_reference_protocol():
     for ref_key, ref_value, flag, value, *note in RECIPES["_sampling"]["rows"]:
         assert flags[flag] == value, f"{flag}: default {flags[flag]!r}, the table's {value!r}"
         assert note or value == ref_value, f"{ref_key}: {value!r} differs from {ref_value!r} unexplained"
+
+
+def test_format_rows_are_the_code():
+    """The _formats table: a dict value is the named attribute; the label rule holds on the shipped CSVs, and our
+    stats files carry the reference's keys with the documented sums."""
+    for ref_key, ref_value, where, value, *note in RECIPES["_formats"]["rows"]:
+        module, name = where.rsplit(".", 1)
+        attribute = getattr(importlib.import_module(module), name)
+        assert note or value == ref_value, f"{ref_key}: {value!r} differs from {ref_value!r} unexplained"
+        if isinstance(value, dict):
+            assert attribute == value, f"{where}: {attribute!r}, the table's {value!r}"
+    for csv in ("ucf101_train.csv", "ucf101_val.csv"):
+        assert make_csv.ucf_label_warning(read_video_csv(os.path.join(METADATA_DIR, csv)), csv) is None
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    saved = FeatureStats().add(x).to_dict()
+    assert saved.items() >= fvd.REFERENCE_SUMS.items()
+    np.testing.assert_allclose(saved["raw_mean"], x.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(saved["raw_cov"], x.T @ x, rtol=1e-12)
