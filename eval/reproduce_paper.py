@@ -41,7 +41,8 @@ def get_args(argv=None):
                    "hywang66/LARP-L-long-tokenizer)")
     p.add_argument("--num_samples", type=int, default=None, help="a quick look: this many samples (clips) per row "
                    "instead of the paper's (the cells say: not the paper's protocol)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95 %% interval")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the 95 %% interval, 0: "
+                   "none (default: 1000; 50 with --smoke)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the plan and run nothing")
     p.add_argument("--smoke", action="store_true", help="every row on tiny models and synthetic data, offline")
     return p.parse_args(argv)
@@ -70,8 +71,11 @@ def options(args):
               "extra": {"sample.py": device, "eval/eval_larp_tokenizer.py": {"--device": "cpu", "--batch_size": "4"}}}
     elif args.num_samples is not None:
         kw["num_samples"] = args.num_samples
+    if args.bootstrap is not None and args.bootstrap < 0:
+        raise UsageError(f"--bootstrap {args.bootstrap}: expected a number of resamples >= 0 (0: no interval)")
+    bootstrap = args.bootstrap if args.bootstrap is not None else 50 if args.smoke else 1000
     return plan.TableOptions(out=out, rows=rows, models=models, tokenizer=tokenizer, smoke=args.smoke,
-                             bootstrap=args.bootstrap, **kw)
+                             bootstrap=bootstrap, **kw)
 
 
 def main(args):
@@ -87,8 +91,8 @@ def main(args):
     if args.dry_run:
         print("\n".join(dry_run_lines(plans, opts, detector, plan.load_throughputs())))
         return None
-    plan.check_detector(detector)
     plan.check_data(plans)
+    plan.check_detector(detector)
     return run_table(plans, opts)
 
 

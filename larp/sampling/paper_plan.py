@@ -12,7 +12,7 @@ from larp.core.safe_load import KNOWN_TORCHSCRIPT_GIT_BLOBS, git_blob_sha1
 from larp.data.dataset import read_video_csv
 from larp.metrics.detectors import DEFAULT_I3D, ROOT
 from larp.metrics.i3d_weights import INSTALL_HINT, kinetics400_available
-from larp.sampling.paper_rows import ROW_NAMES, TOKENIZER_HUB, protocol_flags, row_by_name
+from larp.sampling.paper_rows import ROW_NAMES, TOKENIZER_HUB, protocol_flags, row_by_name, with_flag
 
 THROUGHPUTS = os.path.join(ROOT, "benchmarks", "throughputs.json")
 SMOKE_NOTE = "smoke: tiny models, synthetic data, random detector"
@@ -141,7 +141,7 @@ def plan_row(row, opts, detector):
     missing = f"needs --model {row.name}=PATH (no public checkpoint)" if row.needs_generator and not generator else ""
     flags = protocol_flags(row, opts.datasets.get(row.name), opts.num_samples)
     for flag, value in opts.extra.get(row.entry, {}).items():
-        flags += [flag] + ([str(value)] if value is not None else [])
+        flags = with_flag(flags, flag, value)
     if row.entry == "sample.py":
         models = ["--ar_model", generator or "PATH", "--tokenizer", opts.tokenizer, "--output_dir", folder]
     else:

@@ -95,7 +95,8 @@ def read_metrics(plan):
         return None
     with open(path) as f:
         m = json.load(f)
-    beside = ", ".join(f"{k.upper() if k != 'psnr' else 'PSNR'} {m[k]:.4g}" for k in ("psnr", "ssim", "lpips") if k in m)
+    beside = ", ".join(f"{name} {m[k]:{fmt}}" for k, name, fmt in (("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".4f"),
+                                                                     ("lpips", "LPIPS", ".4f")) if k in m)
     if "lpips" not in m:
         beside += ", LPIPS not computed (no VGG weights)"
     return m.get("fvd"), beside, int(m["num_clips"])
@@ -123,7 +124,7 @@ def finished(plan):
 
 
 def interval_of(plan, num):
-    feats = features_of(plan)
+    feats = features_of(plan) if num > 0 else None
     if feats is None or min(len(feats[0]), len(feats[1])) < 2:
         return None
     b = bootstrap_fvd(feats[0], feats[1], num=num, seed=0)
