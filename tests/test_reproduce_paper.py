@@ -37,6 +37,24 @@ def test_every_row_runs_the_documented_protocol():
             assert documented_command(row) in shown, f"{row.name}: {shlex.join(documented_command(row))}"
 
 
+def test_sampling_rows_use_every_gpu_and_estimates_cite_measured_throughputs():
+    """On an 8-GPU node the sampling rows run through torchrun on all 8 and the tokenizer row on one; the estimate
+    comes from the measured figures of that GPU, and a device without figures gets no guess."""
+    from larp.sampling import paper_plan as plan
+    opts = plan.TableOptions(out="o", rows=ROWS, gpus=8, device_name="NVIDIA H200")
+    detector = plan.Detector("kinetics400", "our port")
+    plans = {r.name: plan.plan_row(r, opts, detector) for r in ROWS}
+    assert plans["ucf_larp_ar"].argv[:4] == ("torchrun", "--nproc_per_node", "8", "sample.py")
+    assert plans["tokenizer_rfvd"].argv[:2] == ("python", "eval/eval_larp_tokenizer.py")
+    assert plans["ucf_nar_l"].missing.startswith("needs --model ucf_nar_l=PATH")
+    figures = plan.load_throughputs()
+    assert all("BENCHMARKS.md" in f["source"] for f in figures)
+    assert plan.estimate(plans["ucf_nar_l"], 10000, "NVIDIA H200", figures) == \
+        "~44 s from measured throughputs on NVIDIA H200 x8"
+    assert plan.estimate(plans["ucf_larp_ar"], 10000, "CPU", figures).startswith(
+        "no measured throughput on CPU for generate raster-LP")
+
+
 def one_error_line(capsys, argv):
     with pytest.raises(SystemExit):
         run_cli(reproduce_paper.main, reproduce_paper.get_args(argv), prog="reproduce_paper.py")
@@ -72,7 +90,7 @@ def smoke(out, rows, **kw):
     cmd = [sys.executable, "eval/reproduce_paper.py", "--smoke", "--out", str(out), "--rows", rows]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+                            process_group=0, **kw)
 
 
 def check_sample_row(folder, cells, num):
