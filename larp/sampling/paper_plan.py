@@ -136,7 +136,8 @@ def data_problem(csv):
 
 def plan_row(row, opts, detector):
     """The RowPlan of `row` under `opts`."""
-    folder = os.path.join(opts.out, row.name)
+    quick = opts.num_samples and not opts.smoke  # a quick look has its own folder: the full run's stays clean
+    folder = os.path.join(opts.out, f"{row.name}_{opts.num_samples}_samples" if quick else row.name)
     generator = opts.models.get(row.name, row.generator) if row.needs_generator else None
     missing = f"needs --model {row.name}=PATH (no public checkpoint)" if row.needs_generator and not generator else ""
     flags = protocol_flags(row, opts.datasets.get(row.name), opts.num_samples)

@@ -210,7 +210,8 @@ def dry_run_lines(plans, opts, detector, figures):
         lines += [f"{p.row.name}: {p.row.model}; paper {p.row.paper}; {p.row.source}",
                   f"  command: {shlex.join(p.argv)}",
                   f"  checkpoints: {'; '.join(models + [checkpoint_status(opts.tokenizer)])}",
-                  f"  data: {data}",
+                  f"  data: {data}"
+                  + (f"\n  finished: {p.folder} holds its result (read, not rerun)" if finished(p) else ""),
                   f"  estimate: {estimate(p, num, opts.device_name if opts.gpus else 'CPU', figures)}"
                   + (f"; not the paper's protocol ({p.changed})" if p.changed else "")]
     return lines
