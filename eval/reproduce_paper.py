@@ -14,7 +14,7 @@ several. A row finished earlier with the same command is read, not rerun; a kill
 bootstrap interval over the per-sample I3D features, the samples, the protocol card (detector: StyleGAN-V's
 i3d_torchscript.pt when it is at checkpoints/ with its known digest, else our Kinetics-400 port), wall time and
 GPU-hours, and the command. Checkpoints are the public hub ids, unpinned (the newest revision); --model and
---tokenizer take local copies.
+--tokenizer take local copies or pinned hub ids (owner/name@COMMIT).
 
 --dry-run prints each row's paper number, command, checkpoints and data (what is missing named) and a wall-time
 estimate from the throughputs measured in BENCHMARKS.md (benchmarks/throughputs.json), and runs nothing. --smoke
@@ -36,9 +36,10 @@ def get_args(argv=None):
     p.add_argument("--rows", default="all", help="comma-separated rows: tokenizer_rfvd, ucf_larp_ar, ucf_nar_l, "
                    "ucf_nar_lp, k600_fp, or all")
     p.add_argument("--model", action="append", default=[], metavar="ROW=PATH",
-                   help="a local generator for ROW (required for ucf_nar_l and ucf_nar_lp); repeatable")
-    p.add_argument("--tokenizer", default=None, help="a local LARP-L-Long tokenizer (default: the hub id "
-                   "hywang66/LARP-L-long-tokenizer)")
+                   help="the generator of ROW: a local copy, or a hub id pinned as owner/name@COMMIT (required for "
+                   "ucf_nar_l and ucf_nar_lp); repeatable")
+    p.add_argument("--tokenizer", default=None, help="a local LARP-L-Long tokenizer or a pinned hub id "
+                   "owner/name@COMMIT (default: the hub id hywang66/LARP-L-long-tokenizer, unpinned)")
     p.add_argument("--num_samples", type=int, default=None, help="a quick look: this many samples (clips) per row "
                    "instead of the paper's (the cells say: not the paper's protocol)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples of the 95 %% interval, 0: "
@@ -59,7 +60,7 @@ def options(args):
     if args.num_samples is not None and args.num_samples < 2:
         raise UsageError(f"--num_samples {args.num_samples}: an FVD needs at least 2 samples")
     out = os.path.abspath(args.out)
-    tokenizer = os.path.abspath(args.tokenizer) if args.tokenizer else TOKENIZER_HUB
+    tokenizer = plan.local_or_hub(args.tokenizer) if args.tokenizer else TOKENIZER_HUB
     gpus = torch.cuda.device_count()
     kw = {"gpus": gpus, "device_name": torch.cuda.get_device_name(0) if gpus else "CPU"}
     if args.smoke:

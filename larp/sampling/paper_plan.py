@@ -81,8 +81,16 @@ def parse_models(pairs):
             raise UsageError(f"--model {pair}: no row named {name}; the rows are {', '.join(ROW_NAMES)}")
         if not row.needs_generator:
             raise UsageError(f"--model {pair}: row {name} scores the tokenizer; give it with --tokenizer PATH")
-        models[name] = os.path.abspath(path)
+        models[name] = local_or_hub(path)
     return models
+
+
+def local_or_hub(spec):
+    """A hub id (`owner/name`, pinned with `owner/name@COMMIT`) as given; a local path made absolute (the rows run
+    from the project root)."""
+    if not os.path.exists(spec) and spec.split("@")[0].count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec
+    return os.path.abspath(spec)
 
 
 def check_checkpoint(path, want, source, frame_prediction=None):
@@ -102,11 +110,13 @@ def check_checkpoint(path, want, source, frame_prediction=None):
 
 
 def check_models(opts):
-    """Every local checkpoint named by --model and --tokenizer is of the kind its row loads."""
-    if os.path.exists(opts.tokenizer) or opts.tokenizer.startswith((".", "/")):
+    """Every local checkpoint named by --model and --tokenizer is of the kind its row loads (a hub id is checked by
+    the row's command, once fetched)."""
+    if os.path.isabs(opts.tokenizer):
         check_checkpoint(opts.tokenizer, "tokenizer", f"--tokenizer {opts.tokenizer}")
     for name, path in opts.models.items():
-        check_checkpoint(path, "generator", f"--model {name}={path}", row_by_name(name).frame_prediction)
+        if os.path.isabs(path):
+            check_checkpoint(path, "generator", f"--model {name}={path}", row_by_name(name).frame_prediction)
 
 
 def choose_detector(smoke):

@@ -189,10 +189,11 @@ def checkpoint_status(spec):
     if os.path.exists(spec):
         return f"{spec} (local)"
     from huggingface_hub import try_to_load_from_cache  # lazy: only hub ids need it
-    repo = spec.split("@")[0]
-    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
-        return f"{spec} (in the local hub cache; unpinned: the newest cached revision)"
-    return f"{spec}: MISSING from the local hub cache (fetched on first use, unpinned: the newest revision)"
+    repo, _, revision = spec.partition("@")
+    pin = f"pinned to {revision}" if revision else "unpinned: the newest revision"
+    if isinstance(try_to_load_from_cache(repo, "config.json", revision=revision or None), str):
+        return f"{spec} (in the local hub cache; {pin})"
+    return f"{spec}: MISSING from the local hub cache (fetched on first use; {pin})"
 
 
 def dry_run_lines(plans, opts, detector, figures):
