@@ -248,12 +248,11 @@ def load_clips(args, frame_num, input_size):
 
 def main(args):
     from torch.utils.data import DataLoader
-    from larp.core.io import atomic_write_text, expect_path, naming_write_errors, remove_stale_temps
+    from larp.core.io import atomic_savez, atomic_write_text, expect_path, naming_write_errors, remove_stale_temps
     from larp.core.utils import dtype_name, get_device
     from larp.metrics.detectors import load_i3d
     from larp.models.losses import build_lpips, lpips_available
     from larp.models.tokenizer import LARPTokenizer
-    from larp.sampling.output_folder import write_features
     (config, sd, _), (frame_num, input_size), i3d, tokenizer = check_args(args)
     settings = settings_of(args, (frame_num, input_size), i3d, tokenizer)
     out = output_dir(args, settings)
@@ -293,7 +292,7 @@ def main(args):
     if detector is not None:
         report["protocol"] = protocol_card(args, detector, metrics["num_clips"], total, amp, input_size, frame_num)
     if features:  # per-clip features, for a bootstrap interval of the rFVD (larp.metrics.fvd.bootstrap_fvd)
-        write_features(os.path.join(out, "features.npz"), features)
+        atomic_savez(os.path.join(out, "features.npz"), features)
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     write_gallery(out, preview, report)
     print_metrics(report, args.lpips_net)

@@ -228,14 +228,6 @@ def protocol_card(settings, detector, detector_sha256=None):
     return card
 
 
-def write_features(path, features):
-    """{name: (n, F) array} as an .npz (no pickling), atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **features)
-    atomic_write(path, write)
-
-
 def read_features(output_dir):
     """(real (n, F), generated (n, F)) per-sample I3D features of the finished ranges that tile [0, total), in
     sample order, or None when the run is not covered or a range of the tiling kept no features (written by an

@@ -63,10 +63,10 @@ from larp.core.errors import CheckpointError, SampleError
 from larp.core.dist import dist_info
 from larp.metrics.detectors import load_i3d
 from larp.metrics.fvd import FeatureStats, fvd_label
-from larp.core.io import atomic_write, atomic_write_text, resize_video
+from larp.core.io import atomic_savez, atomic_write, atomic_write_text, resize_video
 from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges,
                                          hold_range, remove_partial, remove_ranges, remove_temps, run_id, stats_paths,
-                                         write_csv, write_features)
+                                         write_csv)
 from larp.sampling.job import prepare
 from larp.sampling.nll import null_class_nll, null_swapped
 from larp.sampling.overlap import StageClock, host_copy, write_sample
@@ -302,7 +302,7 @@ def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
     meta = {"range": [a, b], "detector": fvd_label(detector), "detector_sha256": getattr(detector, "sha256", None),
             "timing": tm}
     atomic_write_text(paths["meta"], json.dumps(meta, indent=2) + "\n")
-    write_features(paths["features"], chunk.features)
+    atomic_savez(paths["features"], chunk.features)
     gt_stats.save(paths["gt"])  # atomic
     gen_stats.save(paths["gen"])  # last: its presence marks the range finished
     log(f"timing [{a}, {b}): generation {b - a} videos in {tm['generate_s']:.2f} s "
