@@ -13,7 +13,8 @@ unseeded). `--clips all` takes every non-overlapping clip of the FVD protocol in
 Every clip is encoded and decoded; the reconstruction is clamped to [0, 1]. Prints `mse=`, `psnr=` (mean of
 per-clip PSNR, dB), `ssim=`, `lpips=` (VGG LPIPS, frame average; only when the torchvision weights are present)
 and `fvd=` (reconstructions vs inputs; Kinetics-400 I3D by default, see larp/metrics/detectors.py), then writes
-DIR/metrics.json (with the settings it depends on and the protocol card of the FVD), a preview grid DIR/preview.png
+DIR/metrics.json (with the settings it depends on and the protocol card of the FVD), the per-clip I3D features
+DIR/features.npz (real, fake: for a bootstrap interval), a preview grid DIR/preview.png
 (input row, reconstruction row, ...) and DIR/gallery.html (each preview clip beside its reconstruction, animated,
 with the metrics; opens offline). DIR defaults to eval_results/tokenizer_<run>_<hash of the settings>, <run> being
 the tokenizer's run folder for a training export (save/<run>/export). A DIR that already holds a result is kept when its settings are
@@ -41,14 +42,16 @@ def reconstruct(model, x, amp):
 
 
 def evaluate(model, loader, device, amp="fp32", detector=None, lpips_model=None, num_preview=8, progress=True):
-    """Metric sums over all clips -> dict of means (+ FVD when a detector is given) and preview videos."""
+    """Metric sums over all clips -> dict of means (+ FVD when a detector is given), preview videos and the per-clip
+    detector features {"real", "fake"} (empty without a detector)."""
+    import numpy as np
     import torch
     from larp.core.utils import progress_bar
     from larp.metrics.fvd import FeatureStats, frechet_distance
     from larp.metrics.image import psnr, ssim
     from larp.models.losses import lpips_video
     sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    count, codes, preview = 0, set(), []
+    count, codes, preview, features = 0, set(), [], {"real": [], "fake": []}
     real_stats = fake_stats = None
     if detector is not None:
         real_stats, fake_stats = FeatureStats(detector=detector.name), FeatureStats(detector=detector.name)
@@ -63,8 +66,10 @@ def evaluate(model, loader, device, amp="fp32", detector=None, lpips_model=None,
             with torch.no_grad():
                 sums["lpips"] += lpips_video(lpips_model, rec, x).sum().item()
         if detector is not None:
-            real_stats.add(detector(x))
-            fake_stats.add(detector(rec))
+            for key, stats, clips in (("real", real_stats, x), ("fake", fake_stats, rec)):
+                feats = detector(clips).numpy()  # (B, F)
+                stats.add(feats)
+                features[key].append(feats)
         codes.update(tokens.unique().tolist())
         count += x.shape[0]
         if len(preview) < num_preview:
@@ -75,7 +80,7 @@ def evaluate(model, loader, device, amp="fp32", detector=None, lpips_model=None,
     metrics["codebook_usage"] = len(codes) / model.codebook_size
     if detector is not None:
         metrics["fvd"] = frechet_distance(real_stats, fake_stats)
-    return metrics, preview
+    return metrics, preview, {k: np.concatenate(v) for k, v in features.items() if v}
 
 
 def save_preview(preview, path):
@@ -243,7 +248,7 @@ def load_clips(args, frame_num, input_size):
 
 def main(args):
     from torch.utils.data import DataLoader
-    from larp.core.io import atomic_write_text, expect_path, naming_write_errors, remove_stale_temps
+    from larp.core.io import atomic_savez, atomic_write_text, expect_path, naming_write_errors, remove_stale_temps
     from larp.core.utils import dtype_name, get_device
     from larp.metrics.detectors import load_i3d
     from larp.models.losses import build_lpips, lpips_available
@@ -273,7 +278,7 @@ def main(args):
         else None
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     amp = dtype_name(args.amp_dtype) if args.use_amp else "fp32"
-    metrics, preview = evaluate(model, loader, device, amp, detector, lpips_model, args.num_preview)
+    metrics, preview, features = evaluate(model, loader, device, amp, detector, lpips_model, args.num_preview)
 
     with naming_write_errors(out):
         os.makedirs(out, exist_ok=True)
@@ -286,6 +291,8 @@ def main(args):
               "i3d": None if detector is None else detector.name, "settings": settings}
     if detector is not None:
         report["protocol"] = protocol_card(args, detector, metrics["num_clips"], total, amp, input_size, frame_num)
+    if features:  # per-clip features, for a bootstrap interval of the rFVD (larp.metrics.fvd.bootstrap_fvd)
+        atomic_savez(os.path.join(out, "features.npz"), features)
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(report, indent=2) + "\n")
     write_gallery(out, preview, report)
     print_metrics(report, args.lpips_net)

@@ -174,6 +174,11 @@ CASES = {
                                     ["label_7.csv", "label 7", "model.num_classes"], []),
     "train_missing_csv": (lambda w: train(w, check=True, csv="nope.csv"), "train.py", ["nope.csv"],
                           ["nope.csv.csv"]),
+    "reproduce_paper_tokenizer_as_generator": (lambda w: [sys.executable, "eval/reproduce_paper.py", "--rows",
+                                                          "ucf_nar_l", "--model", f"ucf_nar_l={GOLDEN / 'tokenizer'}",
+                                                          "--out", str(w["root"] / "paper")],
+                                               "reproduce_paper.py", ["--model ucf_nar_l=", "LARP tokenizer",
+                                                                      "expected a generator"], []),
     # --- flags, configs, launch scripts
     "bench_train_unknown_config": (lambda w: [sys.executable, "benchmarks/bench_train.py", "--configs", "nope"],
                                    "bench_train.py", ["cfgs/nope.yaml", "not found"], []),

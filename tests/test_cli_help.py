@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPTS = ["train.py", "sample.py", "eval/compute_fvd.py", "eval/eval_larp_tokenizer.py",
-           "eval/calc_fvd_from_multiple_feature_stats.py"]
+           "eval/calc_fvd_from_multiple_feature_stats.py", "eval/reproduce_paper.py"]
 MODULES = [["larp.data.synthetic"], ["larp.data.oracle"], ["larp.data.make_csv", "ucf101"],
            ["larp.data.make_csv", "k600"]]  # these import torch through the library; only their help is checked
 

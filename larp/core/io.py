@@ -125,6 +125,14 @@ def atomic_save(obj, path):
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_savez(path, arrays):
+    """{name: array} as an .npz (plain arrays, no pickling), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return atomic_write(path, write)
+
+
 def atomic_write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:

@@ -20,7 +20,7 @@ from larp.core import locks
 from larp.core.errors import FolderBusyError, SampleError
 from larp.metrics.fvd import FeatureStats, check_comparable, frechet_distance
 from larp.core.io import atomic_write, atomic_write_text, naming_write_errors, remove_stale_temps
-from larp.core.safe_load import load_npy
+from larp.core.safe_load import load_npy, load_npz
 from larp.models.sampling_params import SAMPLING_FIELDS
 
 REPORT_COLUMNS = ["time", "run_id", "ar_model", "tokenizer", "dataset_csv", "num_samples_total", *SAMPLING_FIELDS,
@@ -107,7 +107,11 @@ def stats_paths(output_dir, a, b):
             "gt": os.path.join(output_dir, f"gt_fvd_stats_{a}_{b}.pkl"),
             "nll": os.path.join(output_dir, f"nll_{a}_{b}.npy"),
             "samples": os.path.join(output_dir, "parts", f"samples_{a}_{b}.csv"),
-            "meta": os.path.join(output_dir, "parts", f"range_{a}_{b}.json")}
+            "meta": os.path.join(output_dir, "parts", f"range_{a}_{b}.json"),
+            "features": os.path.join(output_dir, "parts", f"features_{a}_{b}.npz")}
+
+
+OPTIONAL_PARTS = ("features",)  # absent from ranges written before per-sample features were kept
 
 
 def finished_ranges(output_dir):
@@ -117,7 +121,7 @@ def finished_ranges(output_dir):
         m = STATS_RE.match(name)
         if m:
             a, b = int(m.group(1)), int(m.group(2))
-            if all(os.path.exists(p) for p in stats_paths(output_dir, a, b).values()):
+            if all(os.path.exists(p) for k, p in stats_paths(output_dir, a, b).items() if k not in OPTIONAL_PARTS):
                 out.append((a, b))
     return sorted(out)
 
@@ -126,7 +130,7 @@ def remove_partial(output_dir, a, b):
     """Files of unfinished ranges inside [a, b) (a process killed while writing a chunk): they are redone, and
     must not be globbed by the eval/ tools meanwhile. [a, b) belongs to the caller alone (shards never overlap)."""
     pattern = re.compile(r"^(?:generated|gt)_fvd_stats_(\d+)_(\d+)\.pkl$|^nll_(\d+)_(\d+)\.npy$|"
-                         r"^samples_(\d+)_(\d+)\.csv$|^range_(\d+)_(\d+)\.json$")
+                         r"^samples_(\d+)_(\d+)\.csv$|^range_(\d+)_(\d+)\.json$|^features_(\d+)_(\d+)\.npz$")
     finished = set(finished_ranges(output_dir))
     for folder in (output_dir, os.path.join(output_dir, "parts")):
         for name in (os.listdir(folder) if os.path.isdir(folder) else []):
@@ -224,6 +228,20 @@ def protocol_card(settings, detector, detector_sha256=None):
     return card
 
 
+def read_features(output_dir):
+    """(real (n, F), generated (n, F)) per-sample I3D features of the finished ranges that tile [0, total), in
+    sample order, or None when the run is not covered or a range of the tiling kept no features (written by an
+    older version)."""
+    with open(os.path.join(output_dir, "run_config.json")) as f:
+        total = json.load(f)["num_samples_total"]
+    tiling = find_tiling(finished_ranges(output_dir), 0, total)
+    paths = [stats_paths(output_dir, a, b)["features"] for a, b in tiling or []]
+    if not paths or not all(os.path.exists(p) for p in paths):
+        return None
+    parts = [load_npz(p) for p in paths]
+    return tuple(np.concatenate([d[k] for d in parts]) for k in ("real", "fake"))
+
+
 def merge_parts(output_dir):
     """samples.csv and timing.json from every finished range (sorted by index, deduplicated). Caller holds lock."""
     rows, timing = {}, {}
@@ -260,7 +278,8 @@ def finalize(output_dir, settings, replace=False, log=print):
         tiling = find_tiling(ranges, 0, total)
         for a, b in set(ranges) - set(tiling or ranges):
             for p in stats_paths(output_dir, a, b).values():
-                os.remove(p)
+                if os.path.exists(p):
+                    os.remove(p)
         timing = merge_parts(output_dir)
         if tiling is None:
             covered = len(set().union(*[range(a, b) for a, b in ranges])) if ranges else 0

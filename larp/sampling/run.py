@@ -10,6 +10,7 @@ the flags), checks it with `prepare` before any model loads, then samples and fi
                                      frame prediction only)
   generated_fvd_stats_<a>_<b>.pkl    I3D feature statistics of the samples [a, b) (b exclusive), written last:
   gt_fvd_stats_<a>_<b>.pkl, nll_<a>_<b>.npy    a range with all its files is finished and is skipped on reruns
+  parts/features_<a>_<b>.npz         per-sample I3D features (real, fake) of [a, b), for a bootstrap interval
   parts/samples_<a>_<b>.csv, parts/range_<a>_<b>.json    per-range rows and timing, merged into samples.csv
                                      (index,label,action,path,...: readable by larp.data.oracle) and timing.json
   preview.png, fvd_report.csv, .fvd.lock
@@ -62,7 +63,7 @@ from larp.core.errors import CheckpointError, SampleError
 from larp.core.dist import dist_info
 from larp.metrics.detectors import load_i3d
 from larp.metrics.fvd import FeatureStats, fvd_label
-from larp.core.io import atomic_write, atomic_write_text, resize_video
+from larp.core.io import atomic_savez, atomic_write, atomic_write_text, resize_video
 from larp.sampling.output_folder import (SAMPLE_COLUMNS, claim_output_dir, finalize, find_tiling, finished_ranges,
                                          hold_range, remove_partial, remove_ranges, remove_temps, run_id, stats_paths,
                                          write_csv)
@@ -175,13 +176,16 @@ class ChunkState:
         self.gen_stats, self.gt_stats = (FeatureStats(detector=detector.name, meta=meta) for _ in range(2))
         self.gen_feats, self.gt_feats, self.clocks = [], [], []
         self.nlls, self.rows, self.pending, self.tm, self.t_start = [], [], [], _new_timing(), t_start
+        self.features = {}
 
     def settle(self):
         """Read back what stayed on the device: features into the statistics (batch by batch, as they came), stage
         times into the timing."""
-        for feats, stats in ((self.gen_feats, self.gen_stats), (self.gt_feats, self.gt_stats)):
-            for f in feats:
-                stats.add(f)
+        for key, feats, stats in (("fake", self.gen_feats, self.gen_stats), ("real", self.gt_feats, self.gt_stats)):
+            arrays = [f.detach().cpu().numpy() for f in feats]  # (b, F) fp32 per batch
+            for x in arrays:
+                stats.add(x)
+            self.features[key] = np.concatenate(arrays)  # kept per sample for the bootstrap interval
             feats.clear()
         for clock in self.clocks:
             for key, span in zip(("encode_s", "generate_s", "decode_s", "i3d_s"), clock.spans()):
@@ -298,6 +302,7 @@ def _write_chunk(out, bounds, chunk, detector, frame_prediction, log):
     meta = {"range": [a, b], "detector": fvd_label(detector), "detector_sha256": getattr(detector, "sha256", None),
             "timing": tm}
     atomic_write_text(paths["meta"], json.dumps(meta, indent=2) + "\n")
+    atomic_savez(paths["features"], chunk.features)
     gt_stats.save(paths["gt"])  # atomic
     gen_stats.save(paths["gen"])  # last: its presence marks the range finished
     log(f"timing [{a}, {b}): generation {b - a} videos in {tm['generate_s']:.2f} s "
