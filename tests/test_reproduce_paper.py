@@ -113,8 +113,8 @@ def check_sample_row(folder, cells, num):
 @pytest.mark.slow
 def test_smoke_killed_in_its_second_row_resumes_to_the_reports(tmp_path):
     """SIGKILL while the second row samples; the rerun reads the first row (same files, a log line), resumes the
-    second and runs the rest; every cell equals what the reports hold, and the resumed row equals an uninterrupted
-    run of it."""
+    second and runs the rest; every cell equals what the reports hold. (That a resumed sample.py run equals an
+    uninterrupted one is tests/test_faults_sampling.py's.)"""
     out, rows = tmp_path / "table", "tokenizer_rfvd,ucf_larp_ar,k600_fp"  # each kind of row: tokenizer, class, frames
     proc = smoke(out, rows)
     wait_for(out / "ucf_larp_ar" / "generated_fvd_stats_0_4.pkl", proc)
@@ -125,10 +125,8 @@ def test_smoke_killed_in_its_second_row_resumes_to_the_reports(tmp_path):
     mtime = first.stat().st_mtime_ns
     time.sleep(0.01)
     rerun = smoke(out, rows)
-    reference = smoke(tmp_path / "reference", "ucf_larp_ar")
     log, _ = rerun.communicate(timeout=600)
-    reference.communicate(timeout=600)
-    assert rerun.returncode == reference.returncode == 0, log[-3000:]
+    assert rerun.returncode == 0, log[-3000:]
     assert "row tokenizer_rfvd: finished result in" in log and "read (not rerun)" in log
     assert first.stat().st_mtime_ns == mtime and ("resuming [0, 8)" in log or "skipping [0, 8)" in log)
 
@@ -142,7 +140,4 @@ def test_smoke_killed_in_its_second_row_resumes_to_the_reports(tmp_path):
         real, fake = check_sample_row(out / name, cells[name], 8)
     b = bootstrap_fvd(real, fake, num=50, seed=0)  # the last row's interval, from the features read here
     assert (float(cells["k600_fp"]["interval_lo"]), float(cells["k600_fp"]["interval_hi"])) == (b["lo"], b["hi"])
-    same = table(tmp_path / "reference")["ucf_larp_ar"]
-    for key in ("fvd", "interval_lo", "interval_hi", "samples"):
-        assert cells["ucf_larp_ar"][key] == same[key], key
     assert (out / "paper_table.md").read_text().count("\n| ") == 1 + len(cells)
