@@ -1,12 +1,16 @@
 """Every entry point turns a bad input into one line `<prog>: error: <cause>` and a non-zero exit, with no
 traceback, and changes no file that already exists (inputs, run folders, output folders).
 
-Each case runs as a user would: a subprocess from the project root, offline, on the tiny golden models and a
+Each case runs as a user would: its own process from the project root, offline, on the tiny golden models and a
 small synthetic set. The table lists the command, the text the one error line must contain (the file, flag or
-key at fault) and, optionally, text it must not contain.
+key at fault) and, optionally, text it must not contain. Python commands run in a fork of an interpreter that has
+imported torch, torchvision and timm once (`FORK_SERVER`; nothing of the project), which saves each case the
+seconds those imports take; shell commands run as subprocesses.
 """
 import hashlib
+import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -17,6 +21,69 @@ import torch
 from tests.conftest import GOLDEN, ROOT
 
 pytestmark = pytest.mark.slow  # ~30 subprocesses of a few seconds each
+
+
+# Reads one JSON case per line (argv, env, output files), runs it in a fork as `python argv...` would (sys.argv,
+# sys.path[0], __main__, exit status; stdin from /dev/null) and answers with its exit status.
+FORK_SERVER = r"""
+import json, os, runpy, sys, traceback
+import timm, torch, torchvision
+for line in sys.stdin:
+    case = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, case["stdout"], os.O_WRONLY | os.O_CREAT),
+                                (2, case["stderr"], os.O_WRONLY | os.O_CREAT)):
+            os.dup2(os.open(path, flags), fd)
+        os.environ.update(case["env"])
+        argv, code = case["argv"], 0
+        try:
+            if argv[0] == "-m":
+                sys.argv, sys.path[0] = argv[1:], os.getcwd()
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+                runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
+    """run(argv, env) -> CompletedProcess: `sys.executable ...` commands in a fork of FORK_SERVER, others as
+    subprocesses."""
+    folder = tmp_path_factory.mktemp("forks")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(folder / "hf"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("LARP_DEBUG", None)
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def run(argv, case_env):
+        if argv[0] != sys.executable:
+            return subprocess.run(argv, cwd=ROOT, env=case_env, capture_output=True, text=True, timeout=300)
+        out, err = folder / "stdout", folder / "stderr"
+        for f in (out, err):
+            f.unlink(missing_ok=True)
+        server.stdin.write(json.dumps({"argv": argv[1:], "env": case_env, "stdout": str(out), "stderr": str(err)})
+                           + "\n")
+        server.stdin.flush()
+        assert select.select([server.stdout], [], [], 300)[0], f"no answer in 300 s: {argv}"
+        code = int(server.stdout.readline())
+        return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +273,14 @@ def snapshot(folder):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_one_line(name, ws, tmp_path):
+def test_bad_input_is_one_line(name, ws, forks, tmp_path):
     build, prog, needles, forbidden = CASES[name]
     env = {k: v for k, v in os.environ.items() if k != "LARP_DEBUG"}
     bin_dir = os.path.dirname(sys.executable)
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                PATH=f"{bin_dir}:{env.get('PATH', '')}")
     before = snapshot(ws["root"])
-    res = subprocess.run(build(ws), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = forks(build(ws), env)
     assert res.returncode != 0, res.stdout + res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     lines = [line for line in res.stderr.splitlines() if ": error: " in line]

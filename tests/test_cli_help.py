@@ -14,24 +14,23 @@ SCRIPTS = ["train.py", "sample.py", "eval/compute_fvd.py", "eval/eval_larp_token
 MODULES = [["larp.data.synthetic"], ["larp.data.oracle"], ["larp.data.make_csv", "ucf101"],
            ["larp.data.make_csv", "k600"]]  # these import torch through the library; only their help is checked
 
-# Runs an entry point with --help in a fresh interpreter, then reports the help text and the modules it imported.
+# Runs a script entry point with --help in a fresh interpreter, then reports the help text and the modules it imported.
 RUNNER = """
 import contextlib, io, json, runpy, sys
-kind, target, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+target, extra = sys.argv[1], sys.argv[2:]
 sys.argv = [target, *extra, "--help"]
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     try:
-        run = runpy.run_path if kind == "script" else runpy.run_module
-        run(target, run_name="__main__")
+        runpy.run_path(target, run_name="__main__")
     except SystemExit:
         pass
 print(json.dumps({"help": out.getvalue(), "modules": sorted(sys.modules)}))
 """
 
 
-def run_help(kind, target, *extra):
-    res = subprocess.run([sys.executable, "-c", RUNNER, kind, target, *extra], cwd=ROOT, capture_output=True,
+def run_help(target, *extra):
+    res = subprocess.run([sys.executable, "-c", RUNNER, target, *extra], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -62,16 +61,38 @@ def check_flags(target, text):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_help_shows_defaults_without_importing_torch(script):
-    result = run_help("script", script)
+    result = run_help(script)
     check_flags(script, result["help"])
     heavy = [m for m in result["modules"] if m == "torch" or m.startswith("torch.")
              or (m.startswith("larp.models.") and m != "larp.models.sampling_params")]
     assert not heavy, f"{script} --help imported {heavy[:5]}"
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda m: " ".join(m))
-def test_module_help_shows_defaults(module):
-    check_flags(" ".join(module), run_help("module", *module)["help"])
+# The modules' help pages, one interpreter for all (each imports torch through the library).
+MODULES_RUNNER = """
+import contextlib, io, json, runpy, sys
+pages = []
+for module, *extra in json.loads(sys.argv[1]):
+    sys.argv = [module, *extra, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_module(module, run_name="__main__")
+        except SystemExit:
+            pass
+    pages.append(out.getvalue())
+print(json.dumps(pages))
+"""
+
+
+def test_module_help_shows_defaults():
+    res = subprocess.run([sys.executable, "-c", MODULES_RUNNER, json.dumps(MODULES)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    pages = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(pages) == len(MODULES)
+    for module, page in zip(MODULES, pages):
+        check_flags(" ".join(module), page)
 
 
 def test_the_help_check_can_fail():
