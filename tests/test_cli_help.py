@@ -14,26 +14,32 @@ SCRIPTS = ["train.py", "sample.py", "eval/compute_fvd.py", "eval/eval_larp_token
 MODULES = [["larp.data.synthetic"], ["larp.data.oracle"], ["larp.data.make_csv", "ucf101"],
            ["larp.data.make_csv", "k600"]]  # these import torch through the library; only their help is checked
 
-# Runs a script entry point with --help in a fresh interpreter, then reports the help text and the modules it imported.
+# Runs entry points with --help in one fresh interpreter (a script path or a module name, then its arguments), and
+# reports each help text with the modules imported so far.
 RUNNER = """
 import contextlib, io, json, runpy, sys
-target, extra = sys.argv[1], sys.argv[2:]
-sys.argv = [target, *extra, "--help"]
-out = io.StringIO()
-with contextlib.redirect_stdout(out):
-    try:
-        runpy.run_path(target, run_name="__main__")
-    except SystemExit:
-        pass
-print(json.dumps({"help": out.getvalue(), "modules": sorted(sys.modules)}))
+pages = []
+for target, *extra in json.loads(sys.argv[1]):
+    sys.argv = [target, *extra, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            (runpy.run_path if target.endswith(".py") else runpy.run_module)(target, run_name="__main__")
+        except SystemExit:
+            pass
+    pages.append({"help": out.getvalue(), "modules": sorted(sys.modules)})
+print(json.dumps(pages))
 """
 
 
-def run_help(target, *extra):
-    res = subprocess.run([sys.executable, "-c", RUNNER, target, *extra], cwd=ROOT, capture_output=True,
+def run_help(*commands):
+    """[{"help", "modules"}] of each command ([target, *args]), run in order in one interpreter."""
+    res = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(commands)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    pages = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(pages) == len(commands)
+    return pages
 
 
 def flag_helps(text):
@@ -61,38 +67,17 @@ def check_flags(target, text):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_help_shows_defaults_without_importing_torch(script):
-    result = run_help(script)
+    result, = run_help([script])  # alone in its interpreter: what it imports is its own
     check_flags(script, result["help"])
     heavy = [m for m in result["modules"] if m == "torch" or m.startswith("torch.")
              or (m.startswith("larp.models.") and m != "larp.models.sampling_params")]
     assert not heavy, f"{script} --help imported {heavy[:5]}"
 
 
-# The modules' help pages, one interpreter for all (each imports torch through the library).
-MODULES_RUNNER = """
-import contextlib, io, json, runpy, sys
-pages = []
-for module, *extra in json.loads(sys.argv[1]):
-    sys.argv = [module, *extra, "--help"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            runpy.run_module(module, run_name="__main__")
-        except SystemExit:
-            pass
-    pages.append(out.getvalue())
-print(json.dumps(pages))
-"""
-
-
 def test_module_help_shows_defaults():
-    res = subprocess.run([sys.executable, "-c", MODULES_RUNNER, json.dumps(MODULES)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert res.returncode == 0, res.stderr
-    pages = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(pages) == len(MODULES)
-    for module, page in zip(MODULES, pages):
-        check_flags(" ".join(module), page)
+    """The modules' help pages, one interpreter for all (each imports torch through the library)."""
+    for module, page in zip(MODULES, run_help(*MODULES)):
+        check_flags(" ".join(module), page["help"])
 
 
 def test_the_help_check_can_fail():
