@@ -55,6 +55,22 @@ def test_sampling_rows_use_every_gpu_and_estimates_cite_measured_throughputs():
         "no measured throughput on CPU for generate raster-LP")
 
 
+def test_detector_is_the_reference_torchscript_only_at_a_known_digest(tmp_path, monkeypatch):
+    """checkpoints/i3d_torchscript.pt is used when its git blob id is a known one, else our Kinetics-400 port."""
+    from larp.core import safe_load
+    from larp.sampling import paper_plan as plan
+    monkeypatch.setattr(plan, "ROOT", str(tmp_path))
+    assert plan.choose_detector(False).spec == "kinetics400"  # no file
+    path = tmp_path / "checkpoints" / "i3d_torchscript.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"a stand-in for the TorchScript archive")
+    assert plan.choose_detector(False).spec == "kinetics400"  # unknown digest
+    monkeypatch.setitem(safe_load.KNOWN_TORCHSCRIPT_GIT_BLOBS, safe_load.git_blob_sha1(path.read_bytes()), "test")
+    chosen = plan.choose_detector(False)
+    assert chosen.spec == str(path) and "StyleGAN-V" in chosen.label
+    assert plan.choose_detector(True).spec == "random:32"  # the smoke run's
+
+
 def one_error_line(capsys, argv):
     with pytest.raises(SystemExit):
         run_cli(reproduce_paper.main, reproduce_paper.get_args(argv), prog="reproduce_paper.py")

@@ -192,6 +192,13 @@ def git_blob_sha1(data):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def known_torchscript(data, sha256=None):
+    """Whether TorchScript bytes are a file known to be what it claims: its SHA-256 (`sha256`, computed when not
+    given) in KNOWN_TORCHSCRIPT, or its git blob id in KNOWN_TORCHSCRIPT_GIT_BLOBS."""
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
+    return sha256 in KNOWN_TORCHSCRIPT or git_blob_sha1(data) in KNOWN_TORCHSCRIPT_GIT_BLOBS
+
+
 def read_torchscript(path, trust=False):
     """(bytes, SHA-256) of a TorchScript archive whose digest is known (or any, with trust=True); load those bytes,
     not the file again. Unknown digests raise UnsafeFileError naming the file and the digest."""
@@ -200,7 +207,7 @@ def read_torchscript(path, trust=False):
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     mine = (os.environ.get(TORCHSCRIPT_SHA256_ENV) or "").strip().lower()
-    if digest in KNOWN_TORCHSCRIPT or digest == mine or git_blob_sha1(data) in KNOWN_TORCHSCRIPT_GIT_BLOBS:
+    if digest == mine or known_torchscript(data, digest):
         return data, digest
     if not trust:
         raise UnsafeFileError(f"{path}: refusing to load TorchScript of unknown SHA-256 {digest} (a TorchScript "

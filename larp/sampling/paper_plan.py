@@ -8,7 +8,7 @@ from typing import Optional
 
 from larp.core.checkpoint import expect_kind, peek_checkpoint
 from larp.core.errors import CheckpointError, CSVError, CSVNotFoundError, UsageError
-from larp.core.safe_load import KNOWN_TORCHSCRIPT_GIT_BLOBS, git_blob_sha1
+from larp.core.safe_load import known_torchscript
 from larp.data.dataset import read_video_csv
 from larp.metrics.detectors import DEFAULT_I3D, ROOT
 from larp.metrics.i3d_weights import INSTALL_HINT, kinetics400_available
@@ -127,7 +127,7 @@ def choose_detector(smoke):
     path = os.path.join(ROOT, DEFAULT_I3D)
     if os.path.isfile(path):
         with open(path, "rb") as f:
-            if git_blob_sha1(f.read()) in KNOWN_TORCHSCRIPT_GIT_BLOBS:
+            if known_torchscript(f.read()):
                 return Detector(path, "StyleGAN-V i3d_torchscript.pt (the reference's detector, known digest)")
     return Detector("kinetics400", "our Kinetics-400 I3D port (same TF-Hub weights as StyleGAN-V's)")
 
@@ -193,8 +193,9 @@ def detector_problem(detector):
 
 
 def check_detector(detector):
-    if detector_problem(detector):
-        raise UsageError(f"no I3D detector: {detector_problem(detector)}")
+    problem = detector_problem(detector)
+    if problem:
+        raise UsageError(f"no I3D detector: {problem}")
 
 
 def load_throughputs(path=THROUGHPUTS):

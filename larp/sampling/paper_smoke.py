@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from larp.core.io import atomic_write_text
-from larp.data.make_csv import k600_tables, ucf101_tables
+from larp.data.make_csv import k600_tables, ucf101_tables, write_csv
 from larp.data.synthetic import render_video
 from larp.data.video_io import write_video
 from larp.models.generator import ModelArgs, build_generator
@@ -45,9 +45,7 @@ def ucf_tree(root, per_class=3):
     atomic_write_text(os.path.join(lists, "trainlist01.txt"), "\n".join(train) + "\n")
     atomic_write_text(os.path.join(lists, "testlist01.txt"), "\n".join(test) + "\n")
     df, _ = ucf101_tables(os.path.join(root, "UCF-101"), lists)
-    path = os.path.join(root, "ucf101_train.csv")
-    atomic_write_text(path, df.to_csv(index=False))
-    return path
+    return write_csv(df, os.path.join(root, "ucf101_train.csv"))
 
 
 def k600_tree(root, num=SMOKE_SAMPLES):
@@ -61,9 +59,7 @@ def k600_tree(root, num=SMOKE_SAMPLES):
         rows.append({"label": ACTIONS[label], "youtube_id": vid, "time_start": 0, "time_end": 10, "split": "val"})
     atomic_write_text(os.path.join(root, "k600", "annotations", "val.csv"), pd.DataFrame(rows).to_csv(index=False))
     df = k600_tables(os.path.join(root, "k600"), splits=("val",))["val"]
-    path = os.path.join(root, "k600_val.csv")
-    atomic_write_text(path, df.to_csv(index=False))
-    return path
+    return write_csv(df, os.path.join(root, "k600_val.csv"))
 
 
 def frame_prediction_generator(path, tokens=32, vocab=64):

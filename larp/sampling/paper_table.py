@@ -200,9 +200,9 @@ def dry_run_lines(plans, opts, detector, figures):
     """What a run would do, row by row: paper number, command, checkpoints and data (what is missing named) and
     the wall-time estimate from measured throughputs."""
     device = f"{opts.gpus} x {opts.device_name}" if opts.gpus else "CPU (no GPU)"
+    problem = detector_problem(detector)
     lines = [f"papers' table: {len(plans)} row(s) into {opts.out}; devices: {device}",
-             f"detector: {detector.label}" + (f" (MISSING: {detector_problem(detector)})"
-                                              if detector_problem(detector) else "")]
+             f"detector: {detector.label}" + (f" (MISSING: {problem})" if problem else "")]
     for p in plans:
         num = opts.num_samples or p.row.num_samples
         csv_path = p.argv[p.argv.index("--dataset_csv") + 1]
